@@ -1,0 +1,58 @@
+"""The policy interface: log-probs of given sequences, one optimizer step, weights out, state in and out.
+
+Backends (HF now; Megatron-Core later) register in ``nemo_igrpo.policy.BACKENDS``. The loss is computed by the
+algorithm core and handed in as a function, so every backend trains with the same math.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from nemo_igrpo.algorithms.batch import RolloutBatch
+
+
+@dataclass
+class TokenStats:
+    logprobs: torch.Tensor  # [B, L], aligned with input_ids (see algorithms.batch)
+    entropy: torch.Tensor  # [B, L] entropy of the predictive distribution at each position
+
+
+# loss_fn(stats of one micro-batch (with grad), the micro-batch) -> (loss, metrics).
+# The loss and every metric are already normalised by counts of the *whole* optimizer step,
+# so a backend simply sums them over micro-batches (and, later, over data-parallel ranks).
+LossFn = Callable[[TokenStats, RolloutBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class PolicyBackend(ABC):
+    @abstractmethod
+    def compute_logprobs(self, batch: RolloutBatch, reference: bool = False) -> TokenStats:
+        """Log-probs and entropy without gradient; ``reference=True`` scores under the frozen reference policy."""
+
+    @abstractmethod
+    def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
+        """Micro-batched forward/backward over ``batch``, gradient clipping, one optimizer + scheduler step.
+
+        Returns summed metrics plus ``loss``, ``grad_norm``, ``lr`` and ``skipped`` (1.0 when the loss or the
+        gradient was not finite: the update is dropped and the weights are unchanged).
+        """
+
+    @abstractmethod
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named full tensors, for the generation backend's weight sync."""
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Model, optimizer and scheduler state into ``directory`` (which exists and is empty)."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> None:
+        """Restore what :meth:`save` wrote."""
+
+    @abstractmethod
+    def save_pretrained(self, directory: Path) -> None:
+        """The model alone, in Hugging Face format (for eval and export)."""
