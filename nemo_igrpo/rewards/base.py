@@ -1,0 +1,49 @@
+"""The reward interface and its registry.
+
+A reward maps (completion text, gold answer) pairs to scalar scores. It returns per-component scores for logging
+(e.g. accuracy vs. a format bonus) and counters for events worth watching (e.g. verifier timeouts). Rewards are
+registered by name so that configs can pick one: ``@register_reward("my_reward")``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+
+@dataclass
+class RewardOutput:
+    """Scores for a batch of completions, in input order."""
+
+    scores: list[float]
+    components: dict[str, list[float]] = field(default_factory=dict)  # name → one value per completion
+    counters: dict[str, int] = field(default_factory=dict)  # name → count over the batch (e.g. "timeouts")
+
+
+class Reward(ABC):
+    """Scores completions against gold answers. Subclasses must not look at anything but the text they are given."""
+
+    @abstractmethod
+    def __call__(self, completions: list[str], answers: list[str]) -> RewardOutput:
+        """One score per completion; ``answers[i]`` is the gold answer for ``completions[i]``."""
+
+    def close(self) -> None:
+        """Release resources (e.g. worker processes). Stateless rewards have none."""
+
+
+REWARDS: dict[str, type[Reward]] = {}
+
+R = TypeVar("R", bound=type[Reward])
+
+
+def register_reward(name: str) -> Callable[[R], R]:
+    """Class decorator adding a ``Reward`` subclass to ``REWARDS`` under ``name`` (names must be unique)."""
+
+    def decorator(cls: R) -> R:
+        if name in REWARDS and REWARDS[name] is not cls:
+            raise ValueError(f"reward {name!r} is already registered to {REWARDS[name].__qualname__}")
+        REWARDS[name] = cls
+        return cls
+
+    return decorator
