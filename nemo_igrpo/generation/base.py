@@ -1,7 +1,7 @@
 """The generation interface: token ids in, sampled token ids and their log-probs out.
 
 Only token ids cross this boundary, so the trainer scores exactly the tokens the generator sampled.
-Backends (HF now; vLLM and an HTTP server later) register in ``nemo_igrpo.generation.BACKENDS``.
+Backends (HF now; vLLM and an HTTP server later) register a builder in ``nemo_igrpo.backends``.
 """
 
 from __future__ import annotations

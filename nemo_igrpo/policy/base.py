@@ -1,6 +1,6 @@
 """The policy interface: log-probs of given sequences, one optimizer step, weights out, state in and out.
 
-Backends (HF now; Megatron-Core later) register in ``nemo_igrpo.policy.BACKENDS``. The loss is computed by the
+Backends (HF now; Megatron-Core later) register a builder in ``nemo_igrpo.backends``. The loss is computed by the
 algorithm core and handed in as a function, so every backend trains with the same math.
 """
 
