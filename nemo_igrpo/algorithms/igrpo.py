@@ -1,0 +1,257 @@
+"""One iGRPO rollout, as Algorithm 1 of arXiv 2602.09000 reads.
+
+    Stage 1  for each problem q: N drafts d_1..d_N ~ π_old(·|q), rewards R(d_i), best d̂ = argmax_i R(d_i)
+    Stage 2  q' = template(q, d̂); G refinements o_j ~ π_old(·|q'); rewards R(o_j)
+    Update   advantages over the G refinements only; only refinement tokens carry loss
+
+GRPO is the same rollout with N = 0 (Stage 2 then sees the plain problem prompt). No gradient flows through
+Stage 1: drafts only shape the Stage-2 prompt, and the draft tokens are prompt context with loss mask 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+from nemo_igrpo.algorithms.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
+from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
+from nemo_igrpo.algorithms.selection import select_best
+from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
+
+
+class Problem(Protocol):
+    problem: str
+    answer: str
+
+
+class RewardFn(Protocol):
+    def __call__(self, completions: list[str], answers: list[str]): ...  # -> RewardOutput (scores, components)
+
+
+class PromptTemplate(Protocol):
+    def problem_ids(self, problem: str) -> list[int]: ...
+    def refinement_ids(self, problem: str, draft_text: str) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    num_drafts: int  # N (0 = GRPO)
+    num_refinements: int  # G
+    tie_break: str
+    advantage: str
+    adv_eps: float
+    dynamic_sampling: bool
+    max_sampling_rounds: int
+    sampling: SamplingParams  # n is replaced per stage
+
+
+@dataclass
+class StageSamples:
+    """What one rollout round produced, for metrics and for the training batch."""
+
+    prompts: list[list[int]] = field(default_factory=list)  # Stage-2 prompt of each refinement row
+    completions: list[Completion] = field(default_factory=list)  # refinements, G per problem, problem-major
+    rewards: list[float] = field(default_factory=list)
+    group_ids: list[int] = field(default_factory=list)
+    components: dict[str, list[float]] = field(default_factory=dict)
+    draft_rewards: list[list[float]] = field(default_factory=list)  # [problem][N]
+    draft_lengths: list[int] = field(default_factory=list)
+    best_drafts: list[str] = field(default_factory=list)
+
+
+class DynamicSamplingError(RuntimeError):
+    pass
+
+
+def rollout(
+    problems_source: Callable[[int], Sequence[Problem]],
+    num_problems: int,
+    generator: GenerationBackend,
+    reward: RewardFn,
+    template: PromptTemplate,
+    decode: Callable[[list[int]], str],
+    settings: RolloutSettings,
+    pad_token_id: int,
+    timings: dict[str, float] | None = None,
+) -> tuple[RolloutBatch, dict[str, float]]:
+    """Sample, score and select until ``num_problems`` groups are kept; return the Stage-2 batch and metrics.
+
+    With dynamic sampling (DAPO), groups whose G refinement rewards are all equal carry no signal and are
+    dropped; more problems are drawn (at most ``max_sampling_rounds`` rounds) until the batch is full.
+    Seconds per phase are added to ``timings`` (``rollout/drafts``, ``rollout/refinements``, ``rollout/reward``,
+    ``rollout/generation``). Random tie-breaks draw from torch's global RNG, which checkpoints save and restore.
+    """
+    timings = {} if timings is None else timings
+    kept: list[StageSamples] = []
+    seen = StageSamples()
+    kept_groups = 0
+    for round_index in range(settings.max_sampling_rounds if settings.dynamic_sampling else 1):
+        needed = num_problems - kept_groups
+        samples = _sample_round(problems_source(needed), generator, reward, template, decode, settings, timings,
+                                first_group_id=len(set(seen.group_ids)))
+        _extend(seen, samples)
+        if settings.dynamic_sampling:
+            samples = _drop_zero_variance(samples)
+        kept.append(samples)
+        kept_groups += len(set(samples.group_ids))
+        if kept_groups >= num_problems:
+            break
+    else:
+        if settings.dynamic_sampling:
+            raise DynamicSamplingError(
+                f"dynamic sampling: only {kept_groups} of {num_problems} groups had reward variance after "
+                f"{settings.max_sampling_rounds} rounds (algorithm.max_sampling_rounds); the task is too easy or "
+                f"too hard for the policy, or disable algorithm.dynamic_sampling")
+    batch_samples = StageSamples()
+    for samples in kept:
+        _extend(batch_samples, samples)
+    _keep_first_groups(batch_samples, num_problems)
+
+    batch = _to_batch(batch_samples, settings, pad_token_id)
+    metrics = _rollout_metrics(seen, batch_samples, settings, rounds=round_index + 1)
+    return batch, metrics
+
+
+def _sample_round(problems, generator, reward, template, decode, settings, timings, first_group_id):
+    n, g = settings.num_drafts, settings.num_refinements
+    answers = [p.answer for p in problems]
+    samples = StageSamples()
+    clock = {"start": time.perf_counter(), "first_follow_up": None, "draft_reward": 0.0}
+
+    draft_rewards: dict[int, list[float]] = {}  # keyed by problem: streaming backends may finish out of order
+    best_drafts: dict[int, str] = {}
+
+    def refinement_prompt(i: int, drafts: list[Completion]) -> list[int]:
+        started = time.perf_counter()
+        clock["first_follow_up"] = clock["first_follow_up"] or started
+        if n == 0:
+            return template.problem_ids(problems[i].problem)
+        texts = [decode(d.token_ids) for d in drafts]
+        scores = reward(texts, [answers[i]] * n).scores
+        best = int(select_best(torch.tensor([scores]), settings.tie_break)[0])
+        clock["draft_reward"] += time.perf_counter() - started
+        draft_rewards[i], best_drafts[i] = list(scores), texts[best]
+        samples.draft_lengths.extend(len(d.token_ids) for d in drafts)
+        return template.refinement_ids(problems[i].problem, texts[best])
+
+    prompts = [template.problem_ids(p.problem) for p in problems]
+    _, stage2_prompts, refinements = generator.generate_chained(
+        prompts, _with_n(settings.sampling, n), refinement_prompt, _with_n(settings.sampling, g))
+    samples.draft_rewards = [draft_rewards[i] for i in sorted(draft_rewards)]
+    samples.best_drafts = [best_drafts[i] for i in sorted(best_drafts)]
+    generated = time.perf_counter() - clock["start"] - clock["draft_reward"]
+
+    started = time.perf_counter()
+    texts = [decode(c.token_ids) for group in refinements for c in group]
+    scored = reward(texts, [a for a in answers for _ in range(g)])
+    drafts = (clock["first_follow_up"] - clock["start"]) if n else 0.0
+    _add(timings, "rollout/reward", clock["draft_reward"] + time.perf_counter() - started)
+    _add(timings, "rollout/generation", generated)
+    _add(timings, "rollout/drafts", drafts)
+    _add(timings, "rollout/refinements", generated - drafts)
+    samples.prompts = [list(stage2_prompts[i]) for i in range(len(problems)) for _ in range(g)]
+    samples.completions = [c for group in refinements for c in group]
+    samples.rewards = list(scored.scores)
+    samples.components = {k: list(v) for k, v in scored.components.items()}
+    samples.group_ids = [first_group_id + i for i in range(len(problems)) for _ in range(g)]
+    return samples
+
+
+def _add(timings: dict[str, float], key: str, seconds: float) -> None:
+    timings[key] = timings.get(key, 0.0) + seconds
+
+
+def _with_n(params: SamplingParams, n: int) -> SamplingParams:
+    return SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p,
+                          max_new_tokens=params.max_new_tokens, stop_token_ids=params.stop_token_ids)
+
+
+def _drop_zero_variance(samples: StageSamples) -> StageSamples:
+    flat = zero_variance_groups(torch.tensor(samples.rewards), torch.tensor(samples.group_ids))
+    keep = [i for i, zero in enumerate(flat.tolist()) if not zero]
+    return _rows(samples, keep)
+
+
+def _keep_first_groups(samples: StageSamples, num_groups: int) -> None:
+    groups = list(dict.fromkeys(samples.group_ids))[:num_groups]
+    wanted = set(groups)
+    keep = [i for i, gid in enumerate(samples.group_ids) if gid in wanted]
+    trimmed = _rows(samples, keep)
+    samples.prompts, samples.completions, samples.rewards = trimmed.prompts, trimmed.completions, trimmed.rewards
+    samples.group_ids, samples.components = trimmed.group_ids, trimmed.components
+
+
+def _rows(samples: StageSamples, keep: list[int]) -> StageSamples:
+    return StageSamples(
+        prompts=[samples.prompts[i] for i in keep],
+        completions=[samples.completions[i] for i in keep],
+        rewards=[samples.rewards[i] for i in keep],
+        group_ids=[samples.group_ids[i] for i in keep],
+        components={k: [v[i] for i in keep] for k, v in samples.components.items()},
+        draft_rewards=samples.draft_rewards, draft_lengths=samples.draft_lengths, best_drafts=samples.best_drafts,
+    )
+
+
+def _extend(into: StageSamples, more: StageSamples) -> None:
+    into.prompts += more.prompts
+    into.completions += more.completions
+    into.rewards += more.rewards
+    into.group_ids += more.group_ids
+    for key, values in more.components.items():
+        into.components.setdefault(key, []).extend(values)
+    into.draft_rewards += more.draft_rewards
+    into.draft_lengths += more.draft_lengths
+    into.best_drafts += more.best_drafts
+
+
+def _to_batch(samples: StageSamples, settings: RolloutSettings, pad_token_id: int) -> RolloutBatch:
+    rewards = torch.tensor(samples.rewards, dtype=torch.float32)
+    group_ids = torch.tensor(samples.group_ids, dtype=torch.long)
+    advantages = ADVANTAGE_ESTIMATORS[settings.advantage](rewards, group_ids, settings.adv_eps)
+    input_ids, attention_mask, loss_mask, gen_logprobs = pad_sequences(
+        samples.prompts, [c.token_ids for c in samples.completions], pad_token_id,
+        [c.logprobs for c in samples.completions])
+    return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+                        advantages=advantages, group_ids=group_ids, gen_logprobs=gen_logprobs)
+
+
+def _rollout_metrics(seen: StageSamples, batch: StageSamples, settings: RolloutSettings, rounds: int):
+    """Everything the paper plots plus what it could not show (best-draft success vs 1 − (1 − p)^N, etc.)."""
+    rewards = torch.tensor(seen.rewards)
+    group_ids = torch.tensor(seen.group_ids)
+    lengths = torch.tensor([len(c.token_ids) for c in seen.completions], dtype=torch.float32)
+    truncated = torch.tensor([c.finish_reason == "length" for c in seen.completions], dtype=torch.float32)
+    metrics = {
+        "reward/refinement_mean": rewards.mean().item(),
+        "zero_variance_fraction": zero_variance_groups(rewards, group_ids).float().mean().item(),
+        "response_length/refinement_mean": lengths.mean().item(),
+        "response_length/refinement_max": lengths.max().item(),
+        "truncated_fraction": truncated.mean().item(),
+        "rollouts_per_prompt/drafts": float(settings.num_drafts),
+        "rollouts_per_prompt/refinements": float(settings.num_refinements),
+        "rollouts_per_prompt/total": float(settings.num_drafts + settings.num_refinements),
+        "sampling_rounds": float(rounds),
+        "tokens/generated": float(lengths.sum().item() + sum(seen.draft_lengths)),
+        "batch/sequences": float(len(batch.rewards)),
+        "batch/reward_mean": torch.tensor(batch.rewards).mean().item() if batch.rewards else 0.0,
+    }
+    for key, values in seen.components.items():
+        metrics[f"reward/{key}"] = torch.tensor(values).mean().item()
+    if settings.num_drafts:
+        drafts = torch.tensor(seen.draft_rewards)  # [P, N]
+        best = drafts.max(dim=1).values
+        per_problem_refined = rewards.view(len(seen.draft_rewards), settings.num_refinements).mean(dim=1)
+        # Proposition 3.1 (binary reward): E[R(d̂)] = 1 − (1 − p)^N, with p plugged in per problem as the mean
+        # reward of its own N drafts; compare with the observed best-draft reward.
+        p = drafts.mean(dim=1).clamp(0, 1)
+        metrics.update({
+            "reward/draft_mean": drafts.mean().item(),
+            "reward/best_draft_mean": best.mean().item(),
+            "reward/refinement_minus_best_draft": (per_problem_refined - best).mean().item(),
+            "reward/best_draft_predicted": (1 - (1 - p) ** settings.num_drafts).mean().item(),
+            "response_length/draft_mean": float(sum(seen.draft_lengths)) / max(len(seen.draft_lengths), 1),
+        })
+    return metrics

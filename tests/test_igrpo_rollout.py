@@ -1,0 +1,139 @@
+"""One iGRPO rollout with a scripted generator: best-draft selection, the Stage-2 prompt, masks, advantages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemo_igrpo.algorithms.igrpo import DynamicSamplingError, RolloutSettings, rollout
+from nemo_igrpo.data.char_tokenizer import build_char_tokenizer
+from nemo_igrpo.data.dataset import Example
+from nemo_igrpo.data.prompts import PromptBuilder
+from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
+from nemo_igrpo.rewards import BoxedMatchReward
+
+TOKENIZER = build_char_tokenizer()
+END = TOKENIZER.eos_token_id
+
+
+class ScriptedGenerator(GenerationBackend):
+    """Answers from a script: ``script(prompt_text, sample_index) -> completion text``; records every call."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls: list[tuple[list[str], int]] = []
+
+    def generate(self, prompts, params):
+        texts = [TOKENIZER.decode(p) for p in prompts]
+        self.calls.append((texts, params.n))
+        out = []
+        for text in texts:
+            group = []
+            for k in range(params.n):
+                ids = TOKENIZER.encode(self.script(text, k), add_special_tokens=False) + [END]
+                group.append(Completion(ids, [-0.5] * len(ids), "stop"))
+            out.append(group)
+        return out
+
+    def update_weights(self, weights):
+        pass
+
+
+def settings(n, g, **overrides):
+    base = dict(num_drafts=n, num_refinements=g, tie_break="first", advantage="grpo", adv_eps=1e-6,
+                dynamic_sampling=False, max_sampling_rounds=3, sampling=SamplingParams(max_new_tokens=16))
+    return RolloutSettings(**{**base, **overrides})
+
+
+def run(generator, problems, s, num=None):
+    queue = list(problems)
+
+    def source(k):
+        taken, queue[:] = queue[:k], queue[k:]
+        return taken
+
+    template = PromptBuilder(TOKENIZER, system_prompt=None, draft_header="Draft:")
+    return rollout(source, num or len(problems), generator, BoxedMatchReward(), template,
+                   lambda ids: TOKENIZER.decode(ids, skip_special_tokens=True), s, TOKENIZER.pad_token_id)
+
+
+def drafts_then_refinements(draft_answers, refinement_answers):
+    def script(text, k):
+        answers = refinement_answers if "Draft:" in text else draft_answers
+        return f"#{k} \\boxed{{{answers[k]}}}"
+    return script
+
+
+def test_best_draft_goes_into_the_stage2_prompt_and_only_refinements_carry_loss():
+    # drafts 0..3 answer 5, 7, 5, 7 for a problem whose answer is 7 → rewards [0, 1, 0, 1]; tie → first → draft #1
+    generator = ScriptedGenerator(drafts_then_refinements(["5", "7", "5", "7"], ["7", "7", "3", "7"]))
+    batch, metrics = run(generator, [Example("What is 3+4?", "7")], settings(4, 4))
+
+    (stage1, n1), (stage2, n2) = generator.calls
+    assert (n1, n2) == (4, 4)
+    assert stage2 == ["<|im_start|>user\nWhat is 3+4?\n\nDraft:\n#1 \\boxed{7}<|im_end|>\n<|im_start|>assistant\n"]
+    # Stage-2 rows: prompt (with the draft) has loss mask 0; only the refinement tokens have mask 1.
+    prompt_len = len(TOKENIZER.encode(stage2[0], add_special_tokens=False))
+    for row in range(4):
+        completion_len = int(batch.attention_mask[row].sum()) - prompt_len
+        assert batch.loss_mask[row, :prompt_len].sum() == 0
+        assert batch.loss_mask[row].sum() == completion_len
+    # Refinement rewards [1, 1, 0, 1]: mean 0.75, unbiased std 0.5 → advantages [0.5, 0.5, -1.5, 0.5]
+    torch.testing.assert_close(batch.advantages, torch.tensor([0.5, 0.5, -1.5, 0.5]), atol=1e-5, rtol=0)
+    assert metrics["reward/draft_mean"] == 0.5
+    assert metrics["reward/best_draft_mean"] == 1.0
+    assert metrics["reward/refinement_mean"] == 0.75
+    assert metrics["reward/refinement_minus_best_draft"] == -0.25
+    assert metrics["reward/best_draft_predicted"] == pytest.approx(1 - 0.5 ** 4)  # 1 − (1 − p)^N, p = 0.5
+    assert metrics["rollouts_per_prompt/total"] == 8.0
+
+
+def test_all_wrong_drafts_still_condition_stage2_and_gen_logprobs_are_aligned():
+    generator = ScriptedGenerator(drafts_then_refinements(["1", "2", "3", "4"], ["9", "9"]))
+    batch, metrics = run(generator, [Example("Q?", "9")], settings(4, 2))
+    assert "Draft:\n#0 \\boxed{1}" in generator.calls[1][0][0]  # best of all-zero rewards: the first
+    assert metrics["reward/best_draft_mean"] == 0.0
+    assert torch.equal(batch.gen_logprobs != 0, batch.loss_mask.bool())  # generator log-probs sit on completions
+    torch.testing.assert_close(batch.advantages, torch.zeros(2))  # all refinements right: no signal
+
+
+def test_grpo_is_the_same_rollout_without_drafts():
+    generator = ScriptedGenerator(lambda text, k: f"\\boxed{{{k}}}")
+    batch, metrics = run(generator, [Example("A?", "1"), Example("B?", "0")], settings(0, 4))
+    assert len(generator.calls) == 1 and generator.calls[0][1] == 4  # one stage, on the plain prompts
+    assert generator.calls[0][0][0] == "<|im_start|>user\nA?<|im_end|>\n<|im_start|>assistant\n"
+    assert batch.group_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert "reward/draft_mean" not in metrics
+    # group 0 rewards [0,1,0,0]: mean .25, std .5 → [-.5, 1.5, -.5, -.5]
+    torch.testing.assert_close(batch.advantages[:4], torch.tensor([-0.5, 1.5, -0.5, -0.5]), atol=1e-5, rtol=0)
+
+
+def test_random_tie_break_picks_among_the_best_only():
+    chosen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        generator = ScriptedGenerator(drafts_then_refinements(["7", "1", "7", "7"], ["7", "1"]))
+        run(generator, [Example("Q?", "7")], settings(4, 2, tie_break="random"))
+        chosen.add(generator.calls[1][0][0].split("Draft:\n#")[1][0])
+    assert chosen <= {"0", "2", "3"} and len(chosen) > 1
+
+
+def test_dynamic_sampling_refills_the_batch_with_informative_groups():
+    # Problems whose answer is "0" get all-correct refinements (zero variance) and are dropped.
+    generator = ScriptedGenerator(lambda text, k: f"\\boxed{{{k % 2}}}" if "X" in text else "\\boxed{0}")
+    problems = [Example("A0?", "0"), Example("BX?", "1"), Example("C0?", "0"), Example("DX?", "1"),
+                Example("EX?", "1")]
+    batch, metrics = run(generator, problems, settings(0, 2, dynamic_sampling=True), num=2)
+    # Each round draws only the groups still missing: A, B (A dropped) → C (dropped) → D; E is never drawn.
+    assert metrics["sampling_rounds"] == 3.0
+    assert [texts[0].split("user\n")[1][:2] for texts, _ in generator.calls] == ["A0", "C0", "DX"]
+    assert batch.size == 4 and len(set(batch.group_ids.tolist())) == 2
+    assert metrics["zero_variance_fraction"] == 0.5  # over everything sampled: A and C of A, B, C, D
+    assert (batch.advantages != 0).all()
+
+
+def test_dynamic_sampling_gives_up_with_a_clear_error():
+    generator = ScriptedGenerator(lambda text, k: "\\boxed{0}")
+    problems = [Example(f"P{i}?", "0") for i in range(10)]
+    with pytest.raises(DynamicSamplingError, match="max_sampling_rounds"):
+        run(generator, problems, settings(0, 2, dynamic_sampling=True, max_sampling_rounds=3), num=2)
