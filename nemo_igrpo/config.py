@@ -2,8 +2,9 @@
 
 Precedence (lowest first): the defaults below → the YAML file → command-line overrides. An algorithm preset
 (``algorithm.preset``) is applied just below the layer that names it, so ``algorithm.preset=grpo`` on the command
-line turns a fully spelled-out iGRPO YAML into GRPO, while keys given next to it still win. Every default lives here and nowhere else. Unknown keys and wrong types are rejected
-before any model is built, with the key's full name and the closest valid key.
+line turns a fully spelled-out iGRPO YAML into GRPO, while keys given next to it still win. Every default lives
+here and nowhere else. Unknown keys and wrong types are rejected before any model is built, with the key's full
+name and the closest valid key.
 
 The defaults are the paper's hyperparameters (arXiv 2602.09000, Table S.2) wherever the paper states one. The
 embedded CPU demo that ``nemo-igrpo train`` runs without ``--config`` is ``conf/quickstart.yaml``.
@@ -267,7 +268,8 @@ def validate(config: Config) -> None:
     if config.algorithm.dual_clip is not None and config.algorithm.dual_clip <= 1:
         raise ConfigError(f"algorithm.dual_clip: must be > 1 (or null), got {config.algorithm.dual_clip}")
     if not 0 <= config.warm_start.refinement_fraction <= 1:
-        raise ConfigError(f"warm_start.refinement_fraction: must be in [0, 1], got {config.warm_start.refinement_fraction}")
+        raise ConfigError(f"warm_start.refinement_fraction: must be in [0, 1], "
+                          f"got {config.warm_start.refinement_fraction}")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas: needs two values, got {config.optim.betas}")
     if config.trainer.resume not in ("none", "auto") and not Path(config.trainer.resume).exists():

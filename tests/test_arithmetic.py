@@ -62,3 +62,15 @@ def test_exclude_is_respected_and_exhaustion_raises():
     assert not excluded & {e.problem for e in again}
     with pytest.raises(ValueError, match="distinct problems"):
         make_arithmetic_split(2_000, seed=0, max_operand=1)  # ~1,500 exist
+
+
+def test_unboxed_fraction_changes_only_the_solution_style():
+    plain = make_arithmetic_split(400, seed=5, max_operand=12)
+    noisy = make_arithmetic_split(400, seed=5, max_operand=12, unboxed_fraction=0.5)
+    assert [e.problem for e in plain] == [e.problem for e in noisy]
+    unboxed = [e for e in noisy if "\\boxed" not in e.solution]
+    assert 150 < len(unboxed) < 250  # about half
+    for example in unboxed:  # same computation, the answer stated in words
+        assert example.solution.endswith(f", answer {example.answer}")
+        assert example.solution.split(",")[0].endswith(f"={example.answer}")
+    assert all("\\boxed" in e.solution for e in plain)

@@ -63,15 +63,20 @@ _MAX_CONSECUTIVE_MISSES = 10_000
 
 
 def make_arithmetic_split(
-    num: int, seed: int, max_operand: int, exclude: set[str] | None = None
+    num: int, seed: int, max_operand: int, exclude: set[str] | None = None, unboxed_fraction: float = 0.0
 ) -> list[Example]:
     """``num`` distinct problems with operands in [1, max_operand], none of whose text is in ``exclude``.
+
+    An ``unboxed_fraction`` of the reference solutions states the result in words (``9+4=13, answer 13``) instead
+    of ``\\boxed{}``: imperfectly formatted warm-start data, which a reward that reads only ``\\boxed{}`` answers
+    teaches the policy to fix. The problems themselves do not depend on it.
 
     Raises ``ValueError`` when that many distinct problems cannot be found (``max_operand`` too small).
     """
     if num < 0 or max_operand < 1:
         raise ValueError(f"need num >= 0 and max_operand >= 1, got num={num}, max_operand={max_operand}")
     rng = random.Random(seed)
+    style_rng = random.Random(seed + 1)  # a separate stream, so the problem set is the same for any fraction
     seen = set(exclude or ())
     examples: list[Example] = []
     misses = 0  # draws in a row that produced no new problem
@@ -83,7 +88,9 @@ def make_arithmetic_split(
             continue
         misses = 0
         seen.add(problem)
-        solution = f"{computation}={answer} \\boxed{{{answer}}}"
+        boxed = style_rng.random() >= unboxed_fraction
+        ending = f" \\boxed{{{answer}}}" if boxed else f", answer {answer}"
+        solution = f"{computation}={answer}{ending}"
         examples.append(Example(problem, str(answer), solution, id=f"arith-s{seed}-{len(examples)}"))
     if len(examples) < num:
         raise ValueError(f"found only {len(examples)} of {num} distinct problems; raise max_operand={max_operand}")
@@ -91,10 +98,10 @@ def make_arithmetic_split(
 
 
 def arithmetic_train_and_heldout(
-    num_train: int, num_heldout: int, seed: int, max_operand: int
+    num_train: int, num_heldout: int, seed: int, max_operand: int, unboxed_fraction: float = 0.0
 ) -> tuple[list[Example], list[Example]]:
     """A training split and a held-out split that shares no problem text with it."""
-    train = make_arithmetic_split(num_train, seed, max_operand)
+    train = make_arithmetic_split(num_train, seed, max_operand, unboxed_fraction=unboxed_fraction)
     # A different stream than training's, plus explicit exclusion, so no held-out problem was ever trained on.
     heldout_seed = seed + 1_000_003
     heldout = make_arithmetic_split(num_heldout, heldout_seed, max_operand, exclude={e.problem for e in train})

@@ -1,0 +1,65 @@
+"""Config → backend instances. The training loop calls these and never looks at which backend it got.
+
+Each backend registers a builder here under the name used in ``policy.backend`` / ``generation.backend``.
+Heavy engines (vLLM, Megatron-Core) are imported inside their builders only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+
+from nemo_igrpo.config import Config, OptimConfig
+from nemo_igrpo.generation.base import GenerationBackend
+from nemo_igrpo.models import resolve_device
+from nemo_igrpo.policy.base import PolicyBackend
+
+
+def _hf_policy(config: Config, model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> PolicyBackend:
+    from nemo_igrpo.policy.hf import HFPolicy
+
+    device = resolve_device(config.policy.device)
+    return HFPolicy(
+        model,
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        betas=(optim.betas[0], optim.betas[1]),
+        max_grad_norm=optim.max_grad_norm,
+        warmup_steps=math.ceil(optim.warmup_ratio * total_steps),
+        total_steps=total_steps,
+        min_lr_ratio=optim.min_lr_ratio,
+        micro_batch_size=config.policy.micro_batch_size,
+        logprob_chunk_size=config.policy.logprob_chunk_size,
+        temperature=config.generation.temperature,
+        use_reference=config.algorithm.kl_coef > 0,
+        gradient_checkpointing=config.policy.gradient_checkpointing,
+        autocast_dtype="bfloat16" if config.policy.precision == "bf16" else None,
+        device=device,
+    )
+
+
+def _hf_generation(config: Config, model: torch.nn.Module, pad_token_id: int) -> GenerationBackend:
+    from nemo_igrpo.generation.hf import HFGeneration
+
+    # The generator keeps its own copy: weights reach it only through update_weights, as with any engine.
+    engine_model = copy.deepcopy(model).eval()
+    return HFGeneration(engine_model, pad_token_id=pad_token_id, batch_size=config.generation.batch_size,
+                        device=resolve_device(config.policy.device))
+
+
+POLICY_BUILDERS: dict[str, Callable[..., PolicyBackend]] = {"hf": _hf_policy}
+GENERATION_BUILDERS: dict[str, Callable[..., GenerationBackend]] = {"hf": _hf_generation}
+
+
+def build_policy(config: Config, model: torch.nn.Module, optim: OptimConfig | None = None,
+                 total_steps: int | None = None) -> PolicyBackend:
+    """The policy backend named by ``policy.backend``; ``optim``/``total_steps`` default to the RL settings."""
+    return POLICY_BUILDERS[config.policy.backend](
+        config, model, optim or config.optim, total_steps if total_steps is not None else config.trainer.max_steps)
+
+
+def build_generation(config: Config, model: torch.nn.Module, pad_token_id: int) -> GenerationBackend:
+    return GENERATION_BUILDERS[config.generation.backend](config, model, pad_token_id)

@@ -1,0 +1,43 @@
+"""Single-pass evaluation (no drafts at inference, as in the paper): k samples per problem, scored by the reward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from nemo_igrpo.data.dataset import Example
+from nemo_igrpo.evaluation.metrics import summarize
+from nemo_igrpo.generation.base import GenerationBackend, SamplingParams
+from nemo_igrpo.rewards.answer import extract_final_answer
+
+
+@dataclass
+class EvalResult:
+    summary: dict[str, float]  # avg@k and pass@k for k = 1, 2, 4, …
+    records: list[dict]  # one per problem: completions, extracted answers, verdicts
+
+    @property
+    def accuracy(self) -> float:
+        return next(v for k, v in self.summary.items() if k.startswith("avg@"))
+
+
+def evaluate(
+    examples: Sequence[Example],
+    generator: GenerationBackend,
+    prompt_ids: Callable[[str], list[int]],
+    reward: Callable,
+    decode: Callable[[list[int]], str],
+    params: SamplingParams,
+) -> EvalResult:
+    """Sample ``params.n`` answers per problem from its plain prompt and grade each with ``reward`` (> 0 = correct)."""
+    outputs = generator.generate([prompt_ids(e.problem) for e in examples], params)
+    texts = [[decode(c.token_ids) for c in group] for group in outputs]
+    scores = reward([t for group in texts for t in group], [e.answer for e in examples for _ in range(params.n)])
+    verdicts = [s > 0 for s in scores.scores]
+    correct = [verdicts[i * params.n:(i + 1) * params.n] for i in range(len(examples))]
+    records = [
+        {"id": e.id, "problem": e.problem, "answer": e.answer,
+         "completions": group, "extracted": [extract_final_answer(t) for t in group], "correct": verdict}
+        for e, group, verdict in zip(examples, texts, correct)
+    ]
+    return EvalResult(summary=summarize(correct, None), records=records)

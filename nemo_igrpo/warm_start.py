@@ -1,0 +1,67 @@
+"""A short supervised warm start on reference solutions, so a randomly initialised model learns the answer format.
+
+It goes through the policy interface (``train_step`` with a negative log-likelihood loss), so it runs on whichever
+policy backend is configured, with its own learning rate and a fresh optimizer that is discarded afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+from rich.console import Console
+
+from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
+from nemo_igrpo.backends import build_policy
+from nemo_igrpo.config import Config, OptimConfig
+from nemo_igrpo.data.dataset import Example
+from nemo_igrpo.data.prompts import PromptBuilder
+from nemo_igrpo.policy.base import TokenStats
+
+
+def warm_start(config: Config, model: torch.nn.Module, examples: list[Example], template: PromptBuilder,
+               tokenizer, console: Console) -> None:
+    """``warm_start.steps`` steps of token-mean NLL on (prompt, solution) pairs, at temperature 1.
+
+    A ``warm_start.refinement_fraction`` of the examples is shown as a Stage-2 prompt, with a draft that is the
+    problem's own reference solution or, half of the time, another problem's (a wrong draft), so the model has
+    seen the refinement format before RL conditions on its own drafts. The target is always the reference.
+    """
+    with_solution = [e for e in examples if e.solution]
+    if not with_solution:
+        raise ValueError("warm_start.steps > 0 needs examples with a solution (set data.solution_key)")
+    ws = config.warm_start
+    sft_config = dataclasses.replace(config, generation=dataclasses.replace(config.generation, temperature=1.0),
+                                     algorithm=dataclasses.replace(config.algorithm, kl_coef=0.0))
+    optim = OptimConfig(lr=ws.lr, weight_decay=0.0, betas=[0.9, 0.99], max_grad_norm=1.0, warmup_ratio=0.05,
+                        min_lr_ratio=0.1)
+    policy = build_policy(sft_config, model, optim=optim, total_steps=ws.steps)
+    end = tokenizer.eos_token_id
+    rng = random.Random(config.trainer.seed)
+    for step in range(1, ws.steps + 1):
+        rows = rng.sample(with_solution, min(ws.batch_size, len(with_solution)))
+        prompts = [_prompt(e, with_solution, template, ws.refinement_fraction, rng) for e in rows]
+        targets = [tokenizer.encode(e.solution, add_special_tokens=False) + [end] for e in rows]
+        input_ids, attention_mask, loss_mask, _ = pad_sequences(prompts, targets, tokenizer.pad_token_id)
+        batch = RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+                             advantages=torch.zeros(len(rows)), group_ids=torch.arange(len(rows)),
+                             gen_logprobs=torch.zeros_like(loss_mask))
+        metrics = policy.train_step(batch, _nll(float(loss_mask.sum())))
+        if step % max(ws.steps // 5, 1) == 0 or step == ws.steps:
+            console.print(f"  warm start {step}/{ws.steps}: nll {metrics['loss']:.3f}")
+
+
+def _prompt(example: Example, pool: list[Example], template: PromptBuilder, refinement_fraction: float,
+            rng: random.Random) -> list[int]:
+    if rng.random() >= refinement_fraction:
+        return template.problem_ids(example.problem)
+    draft = example if rng.random() < 0.5 else rng.choice(pool)
+    return template.refinement_ids(example.problem, draft.solution)
+
+
+def _nll(num_tokens: float):
+    def loss_fn(stats: TokenStats, micro_batch: RolloutBatch):
+        loss = -(stats.logprobs * micro_batch.loss_mask).sum() / num_tokens
+        return loss, {}
+    return loss_fn
