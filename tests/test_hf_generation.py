@@ -6,42 +6,17 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from helpers import tiny_llama, tiny_qwen2
 
 from nemo_igrpo.algorithms.batch import pad_sequences
 from nemo_igrpo.generation import Completion, SamplingParams
 from nemo_igrpo.generation.hf import HFGeneration
 from nemo_igrpo.policy.logprobs import token_logprobs_and_entropy
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=256,
-)
 PROMPTS = [[1, 5, 7], [2, 9, 4, 4, 11, 30, 8], [6]]  # different lengths, so left padding is exercised
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: intra-op threads only add synchronisation (and stall badly when other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**TINY))
-
-
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(**TINY))
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def generator_for(model, batch_size: int = 2) -> HFGeneration:

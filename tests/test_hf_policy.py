@@ -7,55 +7,14 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import make_policy, tiny_llama
+from transformers import LlamaForCausalLM
 
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
 from nemo_igrpo.policy.hf import HFPolicy
 from nemo_igrpo.policy.logprobs import token_logprobs_and_entropy
 
-TINY = dict(
-    vocab_size=64,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    max_position_embeddings=256,
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: intra-op threads only add synchronisation (and stall badly when other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
-
-
-def make_policy(model=None, **overrides) -> HFPolicy:
-    options = dict(
-        lr=1e-2,
-        weight_decay=0.0,
-        betas=(0.9, 0.999),
-        max_grad_norm=1.0,
-        warmup_steps=0,
-        total_steps=100,
-        min_lr_ratio=0.1,
-        micro_batch_size=8,
-        logprob_chunk_size=7,
-        temperature=1.0,
-        use_reference=False,
-        gradient_checkpointing=False,
-        autocast_dtype=None,
-        device="cpu",
-    )
-    return HFPolicy(tiny_llama() if model is None else model, **{**options, **overrides})
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_batch(rows: int = 8, seed: int = 0) -> RolloutBatch:

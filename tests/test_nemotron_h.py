@@ -7,24 +7,18 @@ import math
 
 import pytest
 import torch
+from helpers import make_policy
 from transformers import NemotronHConfig, NemotronHForCausalLM
 
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
 from nemo_igrpo.generation import SamplingParams
 from nemo_igrpo.generation.hf import HFGeneration
-from nemo_igrpo.policy.hf import HFPolicy
 from nemo_igrpo.policy.logprobs import token_logprobs_and_entropy
 
 PROMPTS = [[1, 5, 7], [2, 9, 4, 4, 11, 30, 8], [6]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: intra-op threads only add synchronisation (and stall badly when other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
@@ -104,22 +98,8 @@ def test_chunked_logprobs_match_naive_with_gradients(model) -> None:
 def test_policy_train_step_changes_the_weights(model) -> None:
     torch.manual_seed(3)
     batch = to_batch(generate(model, SamplingParams(n=2, max_new_tokens=10)))
-    policy = HFPolicy(
-        model,
-        lr=1e-3,
-        weight_decay=0.01,
-        betas=(0.9, 0.999),
-        max_grad_norm=1.0,
-        warmup_steps=0,
-        total_steps=10,
-        min_lr_ratio=0.1,
-        micro_batch_size=4,
-        logprob_chunk_size=16,
-        temperature=1.0,
-        use_reference=True,
-        gradient_checkpointing=True,
-        autocast_dtype=None,
-    )
+    policy = make_policy(model, lr=1e-3, weight_decay=0.01, micro_batch_size=4, logprob_chunk_size=16,
+                         use_reference=True, gradient_checkpointing=True)
     before = {name: t.clone() for name, t in policy.export_weights()}
     tokens = batch.loss_mask.sum()
 
