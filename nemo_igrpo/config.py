@@ -242,7 +242,9 @@ def _merge(base: DictConfig, data: dict, source: str) -> DictConfig:
 
 def validate(config: Config) -> None:
     """Value checks the type system cannot express; each error names its key."""
-    for key, allowed in CHOICES.items():
+    from nemo_igrpo.rewards import REWARDS  # registered rewards, including any a user registered before loading
+
+    for key, allowed in {**CHOICES, "reward.name": tuple(REWARDS)}.items():
         value = _get(config, key)
         if value not in allowed:
             hint = difflib.get_close_matches(str(value), allowed, n=1)

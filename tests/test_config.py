@@ -108,6 +108,7 @@ def test_paper_defaults():
     (["algorithm.dual_clip=0.5"], "algorithm.dual_clip"),
     (["trainer.resume=/no/such/checkpoint"], "trainer.resume"),
     (["max_steps"], "must look like section.key=value"),
+    (["reward.name=boxed_mach"], "reward.name: 'boxed_mach' is not one of"),
 ])
 def test_bad_overrides_are_rejected_by_name(overrides, message):
     with pytest.raises(ConfigError) as error:
