@@ -11,7 +11,7 @@ Stage 1: drafts only shape the Stage-2 prompt, and the draft tokens are prompt c
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -139,7 +139,7 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
 
     prompts = [template.problem_ids(p.problem) for p in problems]
     _, stage2_prompts, refinements = generator.generate_chained(
-        prompts, _with_n(settings.sampling, n), refinement_prompt, _with_n(settings.sampling, g))
+        prompts, replace(settings.sampling, n=n), refinement_prompt, replace(settings.sampling, n=g))
     samples.draft_rewards = [draft_rewards[i] for i in sorted(draft_rewards)]
     samples.best_drafts = [best_drafts[i] for i in sorted(best_drafts)]
     generated = time.perf_counter() - clock["start"] - clock["draft_reward"]
@@ -162,11 +162,6 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
 
 def _add(timings: dict[str, float], key: str, seconds: float) -> None:
     timings[key] = timings.get(key, 0.0) + seconds
-
-
-def _with_n(params: SamplingParams, n: int) -> SamplingParams:
-    return SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p,
-                          max_new_tokens=params.max_new_tokens, stop_token_ids=params.stop_token_ids)
 
 
 def _drop_zero_variance(samples: StageSamples) -> StageSamples:
