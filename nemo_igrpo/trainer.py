@@ -143,6 +143,7 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
     finally:
         logger.close()
         generator.close()
+        reward.close()  # e.g. a grading process pool
 
     if state.step == config.trainer.max_steps:
         _export_final(run_dir / "final", policy, tokenizer)

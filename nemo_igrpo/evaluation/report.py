@@ -51,6 +51,7 @@ def run_eval(config: Config, console: Console | None = None) -> dict[str, dict[s
                 handle.write(json.dumps(record) + "\n")
         console.print(f"{name}: {', '.join(f'{k} {100 * v:.2f}%' for k, v in result.summary.items())}")
     generator.close()
+    reward.close()
 
     (output_dir / "results.json").write_text(json.dumps(
         {"model": model_config.path, "samples_per_problem": ev.samples_per_problem, "temperature": ev.temperature,
