@@ -17,6 +17,8 @@ from nemo_igrpo.rewards.answer import (
 )
 from nemo_igrpo.rewards.base import REWARDS, Reward, RewardOutput, register_reward
 from nemo_igrpo.rewards.match import BoxedMatchReward
+from nemo_igrpo.rewards.math_verify_reward import MathVerifyReward
+from nemo_igrpo.rewards.pool import GradingPool
 
 
 def build_reward(name: str, **kwargs: Any) -> Reward:
@@ -29,6 +31,8 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
 __all__ = [
     "REWARDS",
     "BoxedMatchReward",
+    "GradingPool",
+    "MathVerifyReward",
     "Reward",
     "RewardOutput",
     "answers_match",

@@ -1,0 +1,284 @@
+"""A small process pool for untrusted grading work, with a hard wall-clock deadline per item.
+
+Grading model output with a symbolic-math library is untrusted work: an answer such as ``9^{9^{9^{9^{9}}}}`` can
+keep a worker busy in C code that no Python-level timeout interrupts, and a parser bug can crash the interpreter.
+This pool therefore runs ``fn`` in separate processes and treats each of them as disposable:
+
+- each worker grades one item at a time, received over its own ``Pipe``;
+- the parent dispatches items and watches every pipe, process sentinel and deadline with one
+  ``multiprocessing.connection.wait`` call, so it never blocks on a single worker;
+- a worker past its item's deadline is killed with SIGKILL and replaced; a worker that dies (segfault,
+  ``os._exit``, ``MemoryError``) is replaced; either way its item gets ``default`` and is counted, and the rest of
+  the batch goes on.
+
+Workers are started with the ``spawn`` method so they inherit no state (torch threads, CUDA, locks) from the
+trainer. Two consequences: ``fn`` (and ``initializer``) must be picklable by reference, i.e. module-level
+functions; and a script that uses the pool needs the ``if __name__ == "__main__":`` guard, because each worker
+re-imports the main module (without the guard the worker fails to start and ``map`` raises ``RuntimeError``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import resource
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any, Generic, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Messages from a worker: the handshake after start-up, then one (status, value) reply per item.
+_READY = "ready"
+_OK = "ok"
+_ERROR = "error"
+
+_JOIN_TIMEOUT_S = 5.0  # a SIGKILLed process is reaped within milliseconds; this only bounds a pathological case
+
+
+def _worker_main(
+    conn: Connection,
+    fn: Callable[[Any], Any],
+    initializer: Callable[[], None] | None,
+    memory_limit_mb: int | None,
+) -> None:
+    """Worker loop: set up, announce readiness, then answer one item per message until the pipe closes."""
+    # Ctrl-C reaches the whole process group; shutting workers down is the parent's job.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if memory_limit_mb is not None:
+        # Turns a runaway allocation into a MemoryError in this worker instead of memory pressure on the trainer.
+        limit = memory_limit_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    if initializer is not None:
+        initializer()
+    conn.send(_READY)
+    while True:
+        try:
+            item = conn.recv()
+        except EOFError:  # the parent closed the pipe (or died): nothing left to do
+            return
+        try:
+            reply = (_OK, fn(item))
+        except MemoryError:
+            raise  # the heap may be unusable: exit and let the parent start a fresh worker
+        except Exception as exc:  # noqa: BLE001 - fn failing on one item must not take the worker down
+            # Only the type: formatting an exception about hostile input can itself be slow or huge.
+            reply = (_ERROR, type(exc).__name__)
+        conn.send(reply)
+
+
+@dataclass
+class _Worker:
+    """The parent's view of one worker process."""
+
+    process: BaseProcess
+    conn: Connection
+    ready: bool = False  # the start-up handshake has arrived
+    started_at: float = 0.0
+    index: int | None = None  # position in the current batch of the item being graded, if any
+    deadline: float = 0.0  # monotonic time by which that item must be answered
+
+    @property
+    def busy(self) -> bool:
+        return self.index is not None
+
+
+class GradingPool(Generic[T, R]):
+    """``num_workers`` processes applying ``fn`` to items, each item with a hard ``timeout_s`` deadline.
+
+    ``map`` never raises because of what an item does to a worker: a timed-out, crashed or failing item gets
+    ``default`` and is counted in ``timeouts``, ``crashes`` or ``errors``. It raises ``RuntimeError`` only when a
+    worker cannot even start (broken ``initializer``, or no handshake within ``startup_timeout_s``).
+
+    Workers start on the first ``map`` and are reused across calls. ``close`` (also on leaving a ``with`` block and
+    at interpreter exit) kills them. Not thread-safe: call ``map`` from one thread at a time.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[T], R],
+        num_workers: int,
+        timeout_s: float,
+        *,
+        default: R = 0.0,  # type: ignore[assignment]
+        initializer: Callable[[], None] | None = None,
+        memory_limit_mb: int | None = None,
+        startup_timeout_s: float = 60.0,
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.fn = fn
+        self.num_workers = num_workers
+        self.timeout_s = timeout_s
+        self.default = default
+        self.initializer = initializer
+        self.memory_limit_mb = memory_limit_mb
+        self.startup_timeout_s = startup_timeout_s
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[_Worker] = []
+        self._closed = False
+        atexit.register(self.close)
+
+    # ----------------------------------------------------------------------------------------------- public API
+
+    def map(self, items: Sequence[T]) -> tuple[list[R], dict[str, int]]:
+        """``fn(item)`` for every item, in order, plus ``{"timeouts", "crashes", "errors"}`` counts."""
+        if self._closed:
+            raise RuntimeError("GradingPool is closed")
+        results: list[R] = [self.default] * len(items)
+        counters = {"timeouts": 0, "crashes": 0, "errors": 0}
+        if not items:
+            return results, counters
+        try:
+            if not self._workers:
+                self._workers = [self._start_worker() for _ in range(self.num_workers)]
+            self._run(items, results, counters)
+        except BaseException:
+            # Busy workers would answer items of this batch during the next one (and a start-up failure would
+            # recur): an interrupted pool is not reusable.
+            self.close()
+            raise
+        return results, counters
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Kill all workers. Safe to call more than once; ``map`` raises afterwards."""
+        self._closed = True
+        for worker in self._workers:
+            self._stop(worker)
+        self._workers = []
+        atexit.unregister(self.close)
+
+    def __enter__(self) -> GradingPool[T, R]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------------------------------------- worker life
+
+    def _start_worker(self) -> _Worker:
+        parent_conn, child_conn = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=_worker_main,
+            args=(child_conn, self.fn, self.initializer, self.memory_limit_mb),
+            name="grading-worker",
+            daemon=True,  # never outlives the trainer, even if close() is skipped
+        )
+        process.start()
+        # Drop our copy of the child's end, so that the worker's death shows up as EOF on parent_conn.
+        child_conn.close()
+        return _Worker(process=process, conn=parent_conn, started_at=time.monotonic())
+
+    @staticmethod
+    def _stop(worker: _Worker) -> None:
+        """SIGKILL (no-op if already dead), reap, and release the pipe."""
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(_JOIN_TIMEOUT_S)
+        if worker.process.exitcode is not None:
+            worker.process.close()  # frees the sentinel now rather than at garbage collection
+        worker.conn.close()
+
+    def _replace(self, slot: int) -> None:
+        self._stop(self._workers[slot])
+        self._workers[slot] = self._start_worker()
+
+    # ------------------------------------------------------------------------------------------------ the loop
+
+    def _run(self, items: Sequence[T], results: list[R], counters: dict[str, int]) -> None:
+        """Until every item is answered or written off: dispatch, sleep until something happens or the next
+        deadline passes, then look at every worker."""
+        todo = deque(range(len(items)))
+        while todo or any(worker.busy for worker in self._workers):
+            self._dispatch(todo, items)
+            wait(self._watched(), timeout=self._seconds_to_next_deadline())
+            for slot in range(len(self._workers)):
+                self._service(slot, results, counters)
+
+    def _dispatch(self, todo: deque[int], items: Sequence[T]) -> None:
+        """Hand the next items to ready, idle workers; each item's deadline starts when it is sent."""
+        for slot, worker in enumerate(self._workers):
+            if not todo:
+                return
+            if not worker.ready or worker.busy:
+                continue
+            index = todo.popleft()
+            try:
+                worker.conn.send(items[index])
+            except (OSError, ValueError):  # the worker died while idle: retry the item on its replacement
+                todo.appendleft(index)
+                self._replace(slot)
+                continue
+            worker.index, worker.deadline = index, time.monotonic() + self.timeout_s
+
+    def _watched(self) -> list[Any]:
+        """Pipes and process sentinels of workers we are waiting on (busy or still starting)."""
+        handles: list[Any] = []
+        for worker in self._workers:
+            if worker.busy or not worker.ready:
+                handles += [worker.conn, worker.process.sentinel]
+        return handles
+
+    def _seconds_to_next_deadline(self) -> float:
+        """Time until the earliest item deadline or start-up deadline (idle workers have none)."""
+        deadlines = [worker.deadline for worker in self._workers if worker.busy]
+        deadlines += [worker.started_at + self.startup_timeout_s for worker in self._workers if not worker.ready]
+        return max(0.0, min(deadlines, default=0.0) - time.monotonic())
+
+    def _service(self, slot: int, results: list[R], counters: dict[str, int]) -> None:
+        """Take a worker's message if one arrived, else act on its death or an expired deadline."""
+        worker = self._workers[slot]
+        if worker.conn.poll():  # a reply or a handshake; also true at EOF, which recv turns into EOFError
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                self._on_death(slot, counters)
+                return
+            self._on_message(worker, message, results, counters)
+        elif not worker.process.is_alive():
+            self._on_death(slot, counters)
+        elif worker.busy and time.monotonic() >= worker.deadline:
+            logger.warning("grading item %d exceeded %.1fs; killing its worker", worker.index, self.timeout_s)
+            counters["timeouts"] += 1
+            self._replace(slot)
+        elif not worker.ready and time.monotonic() >= worker.started_at + self.startup_timeout_s:
+            raise RuntimeError(f"grading worker did not start within {self.startup_timeout_s:.0f}s")
+
+    def _on_message(self, worker: _Worker, message: Any, results: list[R], counters: dict[str, int]) -> None:
+        if message == _READY:
+            worker.ready = True
+            return
+        status, value = message
+        assert worker.index is not None, "a reply from a worker that was given no item"
+        if status == _OK:
+            results[worker.index] = value
+        else:
+            logger.warning("grading item %d raised %s", worker.index, value)
+            counters["errors"] += 1
+        worker.index = None
+
+    def _on_death(self, slot: int, counters: dict[str, int]) -> None:
+        worker = self._workers[slot]
+        worker.process.join(_JOIN_TIMEOUT_S)
+        if not worker.ready:
+            # Nothing from the batch can cause this: fn has not run yet. Retrying would loop forever.
+            raise RuntimeError(f"grading worker exited during start-up (exit code {worker.process.exitcode})")
+        if worker.busy:
+            logger.warning("grading worker died on item %d (exit code %s)", worker.index, worker.process.exitcode)
+            counters["crashes"] += 1
+        self._replace(slot)

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Rewards per second of the math-verify reward on synthetic but realistic completions (boxed_match for scale).
+
+Completions come in GRPO groups (several per problem, adjacent) and mix correct and incorrect boxed integers,
+decimals vs fractions, LaTeX expressions, intervals and sets, completions without an answer and a few very long
+ones. The worker pool is started (and warmed up) before
+the clock starts, so the numbers are steady-state grading throughput. Writes the numbers as JSON.
+
+    python scripts/bench_reward.py --completions 1000 --workers 2 --output bench_reward.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from nemo_igrpo.rewards import BoxedMatchReward, MathVerifyReward, Reward
+
+# (gold, a correct final answer, an incorrect one), in the forms a model tends to write them.
+PROBLEMS = [
+    ("42", "42", "24"),
+    ("1000", "1,000", "100"),
+    ("-7", "-7", "7"),
+    ("0.5", "\\frac{1}{2}", "\\frac{1}{3}"),
+    ("\\frac{3}{4}", "0.75", "0.7"),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", "\\sqrt{2}"),
+    ("2\\sqrt{3}", "\\sqrt{12}", "3\\sqrt{2}"),
+    ("x^2+2x+1", "(x+1)^2", "(x-1)^2"),
+    ("\\frac{\\pi}{3}", "\\pi/3", "\\frac{\\pi}{6}"),
+    ("(0,\\infty)", "x > 0", "[0,\\infty)"),
+    ("[-2, 3)", "[-2,3)", "(-2,3]"),
+    ("\\{1, 2, 3\\}", "\\{3, 2, 1\\}", "\\{1, 2\\}"),
+    ("(3, -1)", "(3,-1)", "(-1,3)"),
+    ("50\\%", "50", "0.5"),
+    ("12\\text{ cm}", "12", "13"),
+]
+
+FILLER = (
+    "We start from the given conditions and simplify step by step. Substituting the known values gives an "
+    "equation in one unknown, which we rearrange and solve; checking the result against the constraints "
+    "confirms it. "
+)
+
+
+def make_completion(answer: str | None, length_chars: int) -> str:
+    """Reasoning text of about ``length_chars`` characters ending in ``\\boxed{answer}`` (or in no answer)."""
+    reasoning = (FILLER * (length_chars // len(FILLER) + 1))[:length_chars]
+    if answer is None:
+        return reasoning + " I am not sure how to finish this."
+    return f"{reasoning} Therefore the answer is $\\boxed{{{answer}}}$."
+
+
+def make_batch(n: int, group_size: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n`` (completion, gold) pairs in GRPO order: ``group_size`` consecutive completions share a problem.
+
+    Of the completions ~46% are correct, ~46% incorrect, 8% have no answer; 2% are 50k characters long.
+    """
+    rng = random.Random(seed)
+    completions, golds = [], []
+    while len(completions) < n:
+        gold, right, wrong = rng.choice(PROBLEMS)
+        for _ in range(min(group_size, n - len(completions))):
+            kind = rng.random()
+            answer = None if kind < 0.08 else (right if kind < 0.54 else wrong)
+            length = 50_000 if rng.random() < 0.02 else rng.randint(300, 3000)
+            completions.append(make_completion(answer, length))
+            golds.append(gold)
+    return completions, golds
+
+
+def measure(reward: Reward, completions: list[str], golds: list[str]) -> dict[str, float]:
+    """Grade the batch once (after a warm-up call) and return throughput, mean accuracy and counters."""
+    reward(completions[:8], golds[:8])  # starts and warms the workers of pooled rewards
+    start = time.perf_counter()
+    output = reward(completions, golds)
+    seconds = time.perf_counter() - start
+    return {
+        "completions": len(completions),
+        "seconds": seconds,
+        "rewards_per_s": len(completions) / seconds,
+        "accuracy": sum(output.scores) / len(output.scores),
+        "timeouts": output.counters.get("timeouts", 0),
+        "crashes": output.counters.get("crashes", 0),
+        "no_answer": output.counters.get("no_answer", 0),
+    }
+
+
+# Column → format of its values.
+COLUMNS = {
+    "completions": "d",
+    "seconds": ".2f",
+    "rewards_per_s": ",.0f",
+    "accuracy": ".3f",
+    "timeouts": "d",
+    "crashes": "d",
+    "no_answer": "d",
+}
+
+
+def make_table(results: dict[str, dict[str, float]], title: str) -> Table:
+    table = Table(title=f"reward throughput, {title}")
+    table.add_column("reward")
+    for column in COLUMNS:
+        table.add_column(column.replace("_per_", "/"), justify="right")
+    for name, row in results.items():
+        table.add_row(name, *(format(row[column], spec) for column, spec in COLUMNS.items()))
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--completions", type=int, default=1000, help="batch size")
+    parser.add_argument("--group-size", type=int, default=8, help="completions per problem, adjacent as in GRPO")
+    parser.add_argument("--workers", type=int, default=2, help="math-verify grading processes")
+    parser.add_argument("--timeout", type=float, default=5.0, help="per-answer deadline in seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("bench_reward.json"), help="JSON file to write")
+    args = parser.parse_args()
+
+    completions, golds = make_batch(args.completions, args.group_size, args.seed)
+    rewards: dict[str, Callable[[], Reward]] = {
+        "math_verify": lambda: MathVerifyReward(num_workers=args.workers, timeout_s=args.timeout),
+        "boxed_match": BoxedMatchReward,
+    }
+    results = {}
+    for name, build in rewards.items():
+        reward = build()
+        try:
+            results[name] = measure(reward, completions, golds)
+        finally:
+            reward.close()
+
+    Console(width=120).print(make_table(results, f"{args.completions} completions, {args.workers} math-verify workers"))
+
+    report = {
+        "results": results,
+        "group_size": args.group_size,
+        "workers": args.workers,
+        "timeout_s": args.timeout,
+        "seed": args.seed,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
