@@ -189,3 +189,18 @@ def test_nemotron_h_hybrid_runs_igrpo_steps(tmp_path):
     initial = NemotronHForCausalLM.from_pretrained(model_dir)
     changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, initial.state_dict()[n])]
     assert changed  # the warm start and RL updated the hybrid model
+
+
+def test_math_verify_reward_in_the_loop_leaves_no_workers(tmp_path):
+    import multiprocessing
+
+    run = tmp_path / "run"
+    # A warm start long enough that the model writes \boxed{} answers, so the grading pool really runs.
+    train(tiny_config(run, "reward.name=math_verify", "trainer.max_steps=1", "trainer.eval_every=1",
+                      "warm_start.steps=60", "data.arithmetic.unboxed_fraction=0.0", "generation.max_new_tokens=24"))
+    record = read_metrics(run / "metrics.jsonl")[-1]
+    samples = 4 * 8  # prompts_per_step × (drafts + refinements)
+    assert record["reward/count/no_answer"] < samples  # some answers reached the grader
+    assert record["reward/count/timeouts"] == 0 and record["reward/count/crashes"] == 0
+    assert 0.0 <= record["reward/accuracy"] <= 1.0 and 0.0 <= record["eval/accuracy"] <= 1.0
+    assert multiprocessing.active_children() == []  # the grading pool was closed with the run

@@ -60,6 +60,7 @@ class StageSamples:
     draft_rewards: list[list[float]] = field(default_factory=list)  # [problem][N]
     draft_lengths: list[int] = field(default_factory=list)
     best_drafts: list[str] = field(default_factory=list)
+    reward_counters: dict[str, int] = field(default_factory=dict)  # e.g. grader timeouts, over both stages
 
 
 class DynamicSamplingError(RuntimeError):
@@ -130,7 +131,9 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
         if n == 0:
             return template.problem_ids(problems[i].problem)
         texts = [decode(d.token_ids) for d in drafts]
-        scores = reward(texts, [answers[i]] * n).scores
+        scored = reward(texts, [answers[i]] * n)
+        _count(samples.reward_counters, scored.counters)
+        scores = scored.scores
         best = int(select_best(torch.tensor([scores]), settings.tie_break)[0])
         clock["draft_reward"] += time.perf_counter() - started
         draft_rewards[i], best_drafts[i] = list(scores), texts[best]
@@ -147,6 +150,7 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
     started = time.perf_counter()
     texts = [decode(c.token_ids) for group in refinements for c in group]
     scored = reward(texts, [a for a in answers for _ in range(g)])
+    _count(samples.reward_counters, scored.counters)
     drafts = (clock["first_follow_up"] - clock["start"]) if n else 0.0
     _add(timings, "rollout/reward", clock["draft_reward"] + time.perf_counter() - started)
     _add(timings, "rollout/generation", generated)
@@ -162,6 +166,11 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
 
 def _add(timings: dict[str, float], key: str, seconds: float) -> None:
     timings[key] = timings.get(key, 0.0) + seconds
+
+
+def _count(into: dict[str, int], more: dict[str, int]) -> None:
+    for key, value in more.items():
+        into[key] = into.get(key, 0) + value
 
 
 def _drop_zero_variance(samples: StageSamples) -> StageSamples:
@@ -200,6 +209,7 @@ def _extend(into: StageSamples, more: StageSamples) -> None:
     into.draft_rewards += more.draft_rewards
     into.draft_lengths += more.draft_lengths
     into.best_drafts += more.best_drafts
+    _count(into.reward_counters, more.reward_counters)
 
 
 def _to_batch(samples: StageSamples, settings: RolloutSettings, pad_token_id: int) -> RolloutBatch:
@@ -235,6 +245,8 @@ def _rollout_metrics(seen: StageSamples, batch: StageSamples, settings: RolloutS
     }
     for key, values in seen.components.items():
         metrics[f"reward/{key}"] = torch.tensor(values).mean().item()
+    for key, count in seen.reward_counters.items():  # e.g. grader timeouts and crashes, both stages
+        metrics[f"reward/count/{key}"] = float(count)
     if settings.num_drafts:
         drafts = torch.tensor(seen.draft_rewards)  # [P, N]
         best = drafts.max(dim=1).values
