@@ -120,7 +120,7 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
         with progress, _stop_requests() as stop_requested:
             while state.step < config.trainer.max_steps:
                 state.step += 1
-                metrics = train_step(config, state, policy, generator, sampler, reward, template, decode, settings,
+                metrics = train_step(config, policy, generator, sampler, reward, template, decode, settings,
                                      tokenizer.pad_token_id)
                 if config.trainer.eval_every and (state.step % config.trainer.eval_every == 0
                                                   or state.step == config.trainer.max_steps):
@@ -153,8 +153,8 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
     return TrainResult(run_dir, state.step, initial, final)
 
 
-def train_step(config: Config, state: TrainState, policy: PolicyBackend, generator: GenerationBackend,
-               sampler: PromptSampler, reward, template: PromptBuilder, decode, settings: RolloutSettings,
+def train_step(config: Config, policy: PolicyBackend, generator: GenerationBackend, sampler: PromptSampler,
+               reward, template: PromptBuilder, decode, settings: RolloutSettings,
                pad_token_id: int) -> dict[str, float]:
     """One optimizer step; returns its metrics (rewards, losses, seconds per phase, tokens/s)."""
     timer = PhaseTimer()
