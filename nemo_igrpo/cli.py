@@ -29,19 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nemo-igrpo", description="iGRPO / GRPO reinforcement learning for verifiable math reasoning.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser(
-        "train", help="train a policy (without --config: the embedded CPU demo, conf/quickstart.yaml)",
-        description="Run RL training. Without --config this runs the self-contained demo (tiny model, generated "
-                    "arithmetic, no downloads) and reports held-out accuracy before and after RL.")
-    train.add_argument("--config", type=Path, help="YAML config (default: conf/quickstart.yaml)")
-    train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-
-    evaluate = commands.add_parser(
-        "eval", help="single-pass evaluation: avg@k and pass@k over datasets",
-        description="Sample eval.samples_per_problem answers per problem from eval.model (default model.path), "
-                    "grade them, and write results.json, results.md and per-sample records to eval.output_dir.")
-    evaluate.add_argument("--config", type=Path, help="YAML config (default: conf/quickstart.yaml)")
-    evaluate.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    subcommands = {
+        "train": ("train a policy (without --config: the embedded CPU demo, conf/quickstart.yaml)",
+                  "Run RL training. Without --config this runs the self-contained demo (tiny model, generated "
+                  "arithmetic, no downloads) and reports held-out accuracy before and after RL."),
+        "eval": ("single-pass evaluation: avg@k and pass@k over datasets",
+                 "Sample eval.samples_per_problem answers per problem from eval.model (default model.path), grade "
+                 "them, and write results.json, results.md and per-sample records to eval.output_dir."),
+    }
+    for name, (summary, description) in subcommands.items():
+        command = commands.add_parser(name, help=summary, description=description)
+        command.add_argument("--config", type=Path, help="YAML config (default: conf/quickstart.yaml)")
+        command.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     return parser
 
 
