@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train with a reward of your own: register it under a name, then select it with ``reward.name``.
+"""Train with a reward of your own: register it under a name, then select it in ``reward.components``.
 
 This one adds a brevity bonus to exact-answer matching (a shaped reward: correct and short beats correct and
 long). It runs the embedded demo for a few steps:
@@ -32,5 +32,5 @@ class BriefBoxedMatch(Reward):
 
 
 if __name__ == "__main__":
-    config = load_config(default_config_path(), ["reward.name=boxed_match_brief", *sys.argv[1:]])
+    config = load_config(default_config_path(), ["reward.components={boxed_match_brief: 1.0}", *sys.argv[1:]])
     train(config)

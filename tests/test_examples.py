@@ -22,4 +22,5 @@ def test_custom_reward_example():
     out = reward([r"\boxed{7}", long_right, r"\boxed{8}"], ["7", "7", "7"])
     assert out.scores == [1.0, 0.7, 0.0]
     assert out.components["accuracy"] == [1.0, 1.0, 0.0]
-    assert load_config(None, ["reward.name=boxed_match_brief"]).reward.name == "boxed_match_brief"
+    config = load_config(None, ["reward.components={boxed_match_brief: 1.0}"])
+    assert config.reward.components == {"boxed_match_brief": 1.0}

@@ -137,3 +137,28 @@ def test_dynamic_sampling_gives_up_with_a_clear_error():
     problems = [Example(f"P{i}?", "0") for i in range(10)]
     with pytest.raises(DynamicSamplingError, match="max_sampling_rounds"):
         run(generator, problems, settings(0, 2, dynamic_sampling=True, max_sampling_rounds=3), num=2)
+
+
+def test_overlong_penalty_and_filter():
+    # budget 24 tokens, buffer 8 (penalty from 16 on): 10 tokens → 0; 20 tokens → −4/8; cut at 24 → −1
+    padding = {0: 0, 1: 10, 2: 20}
+
+    def script(text, k):
+        return "\\boxed{7}" + "x" * padding[k]  # + the end token: 10, 20 and 30 tokens
+
+    class Truncating(ScriptedGenerator):
+        def generate(self, prompts, params):
+            groups = super().generate(prompts, params)
+            for c in (c for group in groups for c in group if len(c.token_ids) > params.max_new_tokens):
+                limit = params.max_new_tokens  # it did not stop by itself within the budget
+                c.token_ids, c.logprobs, c.finish_reason = c.token_ids[:limit], c.logprobs[:limit], "length"
+            return groups
+
+    s = settings(0, 3, overlong_buffer=8, overlong_penalty=1.0, overlong_filter=True,
+                 sampling=SamplingParams(max_new_tokens=24))
+    batch, metrics = run(Truncating(script), [Example("Q?", "7")], s)
+    # rewards 1 + [0, −0.5, −1] = [1, 0.5, 0]; mean 0.5, unbiased std 0.5 → advantages [1, 0, −1]
+    torch.testing.assert_close(batch.advantages, torch.tensor([1.0, 0.0, -1.0]), atol=1e-5, rtol=0)
+    assert metrics["reward/overlong"] == pytest.approx(-0.5)
+    assert metrics["reward/accuracy"] == 1.0
+    assert batch.loss_mask.sum(dim=1).tolist() == [10.0, 20.0, 0.0]  # the truncated sample carries no loss

@@ -46,6 +46,9 @@ class RolloutSettings:
     dynamic_sampling: bool
     max_sampling_rounds: int
     sampling: SamplingParams  # n is replaced per stage
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of the budget (0 = off)
+    overlong_penalty: float = 1.0  # the penalty at the full budget
+    overlong_filter: bool = False  # DAPO overlong filtering: truncated samples get no loss
 
 
 @dataclass
@@ -131,7 +134,7 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
         if n == 0:
             return template.problem_ids(problems[i].problem)
         texts = [decode(d.token_ids) for d in drafts]
-        scored = reward(texts, [answers[i]] * n)
+        scored = _with_length_penalty(reward(texts, [answers[i]] * n), drafts, settings)
         _count(samples.reward_counters, scored.counters)
         scores = scored.scores
         best = int(select_best(torch.tensor([scores]), settings.tie_break)[0])
@@ -149,7 +152,8 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
 
     started = time.perf_counter()
     texts = [decode(c.token_ids) for group in refinements for c in group]
-    scored = reward(texts, [a for a in answers for _ in range(g)])
+    flat = [c for group in refinements for c in group]
+    scored = _with_length_penalty(reward(texts, [a for a in answers for _ in range(g)]), flat, settings)
     _count(samples.reward_counters, scored.counters)
     drafts = (clock["first_follow_up"] - clock["start"]) if n else 0.0
     _add(timings, "rollout/reward", clock["draft_reward"] + time.perf_counter() - started)
@@ -157,11 +161,25 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
     _add(timings, "rollout/drafts", drafts)
     _add(timings, "rollout/refinements", generated - drafts)
     samples.prompts = [list(stage2_prompts[i]) for i in range(len(problems)) for _ in range(g)]
-    samples.completions = [c for group in refinements for c in group]
+    samples.completions = flat
     samples.rewards = list(scored.scores)
     samples.components = {k: list(v) for k, v in scored.components.items()}
     samples.group_ids = [first_group_id + i for i in range(len(problems)) for _ in range(g)]
     return samples
+
+
+def _with_length_penalty(scored, completions: list[Completion], settings: RolloutSettings):
+    """DAPO's soft overlong punishment, added to the reward: 0 up to ``max_new_tokens − buffer`` tokens, then
+    falling linearly to −``overlong_penalty`` at the budget. Logged as the ``overlong`` component."""
+    if settings.overlong_buffer <= 0:
+        return scored
+    limit = settings.sampling.max_new_tokens
+    start = limit - settings.overlong_buffer
+    penalty = [-settings.overlong_penalty * min(max(len(c.token_ids) - start, 0) / settings.overlong_buffer, 1.0)
+               for c in completions]
+    scored.scores = [s + p for s, p in zip(scored.scores, penalty)]
+    scored.components = {**scored.components, "overlong": penalty}
+    return scored
 
 
 def _add(timings: dict[str, float], key: str, seconds: float) -> None:
@@ -219,6 +237,9 @@ def _to_batch(samples: StageSamples, settings: RolloutSettings, pad_token_id: in
     input_ids, attention_mask, loss_mask, gen_logprobs = pad_sequences(
         samples.prompts, [c.token_ids for c in samples.completions], pad_token_id,
         [c.logprobs for c in samples.completions])
+    if settings.overlong_filter:  # truncated samples stay in their group's baseline but carry no loss
+        truncated = torch.tensor([c.finish_reason == "length" for c in samples.completions])
+        loss_mask[truncated] = 0.0
     return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
                         advantages=advantages, group_ids=group_ids, gen_logprobs=gen_logprobs)
 

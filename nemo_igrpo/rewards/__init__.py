@@ -16,9 +16,11 @@ from nemo_igrpo.rewards.answer import (
     parse_rational,
 )
 from nemo_igrpo.rewards.base import REWARDS, Reward, RewardOutput, register_reward
+from nemo_igrpo.rewards.format import FormatReward
 from nemo_igrpo.rewards.match import BoxedMatchReward
 from nemo_igrpo.rewards.math_verify_reward import MathVerifyReward
 from nemo_igrpo.rewards.pool import GradingPool
+from nemo_igrpo.rewards.weighted import WeightedReward
 
 
 def build_reward(name: str, **kwargs: Any) -> Reward:
@@ -26,6 +28,17 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
     return REWARDS[name](**kwargs)
+
+
+def build_training_reward(config: Any) -> Reward:
+    """The reward of a run from its ``reward`` config section: one registered reward, or the weighted sum of
+    ``reward.components`` (name → weight), e.g. the paper's ``{math_verify: 1.0, format: 1.0}``."""
+    parts = {name: (REWARDS[name].from_config(config), weight) for name, weight in config.components.items()}
+    if len(parts) == 1:
+        ((reward, weight),) = parts.values()
+        if weight == 1.0:
+            return reward
+    return WeightedReward(parts)
 
 
 __all__ = [
@@ -37,6 +50,9 @@ __all__ = [
     "RewardOutput",
     "answers_match",
     "build_reward",
+    "build_training_reward",
+    "FormatReward",
+    "WeightedReward",
     "extract_answer_tag",
     "extract_boxed",
     "extract_final_answer",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 
 @dataclass
@@ -30,6 +30,12 @@ class Reward(ABC):
 
     def close(self) -> None:
         """Release resources (e.g. worker processes). Stateless rewards have none."""
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Reward":
+        """Build from the run's ``reward`` config section (``nemo_igrpo.config.RewardConfig``); override to read
+        the keys this reward uses."""
+        return cls()
 
 
 REWARDS: dict[str, type[Reward]] = {}

@@ -27,6 +27,10 @@ class BoxedMatchReward(Reward):
         self.extract = extract
         self._extractor = EXTRACTORS[extract]
 
+    @classmethod
+    def from_config(cls, config) -> "BoxedMatchReward":
+        return cls(extract=config.extract)
+
     def __call__(self, completions: list[str], answers: list[str]) -> RewardOutput:
         if len(completions) != len(answers):
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")

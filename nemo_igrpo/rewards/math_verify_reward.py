@@ -122,6 +122,10 @@ class MathVerifyReward(Reward):
         self._op_timeout_s = max(1, math.floor(timeout_s / 3))
         self._pool: GradingPool[GradeTask, float] | None = None
 
+    @classmethod
+    def from_config(cls, config) -> "MathVerifyReward":
+        return cls(extract=config.extract, num_workers=config.num_workers, timeout_s=config.timeout_s)
+
     def __call__(self, completions: list[str], answers: list[str]) -> RewardOutput:
         if len(completions) != len(answers):
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
