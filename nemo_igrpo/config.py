@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -63,6 +64,8 @@ class DataConfig:
     problem_key: str = "problem"
     answer_key: str = "answer"
     solution_key: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
     max_prompt_tokens: int = 1024
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
@@ -76,8 +79,12 @@ class PromptConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "boxed_match"
-    extract: str = "boxed"
+    components: dict[str, float] = field(default_factory=lambda: {"math_verify": 1.0, "format": 1.0})
+    extract: str = "boxed_or_tag"
+    num_workers: int = 2
+    timeout_s: float = 5.0
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
 
 @dataclass
@@ -99,6 +106,7 @@ class AlgorithmConfig:
     ppo_epochs: int = 1
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
+    overlong_filter: bool = False
 
 
 @dataclass
@@ -148,6 +156,9 @@ class EvalConfig:
     top_p: float = 0.95
     max_new_tokens: int | None = None
     output_dir: str | None = None
+    protocol: str | None = None
+    benchmarks_dir: str | None = None
+    max_samples_per_problem: int | None = None
 
 
 @dataclass
@@ -179,6 +190,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
+
+# Mapping-valued keys that a layer replaces whole: `reward.components: {boxed_match: 1.0}` means only boxed_match.
+REPLACED_MAPPINGS = ("reward.components",)
 
 # String keys with a closed set of values (registries of later backends extend theirs at import time).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -218,6 +232,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 raise ConfigError(f"{source}: algorithm.preset: unknown preset {preset!r}; "
                                   f"valid: {', '.join(PRESETS)}")
             merged = _merge(merged, {"algorithm": preset_values(preset)}, f"preset {preset}")
+        for key in REPLACED_MAPPINGS:  # a layer that sets one of these gives all of it, not a key-wise update
+            if OmegaConf.select(OmegaConf.create(data), key) is not None:
+                OmegaConf.update(merged, key, {}, merge=False)
         merged = _merge(merged, data, source)
     config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(config)
@@ -244,20 +261,40 @@ def validate(config: Config) -> None:
     """Value checks the type system cannot express; each error names its key."""
     from nemo_igrpo.rewards import REWARDS  # registered rewards, including any a user registered before loading
 
-    for key, allowed in {**CHOICES, "reward.name": tuple(REWARDS)}.items():
+    for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:
             hint = difflib.get_close_matches(str(value), allowed, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}{suggestion}")
-    positive = ["algorithm.num_refinements", "generation.max_new_tokens", "generation.batch_size",
+    if not config.reward.components:
+        raise ConfigError("reward.components: give at least one reward, e.g. {boxed_match: 1.0}")
+    for name, weight in config.reward.components.items():
+        if name not in REWARDS:
+            hint = difflib.get_close_matches(name, list(REWARDS), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"reward.components: unknown reward {name!r}{suggestion}; "
+                              f"registered: {', '.join(sorted(REWARDS))}")
+        if not math.isfinite(weight):
+            raise ConfigError(f"reward.components.{name}: the weight must be finite, got {weight}")
+    if config.reward.overlong_buffer >= config.generation.max_new_tokens:
+        raise ConfigError(f"reward.overlong_buffer: must be below generation.max_new_tokens "
+                          f"({config.generation.max_new_tokens}), got {config.reward.overlong_buffer}")
+    if config.eval.protocol is not None:
+        from nemo_igrpo.evaluation.protocols import PROTOCOLS  # imports this module, so only here
+
+        if config.eval.protocol not in PROTOCOLS:
+            raise ConfigError(f"eval.protocol: {config.eval.protocol!r} is not one of {', '.join(PROTOCOLS)} (or null)")
+    if config.reward.timeout_s <= 0:
+        raise ConfigError(f"reward.timeout_s: must be > 0, got {config.reward.timeout_s}")
+    positive = ["reward.num_workers", "algorithm.num_refinements", "generation.max_new_tokens", "generation.batch_size",
                 "policy.micro_batch_size", "policy.logprob_chunk_size", "trainer.prompts_per_step",
                 "trainer.keep_last", "algorithm.ppo_epochs", "algorithm.max_sampling_rounds",
                 "eval.samples_per_problem", "data.max_prompt_tokens"]
     for key in positive:
         if _get(config, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {_get(config, key)}")
-    for key in ["algorithm.num_drafts", "trainer.max_steps", "trainer.eval_every", "trainer.save_every",
+    for key in ["reward.overlong_buffer", "reward.overlong_penalty", "algorithm.num_drafts", "trainer.max_steps", "trainer.eval_every", "trainer.save_every",
                 "warm_start.steps", "algorithm.kl_coef"]:
         if _get(config, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(config, key)}")

@@ -36,7 +36,7 @@ from nemo_igrpo.generation.base import GenerationBackend, SamplingParams
 from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
 from nemo_igrpo.policy.base import PolicyBackend
 from nemo_igrpo.progress import TrainingProgress
-from nemo_igrpo.rewards import build_reward
+from nemo_igrpo.rewards import build_training_reward
 from nemo_igrpo.tracking import MetricsLogger
 from nemo_igrpo.warm_start import warm_start
 
@@ -72,7 +72,7 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
     tokenizer = load_tokenizer(config.model)
     template = prompt_builder(config, tokenizer)
     train_set, heldout = _datasets(config, template)
-    reward = build_reward(config.reward.name, extract=config.reward.extract)
+    reward = build_training_reward(config.reward)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
 
     model = load_model(config.model, tokenizer)
@@ -240,7 +240,8 @@ def _rollout_settings(config: Config, stops: tuple[int, ...]) -> RolloutSettings
     return RolloutSettings(
         num_drafts=algorithm.num_drafts, num_refinements=algorithm.num_refinements, tie_break=algorithm.tie_break,
         advantage=algorithm.advantage, adv_eps=algorithm.adv_eps, dynamic_sampling=algorithm.dynamic_sampling,
-        max_sampling_rounds=algorithm.max_sampling_rounds,
+        max_sampling_rounds=algorithm.max_sampling_rounds, overlong_buffer=config.reward.overlong_buffer,
+        overlong_penalty=config.reward.overlong_penalty, overlong_filter=algorithm.overlong_filter,
         sampling=SamplingParams(temperature=generation.temperature, top_p=generation.top_p,
                                 max_new_tokens=generation.max_new_tokens, stop_token_ids=stops))
 

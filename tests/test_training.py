@@ -99,7 +99,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_checkpoint_int
     before = {p.name: p.read_bytes() for p in weights}
 
     with pytest.raises(TrainingStopped, match="2 consecutive steps had a non-finite loss"):
-        train(tiny_config(run, "trainer.max_steps=5", "reward.name=test_nan", "trainer.max_consecutive_nan_steps=2",
+        train(tiny_config(run, "trainer.max_steps=5", "reward.components={test_nan: 1.0}", "trainer.max_consecutive_nan_steps=2",
                           "trainer.eval_every=0", "trainer.save_every=1"))
     records = read_metrics(run / "metrics.jsonl")
     assert [r["train/skipped"] for r in records if r["step"] > 1] == [1.0, 1.0]
@@ -157,7 +157,7 @@ class AlternatingReward(Reward):
 def test_grpo_preset_and_kl_run(tmp_path):
     run = tmp_path / "run"
     result = train(tiny_config(run, "algorithm.preset=grpo", "algorithm.num_refinements=4", "algorithm.kl_coef=0.1",
-                               "reward.name=test_alternating", "trainer.max_steps=2", "trainer.eval_every=0"))
+                               "reward.components={test_alternating: 1.0}", "trainer.max_steps=2", "trainer.eval_every=0"))
     records = read_metrics(run / "metrics.jsonl")
     assert result.step == 2 and "reward/draft_mean" not in records[-1]
     assert records[-1]["rollouts_per_prompt/total"] == 4.0
@@ -199,7 +199,7 @@ def test_math_verify_reward_in_the_loop_leaves_no_workers(tmp_path):
 
     run = tmp_path / "run"
     # A warm start long enough that the model writes \boxed{} answers, so the grading pool really runs.
-    train(tiny_config(run, "reward.name=math_verify", "trainer.max_steps=1", "trainer.eval_every=1",
+    train(tiny_config(run, "reward.components={math_verify: 1.0}", "trainer.max_steps=1", "trainer.eval_every=1",
                       "warm_start.steps=60", "data.arithmetic.unboxed_fraction=0.0", "generation.max_new_tokens=24"))
     record = read_metrics(run / "metrics.jsonl")[-1]
     samples = 4 * 8  # prompts_per_step × (drafts + refinements)

@@ -6,7 +6,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 
 @dataclass
@@ -47,6 +47,25 @@ def load_jsonl(
             examples.append(_example_from_row(row, where, problem_key, answer_key, solution_key, id_key))
     if not examples:
         raise DatasetError(f"{path}: the file contains no examples")
+    return examples
+
+
+def examples_from_rows(
+    rows: Iterable[dict[str, Any]],
+    source: str,
+    problem_key: str = "problem",
+    answer_key: str = "answer",
+    solution_key: str | None = None,
+    id_key: str = "id",
+) -> list[Example]:
+    """``load_jsonl``'s field mapping for rows that are already parsed (a Parquet file, a Hugging Face dataset).
+
+    Errors name the row as ``source[index]``, with the 0-based index that ``dataset[index]`` would take.
+    """
+    examples = [_example_from_row(row, f"{source}[{index}]", problem_key, answer_key, solution_key, id_key)
+                for index, row in enumerate(rows)]
+    if not examples:
+        raise DatasetError(f"{source}: the dataset contains no examples")
     return examples
 
 

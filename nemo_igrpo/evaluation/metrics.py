@@ -6,6 +6,10 @@
 
 from __future__ import annotations
 
+import math
+
+Z_95 = 1.96  # two-sided 95% quantile of the standard normal
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021): 1 - C(n-c, k) / C(n, k).
@@ -29,6 +33,23 @@ def avg_at_k(correct: list[list[bool]]) -> float:
     return sum(sum(samples) / len(samples) for samples in correct) / len(correct)
 
 
+def avg_at_k_ci95(correct: list[list[bool]]) -> float:
+    """Half-width of a 95% confidence interval for avg@n: the normal approximation over problems.
+
+    Problem i contributes its accuracy a_i = (correct samples) / n, and avg@n is the mean of the a_i over the P
+    problems, so its standard error is s / sqrt(P), with s the sample standard deviation (ddof 1) of the a_i. The
+    interval is avg@n ± 1.96 s / sqrt(P). Problems, not samples, are the unit: a problem's n samples are correlated,
+    so treating all P·n samples as independent would understate the uncertainty. Deterministic; not clipped to
+    [0, 1] (so the ± is symmetric); needs P >= 2 for a spread.
+    """
+    if len(correct) < 2:
+        raise ValueError(f"an interval needs at least 2 problems, got {len(correct)}")
+    mean = avg_at_k(correct)  # also validates: every problem has samples
+    accuracies = [sum(samples) / len(samples) for samples in correct]
+    variance = sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)
+    return Z_95 * math.sqrt(variance / len(accuracies))
+
+
 def summarize(correct_per_problem: list[list[bool]], ks: list[int] | None = None) -> dict[str, float]:
     """``{"avg@n": ..., "pass@k": ...}`` with every problem sampled n times; ks default to 1, 2, 4, ... <= n."""
     n = _samples_per_problem(correct_per_problem)
@@ -40,20 +61,30 @@ def summarize(correct_per_problem: list[list[bool]], ks: list[int] | None = None
     return results
 
 
-def markdown_table(results: dict[str, dict[str, float]]) -> str:
+def markdown_table(results: dict[str, dict[str, float]],
+                   intervals: dict[str, dict[str, float]] | None = None) -> str:
     """A Markdown table with one row per dataset and one column per metric, values as percentages (2 decimals).
 
-    Columns appear in first-seen order; a metric a dataset lacks shows as "-".
+    Columns appear in first-seen order; a metric a dataset lacks shows as "-". ``intervals[dataset][metric]``, where
+    given, is a half-width shown as ``value ± half-width``.
     """
+    intervals = intervals or {}
     columns = list(dict.fromkeys(metric for metrics in results.values() for metric in metrics))
     lines = [
         "| " + " | ".join(["dataset", *columns]) + " |",
         "|" + "|".join(["---", *("---:" for _ in columns)]) + "|",
     ]
     for dataset, metrics in results.items():
-        cells = [f"{100 * metrics[c]:.2f}" if c in metrics else "-" for c in columns]
+        cells = [_cell(metrics, column, intervals.get(dataset, {})) for column in columns]
         lines.append("| " + " | ".join([dataset, *cells]) + " |")
     return "\n".join(lines)
+
+
+def _cell(metrics: dict[str, float], column: str, half_widths: dict[str, float]) -> str:
+    if column not in metrics:
+        return "-"
+    text = f"{100 * metrics[column]:.2f}"
+    return f"{text} ± {100 * half_widths[column]:.2f}" if column in half_widths else text
 
 
 def _samples_per_problem(correct_per_problem: list[list[bool]]) -> int:

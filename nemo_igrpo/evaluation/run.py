@@ -33,7 +33,8 @@ def evaluate(
     outputs = generator.generate([prompt_ids(e.problem) for e in examples], params)
     texts = [[decode(c.token_ids) for c in group] for group in outputs]
     scores = reward([t for group in texts for t in group], [e.answer for e in examples for _ in range(params.n)])
-    verdicts = [s > 0 for s in scores.scores]
+    # Correctness is the accuracy component when the reward reports one (a format bonus must not count as a solve).
+    verdicts = [s > 0 for s in scores.components.get("accuracy", scores.scores)]
     correct = [verdicts[i * params.n:(i + 1) * params.n] for i in range(len(examples))]
     records = [
         {"id": e.id, "problem": e.problem, "answer": e.answer,
