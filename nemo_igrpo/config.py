@@ -78,6 +78,14 @@ class PromptConfig:
 
 
 @dataclass
+class JudgeConfig:
+    model: str | None = None
+    template: str = "judge/math_judge.txt"
+    max_new_tokens: int = 8
+    max_completion_chars: int = 4000
+
+
+@dataclass
 class RewardConfig:
     components: dict[str, float] = field(default_factory=lambda: {"math_verify": 1.0, "format": 1.0})
     extract: str = "boxed_or_tag"
@@ -85,6 +93,7 @@ class RewardConfig:
     timeout_s: float = 5.0
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
@@ -287,7 +296,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"eval.protocol: {config.eval.protocol!r} is not one of {', '.join(PROTOCOLS)} (or null)")
     if config.reward.timeout_s <= 0:
         raise ConfigError(f"reward.timeout_s: must be > 0, got {config.reward.timeout_s}")
-    positive = ["reward.num_workers", "algorithm.num_refinements", "generation.max_new_tokens", "generation.batch_size",
+    positive = ["reward.num_workers", "reward.judge.max_new_tokens", "reward.judge.max_completion_chars", "algorithm.num_refinements", "generation.max_new_tokens", "generation.batch_size",
                 "policy.micro_batch_size", "policy.logprob_chunk_size", "trainer.prompts_per_step",
                 "trainer.keep_last", "algorithm.ppo_epochs", "algorithm.max_sampling_rounds",
                 "eval.samples_per_problem", "data.max_prompt_tokens"]

@@ -72,7 +72,7 @@ def train(config: Config, console: Console | None = None) -> TrainResult:
     tokenizer = load_tokenizer(config.model)
     template = prompt_builder(config, tokenizer)
     train_set, heldout = _datasets(config, template)
-    reward = build_training_reward(config.reward)
+    reward = build_training_reward(config)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
 
     model = load_model(config.model, tokenizer)

@@ -36,11 +36,11 @@ def test_weighted_sum_keeps_every_component():
 
 
 def test_training_reward_from_config():
-    paper = build_training_reward(load_config(None).reward)  # math_verify 1.0 + format 1.0
+    paper = build_training_reward(load_config(None))  # math_verify 1.0 + format 1.0
     assert isinstance(paper, WeightedReward) and set(paper.parts) == {"math_verify", "format"}
     paper.close()
     single = build_training_reward(load_config(None, ["reward.components={boxed_match: 1.0}",
-                                                      "reward.extract=answer_tag"]).reward)
+                                                      "reward.extract=answer_tag"]))
     assert isinstance(single, BoxedMatchReward) and single.extract == "answer_tag"
 
 

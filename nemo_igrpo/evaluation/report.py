@@ -40,7 +40,7 @@ def run_eval(config: Config, console: Console | None = None) -> dict[str, dict[s
     model = load_model(model_config, tokenizer)
     generator = build_generation(config, model, tokenizer.pad_token_id)
     template = prompt_builder(config, tokenizer)
-    reward = build_training_reward(config.reward)
+    reward = build_training_reward(config)
     base_params = eval_sampling(config, stop_token_ids(tokenizer, model))
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
 

@@ -17,6 +17,7 @@ from nemo_igrpo.rewards.answer import (
 )
 from nemo_igrpo.rewards.base import REWARDS, Reward, RewardOutput, register_reward
 from nemo_igrpo.rewards.format import FormatReward
+from nemo_igrpo.rewards.judge import JudgeReward
 from nemo_igrpo.rewards.match import BoxedMatchReward
 from nemo_igrpo.rewards.math_verify_reward import MathVerifyReward
 from nemo_igrpo.rewards.pool import GradingPool
@@ -31,9 +32,9 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
 
 
 def build_training_reward(config: Any) -> Reward:
-    """The reward of a run from its ``reward`` config section: one registered reward, or the weighted sum of
+    """The reward of a run (``nemo_igrpo.config.Config``): one registered reward, or the weighted sum of
     ``reward.components`` (name → weight), e.g. the paper's ``{math_verify: 1.0, format: 1.0}``."""
-    parts = {name: (REWARDS[name].from_config(config), weight) for name, weight in config.components.items()}
+    parts = {name: (REWARDS[name].from_config(config), weight) for name, weight in config.reward.components.items()}
     if len(parts) == 1:
         ((reward, weight),) = parts.values()
         if weight == 1.0:
@@ -52,6 +53,7 @@ __all__ = [
     "build_reward",
     "build_training_reward",
     "FormatReward",
+    "JudgeReward",
     "WeightedReward",
     "extract_answer_tag",
     "extract_boxed",

@@ -33,8 +33,8 @@ class Reward(ABC):
 
     @classmethod
     def from_config(cls, config: Any) -> "Reward":
-        """Build from the run's ``reward`` config section (``nemo_igrpo.config.RewardConfig``); override to read
-        the keys this reward uses."""
+        """Build from the run's config (``nemo_igrpo.config.Config``); override to read the keys this reward uses
+        (its own live under ``config.reward``)."""
         return cls()
 
 

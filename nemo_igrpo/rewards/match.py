@@ -29,7 +29,7 @@ class BoxedMatchReward(Reward):
 
     @classmethod
     def from_config(cls, config) -> "BoxedMatchReward":
-        return cls(extract=config.extract)
+        return cls(extract=config.reward.extract)
 
     def __call__(self, completions: list[str], answers: list[str]) -> RewardOutput:
         if len(completions) != len(answers):

@@ -124,7 +124,8 @@ class MathVerifyReward(Reward):
 
     @classmethod
     def from_config(cls, config) -> "MathVerifyReward":
-        return cls(extract=config.extract, num_workers=config.num_workers, timeout_s=config.timeout_s)
+        return cls(extract=config.reward.extract, num_workers=config.reward.num_workers,
+                   timeout_s=config.reward.timeout_s)
 
     def __call__(self, completions: list[str], answers: list[str]) -> RewardOutput:
         if len(completions) != len(answers):
