@@ -293,18 +293,20 @@ def validate(config: Config) -> None:
         from nemo_igrpo.evaluation.protocols import PROTOCOLS  # imports this module, so only here
 
         if config.eval.protocol not in PROTOCOLS:
-            raise ConfigError(f"eval.protocol: {config.eval.protocol!r} is not one of {', '.join(PROTOCOLS)} (or null)")
+            raise ConfigError(f"eval.protocol: {config.eval.protocol!r} is not one of "
+                              f"{', '.join(PROTOCOLS)} (or null)")
     if config.reward.timeout_s <= 0:
         raise ConfigError(f"reward.timeout_s: must be > 0, got {config.reward.timeout_s}")
-    positive = ["reward.num_workers", "reward.judge.max_new_tokens", "reward.judge.max_completion_chars", "algorithm.num_refinements", "generation.max_new_tokens", "generation.batch_size",
+    positive = ["reward.num_workers", "reward.judge.max_new_tokens", "reward.judge.max_completion_chars",
+                "algorithm.num_refinements", "generation.max_new_tokens", "generation.batch_size",
                 "policy.micro_batch_size", "policy.logprob_chunk_size", "trainer.prompts_per_step",
                 "trainer.keep_last", "algorithm.ppo_epochs", "algorithm.max_sampling_rounds",
                 "eval.samples_per_problem", "data.max_prompt_tokens"]
     for key in positive:
         if _get(config, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {_get(config, key)}")
-    for key in ["reward.overlong_buffer", "reward.overlong_penalty", "algorithm.num_drafts", "trainer.max_steps", "trainer.eval_every", "trainer.save_every",
-                "warm_start.steps", "algorithm.kl_coef"]:
+    for key in ["reward.overlong_buffer", "reward.overlong_penalty", "algorithm.num_drafts", "trainer.max_steps",
+                "trainer.eval_every", "trainer.save_every", "warm_start.steps", "algorithm.kl_coef"]:
         if _get(config, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(config, key)}")
     if config.algorithm.num_refinements < 2:

@@ -99,8 +99,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_checkpoint_int
     before = {p.name: p.read_bytes() for p in weights}
 
     with pytest.raises(TrainingStopped, match="2 consecutive steps had a non-finite loss"):
-        train(tiny_config(run, "trainer.max_steps=5", "reward.components={test_nan: 1.0}", "trainer.max_consecutive_nan_steps=2",
-                          "trainer.eval_every=0", "trainer.save_every=1"))
+        train(tiny_config(run, "trainer.max_steps=5", "reward.components={test_nan: 1.0}",
+                          "trainer.max_consecutive_nan_steps=2", "trainer.eval_every=0", "trainer.save_every=1"))
     records = read_metrics(run / "metrics.jsonl")
     assert [r["train/skipped"] for r in records if r["step"] > 1] == [1.0, 1.0]
     assert find_latest(run / "checkpoints").name == "step_000001"
@@ -157,7 +157,8 @@ class AlternatingReward(Reward):
 def test_grpo_preset_and_kl_run(tmp_path):
     run = tmp_path / "run"
     result = train(tiny_config(run, "algorithm.preset=grpo", "algorithm.num_refinements=4", "algorithm.kl_coef=0.1",
-                               "reward.components={test_alternating: 1.0}", "trainer.max_steps=2", "trainer.eval_every=0"))
+                               "reward.components={test_alternating: 1.0}", "trainer.max_steps=2",
+                               "trainer.eval_every=0"))
     records = read_metrics(run / "metrics.jsonl")
     assert result.step == 2 and "reward/draft_mean" not in records[-1]
     assert records[-1]["rollouts_per_prompt/total"] == 4.0
