@@ -50,8 +50,7 @@ class TrainingStopped(RuntimeError):
 @dataclass
 class TrainState:
     step: int = 0
-    nan_streak: int = 0
-    skipped_steps: int = 0
+    nan_streak: int = 0  # consecutive skipped (non-finite) steps; the total is the sum of train/skipped
 
 
 @dataclass
@@ -250,7 +249,6 @@ def _count_non_finite(skipped: float, state: TrainState, config: Config) -> None
     """Count skipped (non-finite) steps; too many in a row stop the run with the last checkpoint untouched."""
     if skipped > 0:
         state.nan_streak += 1
-        state.skipped_steps += 1
         log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", state.step,
                     state.nan_streak)
         if state.nan_streak >= config.trainer.max_consecutive_nan_steps:
@@ -282,7 +280,7 @@ def _save(root: Path, state: TrainState, policy: PolicyBackend, sampler: PromptS
 def _restore(path: Path, policy: PolicyBackend, sampler: PromptSampler) -> TrainState:
     saved = load_checkpoint(path, policy.load)
     sampler.load_state_dict(saved["sampler"])
-    return TrainState(step=saved["step"], nan_streak=saved["nan_streak"], skipped_steps=saved["skipped_steps"])
+    return TrainState(step=saved["step"], nan_streak=saved["nan_streak"])
 
 
 def _export_final(directory: Path, policy: PolicyBackend, tokenizer) -> None:

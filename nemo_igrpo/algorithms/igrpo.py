@@ -112,7 +112,7 @@ def rollout(
     batch_samples = StageSamples()
     for samples in kept:
         _extend(batch_samples, samples)
-    _keep_first_groups(batch_samples, num_problems)
+    batch_samples = _first_groups(batch_samples, num_problems)
 
     batch = _to_batch(batch_samples, settings, pad_token_id)
     metrics = _rollout_metrics(seen, batch_samples, settings, rounds=round_index + 1)
@@ -197,13 +197,10 @@ def _drop_zero_variance(samples: StageSamples) -> StageSamples:
     return _rows(samples, keep)
 
 
-def _keep_first_groups(samples: StageSamples, num_groups: int) -> None:
-    groups = list(dict.fromkeys(samples.group_ids))[:num_groups]
-    wanted = set(groups)
-    keep = [i for i, gid in enumerate(samples.group_ids) if gid in wanted]
-    trimmed = _rows(samples, keep)
-    samples.prompts, samples.completions, samples.rewards = trimmed.prompts, trimmed.completions, trimmed.rewards
-    samples.group_ids, samples.components = trimmed.group_ids, trimmed.components
+def _first_groups(samples: StageSamples, num_groups: int) -> StageSamples:
+    """The rows of the first ``num_groups`` groups (a last dynamic-sampling round may overshoot)."""
+    wanted = set(list(dict.fromkeys(samples.group_ids))[:num_groups])
+    return _rows(samples, [i for i, gid in enumerate(samples.group_ids) if gid in wanted])
 
 
 def _rows(samples: StageSamples, keep: list[int]) -> StageSamples:
