@@ -116,6 +116,30 @@ class AlgorithmConfig:
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
     overlong_filter: bool = False
+    importance_correction: str = "none"
+    importance_cap: float = 2.0
+
+
+@dataclass
+class VLLMConfig:
+    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    sleep_mode: bool = False
+    dtype: str = "auto"
+    stream_refinements: bool = True
+    weight_bucket_mb: int = 512
+
+
+@dataclass
+class ServerConfig:
+    url: str = "http://127.0.0.1:8000"
+    token_env: str = "NEMO_IGRPO_SERVER_TOKEN"
+    retry_budget_s: float = 300.0
+    request_timeout_s: float = 3600.0
+    weight_sync: str = "auto"
 
 
 @dataclass
@@ -125,6 +149,22 @@ class GenerationConfig:
     top_p: float = 1.0
     max_new_tokens: int = 4096
     batch_size: int = 64
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+@dataclass
+class MegatronConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    recompute: str = "none"
+    transformer_impl: str = "auto"
+    fp8: str = "none"
+    fp8_recipe: str = "delayed"
+    async_save: bool = False
 
 
 @dataclass
@@ -135,6 +175,7 @@ class PolicyConfig:
     gradient_checkpointing: bool = False
     precision: str = "fp32"
     device: str = "auto"
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
 
 @dataclass
@@ -215,8 +256,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reward.extract": ("boxed", "answer_tag", "boxed_or_tag"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "policy.precision": ("fp32", "bf16"),
-    "generation.backend": ("hf",),
-    "policy.backend": ("hf",),
+    "algorithm.importance_correction": ("none", "token", "sequence"),
+    "generation.backend": ("hf", "vllm", "server"),
+    "generation.server.weight_sync": ("auto", "nccl", "shm", "none"),
+    "policy.backend": ("hf", "megatron"),
+    "policy.megatron.recompute": ("none", "selective", "full"),
+    "policy.megatron.transformer_impl": ("auto", "transformer_engine", "local"),
+    "policy.megatron.fp8": ("none", "hybrid", "e4m3"),
+    "policy.megatron.fp8_recipe": ("delayed", "current"),
 }
 
 

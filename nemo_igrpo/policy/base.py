@@ -29,6 +29,15 @@ LossFn = Callable[[TokenStats, RolloutBatch], tuple[torch.Tensor, dict[str, torc
 
 
 class PolicyBackend(ABC):
+    @property
+    def data_parallel_group(self):
+        """The torch.distributed group whose ranks hold different data (None: not distributed).
+
+        The trainer shards prompts over it and sums loss counts and metrics across it; tensor/pipeline peers of a
+        rank (Megatron) share its data-parallel rank and therefore its rollouts.
+        """
+        return None
+
     @abstractmethod
     def compute_logprobs(self, batch: RolloutBatch, reference: bool = False) -> TokenStats:
         """Log-probs and entropy without gradient; ``reference=True`` scores under the frozen reference policy."""
