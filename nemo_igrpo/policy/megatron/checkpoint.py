@@ -1,0 +1,100 @@
+"""Megatron policy checkpoints: dist_checkpointing (torch_dist) files plus a small JSON of the model's shape.
+
+:meth:`MegatronPolicy.save` writes the sharded model and optimizer state with ``megatron.core.dist_checkpointing``
+(any TP/PP layout loads at any other) and ``META_FILE``. :func:`read_checkpoint_as_hf` turns the model part back
+into full HF-named tensors in one CPU process: it reads the torch.distributed.checkpoint files directly
+(``no_dist``), so it needs neither megatron-core nor an initialised process group.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_igrpo.policy.megatron import convert
+
+META_FILE = "nemo_igrpo_megatron.json"
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels", "add_qkv_bias", "qk_layernorm")
+
+
+def model_meta(hf_config: Any) -> dict[str, Any]:
+    kwargs = convert.gpt_config_kwargs(hf_config)
+    shape = {k: kwargs[k] for k in _SHAPE_FIELDS}
+    model = convert.gpt_model_kwargs(hf_config)
+    return {"model_type": hf_config.model_type, **shape, "vocab_size": model["vocab_size"],
+            "tie_word_embeddings": model["share_embeddings_and_output_weights"]}
+
+
+def check_meta(directory: Path, hf_config: Any) -> dict[str, Any]:
+    """The checkpoint's metadata; raises if it belongs to a different model (before any tensor is read)."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing — not a checkpoint written by the Megatron policy backend")
+    saved = json.loads(path.read_text())
+    expected = model_meta(hf_config)
+    wrong = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    if wrong:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in wrong.items())
+        raise ValueError(f"{directory}: checkpoint of a different model ({details})")
+    return saved
+
+
+def read_checkpoint_as_hf(directory: str | Path, hf_config: Any) -> dict[str, torch.Tensor]:
+    """Full HF-named CPU tensors of the policy saved in ``directory`` (whatever TP/PP/DP it was saved with).
+
+    Single process, no torch.distributed process group, no megatron import.
+    """
+    directory = Path(directory)
+    check_meta(directory, hf_config)
+    stored = _read_dcp(directory)
+    return convert.mcore_to_hf([_unstack(stored, hf_config)], hf_config)
+
+
+def _read_dcp(directory: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a torch_dist checkpoint, full size, without a process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    reader = FileSystemReader(str(directory))
+    metadata = reader.read_metadata()
+    wanted = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata) and _is_model_key(key):
+            wanted[key] = torch.empty(item.size, dtype=item.properties.dtype)
+    if not wanted:
+        raise ValueError(f"{directory}: no model tensors in the distributed checkpoint")
+    _load_state_dict(wanted, storage_reader=reader, no_dist=True)
+    return wanted
+
+
+def _is_model_key(key: str) -> bool:
+    return not key.startswith("optimizer.") and "_extra_state" not in key and (
+        key.startswith(("embedding.", "decoder.", "output_layer.")))
+
+
+def _unstack(stored: dict[str, torch.Tensor], hf_config: Any) -> dict[str, torch.Tensor]:
+    """Megatron stores per-layer tensors stacked along a leading layer axis (``decoder.layers.X``); split it.
+
+    The swiglu ``linear_fc1`` is stored as its [gate; up] halves under ``…linear_fc1.weight`` with a leading axis
+    of 2 inserted after the layer axis when written by a TP>1 job; both layouts are handled.
+    """
+    layers = convert.gpt_config_kwargs(hf_config)["num_layers"]
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in stored.items():
+        if key.startswith("decoder.layers."):
+            rest = key[len("decoder.layers."):]
+            if tensor.shape[0] != layers:
+                raise ValueError(f"{key}: leading axis {tensor.shape[0]} is not num_layers={layers}")
+            for i in range(layers):
+                value = tensor[i]
+                if rest == "mlp.linear_fc1.weight" and value.dim() == 3:
+                    value = value.reshape(-1, value.shape[-1])
+                out[f"decoder.layers.{i}.{rest}"] = value
+        else:
+            out[key] = tensor
+    return out
