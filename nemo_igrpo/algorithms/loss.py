@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,7 +28,9 @@ def make_loss_fn(
     kl_estimator: str,
     kl_clamp: float | None,
     normalizer: LossNormalizer,
-) -> "LossFn":
+    importance_correction: str = "none",
+    importance_cap: float = 2.0,
+) -> LossFn:
     """Build ``loss_fn(stats, micro_batch) -> (loss, metrics)`` for one optimizer step.
 
     loss = agg_t(ℓ_policy,t + kl_coef · KL_t) with agg = ``loss_agg`` and step-global counts ``normalizer``.
@@ -35,12 +38,26 @@ def make_loss_fn(
     Metrics are detached and already divided by the step-global counts, so summing them over micro-batches gives
     the step value: ``policy_loss`` (aggregated like the loss), and token-means of ``kl`` (the unweighted
     penalty, 0 when kl_coef == 0), ``clip_fraction``, ``entropy`` and ``ratio_mean``.
+
+    Generator/trainer mismatch, with Δ_t = log π_trainer,t − log π_gen,t (π_trainer = π_old, the trainer's scores of
+    the sampled tokens before this step's update; π_gen = ``micro_batch.gen_logprobs``):
+      ``mismatch/token_prob_error`` = token-mean of exp|Δ_t| (NeMo-RL's multiplicative prob error; 1 = identical),
+      ``mismatch/seq_kl`` = sequence-mean of Σ_t (e^{Δ_t} − 1 − Δ_t), the k3 estimate of KL(π_gen ‖ π_trainer)
+      over each sampled sequence (≥ 0; 0 = identical).
+    ``importance_correction`` (truncated importance sampling, Yao et al. 2025) multiplies each token's policy loss
+    by a detached weight: ``token``: w_t = min(e^{Δ_t}, cap); ``sequence``: w_i = min(e^{Σ_t Δ_t}, cap) on every
+    token of sequence i. Then ``mismatch/is_weight_mean`` and ``mismatch/is_capped_fraction`` are logged too.
     """
     if policy_loss not in POLICY_LOSSES:
         raise ValueError(f"unknown policy loss {policy_loss!r}; valid: {', '.join(POLICY_LOSSES)}")
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kl_estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
     check_aggregation(loss_agg)
+    if importance_correction not in IMPORTANCE_CORRECTIONS:
+        raise ValueError(f"unknown importance correction {importance_correction!r}; "
+                         f"valid: {', '.join(IMPORTANCE_CORRECTIONS)}")
+    if importance_correction != "none" and not importance_cap > 0:
+        raise ValueError(f"importance_cap must be > 0, got {importance_cap}")
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
     policy_fn = POLICY_LOSSES[policy_loss]
@@ -48,31 +65,67 @@ def make_loss_fn(
     def token_mean(x: Tensor, mask: Tensor) -> Tensor:
         return aggregate(x.detach(), mask, "token-mean", normalizer)
 
-    def loss_fn(stats: "TokenStats", batch: "RolloutBatch") -> tuple[Tensor, dict[str, Tensor]]:
+    def loss_fn(stats: TokenStats, batch: RolloutBatch) -> tuple[Tensor, dict[str, Tensor]]:
         logprobs, mask = stats.logprobs, batch.loss_mask  # [B, L]
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
         out = policy_fn(
             logprobs, old, batch.advantages, mask, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip
         )
-        per_token = out.per_token_loss
+        on_mask = mask > 0
+        # Δ = log π_trainer − log π_gen on the sampled tokens; 0 off-mask so exp() stays finite on padding
+        delta = torch.where(on_mask, old.detach() - batch.gen_logprobs.to(old.dtype), 0.0)
+        policy_part = out.per_token_loss
+        weight = None
+        if importance_correction != "none":
+            weight, capped = truncated_is_weight(delta, mask, importance_correction, importance_cap)
+            policy_part = policy_part * weight
+        per_token = policy_part
         kl = torch.zeros_like(per_token)
         if kl_coef > 0:
             if batch.ref_logprobs is None:
                 raise ValueError("kl_coef > 0 needs micro_batch.ref_logprobs (score the batch with the reference)")
             # padding holds arbitrary log-probs: compare them as equal there, so exp() in k3 stays finite
-            on_mask = mask > 0
             policy_lp = torch.where(on_mask, logprobs, 0.0)
             ref_lp = torch.where(on_mask, batch.ref_logprobs, 0.0)
             kl = kl_penalty(policy_lp, ref_lp, kl_estimator, kl_clamp)
             per_token = per_token + kl_coef * kl
         loss = aggregate(per_token, mask, loss_agg, normalizer)
         metrics = {
-            "policy_loss": aggregate(out.per_token_loss.detach(), mask, loss_agg, normalizer),
+            "policy_loss": aggregate(policy_part.detach(), mask, loss_agg, normalizer),
             "kl": token_mean(kl, mask),
             "clip_fraction": token_mean(out.clipped, mask),
             "entropy": token_mean(stats.entropy, mask),
             "ratio_mean": token_mean(out.ratio, mask),
+            "mismatch/token_prob_error": token_mean(delta.abs().exp(), mask),
+            # Σ_t k3 per sequence, averaged over the step's sequences (seq-mean-token-sum)
+            "mismatch/seq_kl": aggregate((delta.exp() - 1 - delta).detach(), mask, "seq-mean-token-sum", normalizer),
         }
+        if weight is not None:
+            metrics["mismatch/is_weight_mean"] = token_mean(weight, mask)
+            metrics["mismatch/is_capped_fraction"] = token_mean(capped, mask)
         return loss, metrics
 
     return loss_fn
+
+
+IMPORTANCE_CORRECTIONS = ("none", "token", "sequence")
+
+
+def truncated_is_weight(delta: Tensor, loss_mask: Tensor, level: str, cap: float) -> tuple[Tensor, Tensor]:
+    """Detached truncated importance weights [B, L] from Δ = log π_trainer − log π_gen (0 off-mask), and a float
+    mask [B, L] of where the cap was hit.
+
+    ``token``: min(e^{Δ_t}, cap); ``sequence``: min(e^{Σ_t Δ_t}, cap), broadcast to the sequence's tokens. Off-mask
+    positions get weight 1 (their loss is 0 anyway). The cap is applied in log space, so no exp() can overflow.
+    """
+    log_cap = math.log(cap)
+    delta = delta.detach()
+    if level == "token":
+        log_w = delta
+    elif level == "sequence":
+        log_w = delta.sum(dim=1, keepdim=True).expand_as(delta)
+    else:
+        raise ValueError(f"unknown importance correction {level!r}; valid: token, sequence")
+    on_mask = loss_mask > 0
+    weight = torch.where(on_mask, log_w.clamp(max=log_cap).exp(), 1.0)
+    return weight, (on_mask & (log_w >= log_cap)).to(delta.dtype)

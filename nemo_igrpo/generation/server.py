@@ -1,0 +1,291 @@
+"""The generation-server backend: an HTTP client of a vLLM OpenAI-compatible server (``nemo-igrpo serve``).
+
+This is the paper's layout (generation on its own GPUs or nodes). Requests are token ids in, token ids and sampled
+log-probs out (``/v1/completions`` with ``return_token_ids``), so the trainer scores exactly what the server sampled.
+Every request carries the shared token as a bearer token. Unreachable servers (starting, restarting) and 5xx
+answers are retried with exponential backoff for ``generation.server.retry_budget_s`` seconds, then the step fails
+with :class:`ServerUnavailableError` naming the URL and the last error — before the optimizer step, so the newest
+checkpoint is untouched.
+
+Weight sync after each optimizer step (``generation.server.weight_sync``):
+* ``shm``: the weights go, in buckets, into safetensors files under /dev/shm and the server's workers reload them
+  (``POST /collective_rpc`` → :class:`~nemo_igrpo.generation.vllm_worker.WeightSyncExtension`); same host only.
+* ``nccl``: a NCCL group between this process and the server's workers (GPUs; written, untested here).
+* ``none``: the server's weights never change (evaluation, or a server such as TRT-LLM's that cannot update them).
+* ``auto``: ``shm`` for a server on this host (127.0.0.1 / localhost), else ``nccl``.
+
+Streaming Stage 2 (``generation.vllm.stream_refinements``): one thread per prompt sends its drafts request and, as
+soon as it returns, its refinements request; the server batches whatever is in flight. ``follow_up`` (scoring and
+selection) runs under a lock, one prompt at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+_MAX_BACKOFF_S = 10.0
+
+
+class ServerUnavailableError(RuntimeError):
+    """The generation server did not answer within the retry budget."""
+
+
+class ServerRequestError(RuntimeError):
+    """The server answered, but refused the request (bad token, bad input): retrying would not help."""
+
+
+class ServerGeneration(GenerationBackend):
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        retry_budget_s: float = 300.0,
+        request_timeout_s: float = 3600.0,
+        weight_sync: str = "auto",
+        weight_bucket_mb: int = 512,
+        stream_refinements: bool = True,
+        max_concurrency: int = 64,
+    ):
+        if not token:
+            raise ValueError("the generation server needs a shared token (generation.server.token_env)")
+        self.url = url.rstrip("/")
+        self.token = token
+        self.retry_budget_s = retry_budget_s
+        self.request_timeout_s = request_timeout_s
+        host = urlparse(self.url).hostname or ""
+        self.weight_sync = ("shm" if host in _LOCAL_HOSTS else "nccl") if weight_sync == "auto" else weight_sync
+        self.bucket_bytes = weight_bucket_mb << 20
+        self.stream_refinements = stream_refinements
+        self.max_concurrency = max_concurrency
+        self._model_name: str | None = None
+        self._nccl = None
+
+    # ------------------------------------------------------------------------------------------ HTTP
+
+    def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
+        """One JSON request with retries on connection errors and 5xx answers, within the retry budget."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        deadline = time.monotonic() + self.retry_budget_s
+        delay, attempt = 0.5, 0
+        while True:
+            attempt += 1
+            request = urllib.request.Request(f"{self.url}{path}", data=data, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=timeout or self.request_timeout_s) as response:
+                    payload = response.read()
+                    return json.loads(payload) if payload else None
+            except urllib.error.HTTPError as error:
+                detail = error.read().decode(errors="replace")[:500]
+                if error.code == 401:
+                    raise ServerRequestError(f"generation server {self.url} refused the token (HTTP 401): the "
+                                             "client's and the server's token must be equal "
+                                             "(generation.server.token_env)") from None
+                if error.code < 500:
+                    raise ServerRequestError(f"generation server {self.url}{path}: HTTP {error.code}: "
+                                             f"{detail}") from None
+                last = f"HTTP {error.code}: {detail}"
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
+                last = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerUnavailableError(
+                    f"generation server {self.url} did not answer {method} {path} within "
+                    f"generation.server.retry_budget_s={self.retry_budget_s:g} s ({attempt} attempts); last error: "
+                    f"{last}. Is it running (`nemo-igrpo serve`), and is generation.server.url right?")
+            log.warning("generation server %s%s: %s; retrying in %.1f s", self.url, path, last, min(delay, remaining))
+            time.sleep(min(delay, remaining) * (0.8 + 0.4 * random.random()))  # jitter: clients do not retry in step
+            delay = min(delay * 2, _MAX_BACKOFF_S)
+
+    def model_name(self) -> str:
+        if self._model_name is None:
+            models = self._request("GET", "/v1/models", timeout=30)
+            self._model_name = models["data"][0]["id"]
+        return self._model_name
+
+    def wait_until_ready(self) -> None:
+        """Block until the server serves (within the retry budget)."""
+        self.model_name()
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        if params.n == 0 or params.max_new_tokens == 0 or not prompts:
+            return [[Completion([], [], "length") for _ in range(params.n)] for _ in prompts]
+        for index, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {index} is empty; vLLM needs at least one prompt token")
+        greedy = params.temperature == 0
+        per_prompt = 1 if greedy else params.n
+        body = {
+            "model": self.model_name(),
+            "prompt": [list(p) for p in prompts],
+            "n": per_prompt,
+            "temperature": params.temperature,
+            "top_p": 1.0 if greedy else params.top_p,
+            "top_k": 0,  # off, as in the trainer
+            "max_tokens": params.max_new_tokens,
+            "stop_token_ids": list(params.stop_token_ids),
+            "ignore_eos": True,  # stop only on stop_token_ids, as the other backends do
+            "logprobs": 0,  # the sampled token's log-prob only
+            "return_token_ids": True,
+            "return_tokens_as_token_ids": True,  # no tokenizer on the server: log-prob entries named by id
+            "skip_special_tokens": False,
+        }
+        try:
+            answer = self._request("POST", "/v1/completions", body)
+        except ServerRequestError as error:
+            if "max_model_len" in str(error) or "maximum context length" in str(error):
+                lengths = ", ".join(f"prompt {i}: {len(p)} tokens" for i, p in enumerate(prompts))
+                raise ValueError(f"a prompt is too long for the generation server's max model length ({lengths}): "
+                                 f"{error}") from None
+            raise
+        groups: list[list[Completion]] = [[] for _ in prompts]
+        for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+            groups[choice["index"] // per_prompt].append(_completion(choice))
+        if greedy:
+            groups = [[Completion(list(g[0].token_ids), list(g[0].logprobs), g[0].finish_reason)
+                       for _ in range(params.n)] for g in groups]
+        return groups
+
+    def generate_chained(self, prompts: Sequence[Sequence[int]], first: SamplingParams, follow_up: FollowUp,
+                         second: SamplingParams):
+        if not self.stream_refinements or first.n == 0 or len(prompts) < 2:
+            return super().generate_chained(prompts, first, follow_up, second)
+        lock = threading.Lock()  # follow_up scores drafts and updates shared counters: one prompt at a time
+
+        def one_prompt(index: int):
+            drafts = self.generate([prompts[index]], first)[0]
+            with lock:
+                refinement_prompt = list(follow_up(index, drafts))
+            return drafts, refinement_prompt, self.generate([refinement_prompt], second)[0]
+
+        with ThreadPoolExecutor(max_workers=min(len(prompts), self.max_concurrency)) as pool:
+            results = list(pool.map(one_prompt, range(len(prompts))))
+        return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from nemo_igrpo.generation.vllm import weight_buckets
+
+        if self.weight_sync == "none":
+            for _ in weights:  # the iterator may be a generator holding resources: drain it
+                pass
+            return
+        if self.weight_sync == "shm":
+            for bucket in weight_buckets(weights, self.bucket_bytes):
+                self._send_shm(bucket)
+        elif self.weight_sync == "nccl":
+            self._send_nccl(weights)
+        else:
+            raise ValueError(f"generation.server.weight_sync: unknown transport {self.weight_sync!r}")
+        self._request("POST", "/reset_prefix_cache")  # cached KV blocks were computed with the old weights
+
+    def _send_shm(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        handle, path = tempfile.mkstemp(prefix="nemo-igrpo-weights-", suffix=".safetensors", dir=root)
+        os.close(handle)
+        try:
+            # contiguous CPU copies; tied tensors (embed_tokens / lm_head) must not share storage in one file
+            save_file({name: t.detach().to("cpu").contiguous().clone() for name, t in bucket}, path)
+            os.chmod(path, 0o600)
+            answer = self._request("POST", "/collective_rpc", {
+                "method": "nemo_igrpo_load_weights_file", "args": [path, self.token]})
+            loaded = [int(r) for r in answer["results"]]
+            if any(n != len(bucket) for n in loaded):
+                raise RuntimeError(f"weight sync: the server's workers loaded {loaded} of {len(bucket)} tensors")
+        finally:
+            Path(path).unlink(missing_ok=True)
+
+    def _send_nccl(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Broadcast from this process (rank 0) to the server's workers (ranks 1..W). Needs CUDA; untested here."""
+        if self._nccl is None:
+            self._nccl = self._init_nccl()
+        from nemo_igrpo.generation.vllm import weight_buckets
+
+        for bucket in weight_buckets(weights, self.bucket_bytes):
+            metadata = json.dumps([[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in bucket])
+            with ThreadPoolExecutor(max_workers=1) as pool:  # the RPC returns only once the workers received
+                reply = pool.submit(self._request, "POST", "/collective_rpc",
+                                    {"method": "nemo_igrpo_receive_nccl", "args": [metadata, self.token]})
+                for _, tensor in bucket:
+                    self._nccl.broadcast(tensor.detach().to("cuda").contiguous(), src=0,
+                                         stream=torch.cuda.current_stream())
+                reply.result()
+
+    def _init_nccl(self):
+        import socket
+
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("generation.server.weight_sync=nccl needs a GPU on the trainer side; use shm for a "
+                               "server on this host")
+        workers = int(os.environ.get("NEMO_IGRPO_SERVER_WORKERS", "1"))  # the server's TP × PP world size
+        address = os.environ.get("NEMO_IGRPO_NCCL_ADDRESS") or socket.gethostbyname(socket.gethostname())
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            joined = pool.submit(self._request, "POST", "/collective_rpc", {
+                "method": "nemo_igrpo_init_nccl", "args": [address, str(port), "1", str(workers + 1), self.token]})
+            group = StatelessProcessGroup.create(host=address, port=port, rank=0, world_size=workers + 1)
+            communicator = PyNcclCommunicator(group, device=torch.cuda.current_device())
+            joined.result()
+        return communicator
+
+
+def _completion(choice: dict) -> Completion:
+    tokens = [int(t) for t in choice["token_ids"]]
+    logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
+    if len(logprobs) != len(tokens):
+        raise RuntimeError(f"generation server returned {len(tokens)} tokens but {len(logprobs)} log-probs")
+    reason = choice.get("finish_reason")
+    if reason not in ("stop", "length"):
+        raise RuntimeError(f"generation server: completion ended with finish_reason={reason!r}")
+    return Completion(tokens, logprobs, reason)
+
+
+def build_server_generation(config, model: torch.nn.Module | None = None) -> ServerGeneration:
+    """The ``generation.backend=server`` client. When weights are synced, the trainer's initial weights are sent
+    once now, so step 0 samples from the same model the trainer scores."""
+    from nemo_igrpo.config import ConfigError
+
+    server = config.generation.server
+    token = os.environ.get(server.token_env, "")
+    if not token:
+        raise ConfigError(f"generation.server.token_env: environment variable {server.token_env} is empty or unset; "
+                          "set it to the token the server was started with")
+    client = ServerGeneration(server.url, token, retry_budget_s=server.retry_budget_s,
+                              request_timeout_s=server.request_timeout_s, weight_sync=server.weight_sync,
+                              weight_bucket_mb=config.generation.vllm.weight_bucket_mb,
+                              stream_refinements=config.generation.vllm.stream_refinements)
+    client.wait_until_ready()
+    if model is not None and client.weight_sync != "none":
+        client.update_weights(model.state_dict().items())
+    return client

@@ -1,0 +1,310 @@
+"""The colocated vLLM backend: an in-process engine on the trainer's devices, token ids in and out.
+
+* Token ids in/out (``skip_tokenizer_init``): the trainer scores exactly the tokens vLLM sampled, and the reported
+  log-probs are vLLM's *processed* log-probs (after temperature / top-p), the distribution each token was drawn from.
+* Weight sync: the policy's HF-named tensors are streamed into the engine in buckets of ``weight_bucket_mb`` through
+  the worker's ``reload_weights(weights_iterator=..., is_checkpoint_format=True)`` (vLLM's ``load_weights`` cannot be
+  used after start-up on CPU, where linear weights are repacked), then the prefix cache is dropped. A bucket always
+  holds whole q/k/v and gate/up groups, because vLLM fuses each group into one parameter.
+* Streaming Stage 2 (``stream_refinements``): we drive ``llm_engine.add_request`` / ``step`` ourselves and add a
+  prompt's refinement request the moment its own drafts finish, so slow drafts of other prompts do not hold it back.
+* Prefix caching is on by default: all drafts of a prompt share its prefix, all refinements of a prompt+draft too.
+
+vLLM is imported lazily (it is an optional extra). The engine runs in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is what gives us direct access to the worker for weight reloads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
+
+log = logging.getLogger(__name__)
+
+# vLLM fuses these HF projections into one parameter; all members must arrive in the same reload call.
+_FUSED_GROUPS = (re.compile(r"^(.*\.)(q_proj|k_proj|v_proj)(\.[^.]+)$"), re.compile(r"^(.*\.)(gate_proj|up_proj)(\.[^.]+)$"))
+_GROUP_SIZES = (3, 2)
+_CPU_KV_CACHE_BYTES = 1 << 30  # on CPU vLLM cannot measure free memory: 1 GiB unless VLLM_CPU_KVCACHE_SPACE is set
+
+
+class PromptTooLongError(ValueError):
+    """A prompt does not fit the engine's ``max_model_len``."""
+
+
+class VLLMGeneration(GenerationBackend):
+    """An in-process ``vllm.LLM`` built from a Hugging Face folder (see ``nemo_igrpo.backends``)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_model_len: int,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.5,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        sleep_mode: bool = False,
+        stream_refinements: bool = True,
+        weight_bucket_mb: int = 512,
+        seed: int = 0,
+        owned_dir: bool = False,
+    ):
+        if weight_bucket_mb < 1:
+            raise ValueError(f"generation.vllm.weight_bucket_mb: must be >= 1, got {weight_bucket_mb}")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the worker is reachable for weight reloads
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        if sleep_mode and on_cpu:
+            from nemo_igrpo.config import ConfigError
+
+            raise ConfigError("generation.vllm.sleep_mode: vLLM's sleep mode is not supported on CPU; set it to false")
+        self.model_dir = Path(model_dir)
+        self._owned_dir = owned_dir
+        self.max_model_len = max_model_len
+        self.stream_refinements = stream_refinements
+        self.bucket_bytes = weight_bucket_mb << 20
+        self.sleep_mode = sleep_mode
+        extra = {}
+        if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            extra["kv_cache_memory_bytes"] = _CPU_KV_CACHE_BYTES
+        self.llm = LLM(
+            model=str(self.model_dir),
+            skip_tokenizer_init=True,  # token ids in and out: no detokenise/retokenise round trip
+            dtype=dtype,
+            seed=seed,  # once for the engine: per-request seeds crash the CPU engine under chunked prefill
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+            enable_sleep_mode=sleep_mode,
+            logprobs_mode="processed_logprobs",  # log-probs after temperature/top-p, as the trainer scores them
+            generation_config="vllm",  # ignore the folder's generation_config.json (top_k, penalties, eos, ...)
+            **extra,
+        )
+        self._request_counter = 0
+        self._asleep: set[str] = set()  # sleep-mode tags currently released
+
+    # ------------------------------------------------------------------------------------------ generation
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        if params.n == 0 or params.max_new_tokens == 0 or not prompts:
+            return [[Completion([], [], "length") for _ in range(params.n)] for _ in prompts]
+        self._check_prompts(prompts)
+        self._wake()
+        from vllm.inputs import TokensPrompt
+
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                    self._sampling_params(params), use_tqdm=False)
+        return [self._completions(output, params) for output in outputs]
+
+    def generate_chained(self, prompts: Sequence[Sequence[int]], first: SamplingParams, follow_up: FollowUp,
+                         second: SamplingParams):
+        if not self.stream_refinements or first.n == 0 or first.max_new_tokens == 0 or second.n == 0 or not prompts:
+            result = super().generate_chained(prompts, first, follow_up, second)
+        else:
+            result = self._streamed(prompts, first, follow_up, second)
+        self._sleep()  # both stages ran between one weight sync and one sleep
+        return result
+
+    def _streamed(self, prompts, first: SamplingParams, follow_up: FollowUp, second: SamplingParams):
+        """Drive the engine step by step; a prompt's Stage-2 request goes in as soon as its drafts are done."""
+        from vllm.inputs import TokensPrompt
+
+        self._check_prompts(prompts)
+        self._wake()
+        engine = self.llm.llm_engine
+        first_params, second_params = self._sampling_params(first), self._sampling_params(second)
+        pending: dict[str, tuple[int, int]] = {}  # request id -> (stage, prompt index)
+        drafts: dict[int, list[Completion]] = {}
+        second_prompts: dict[int, list[int]] = {}
+        refinements: dict[int, list[Completion]] = {}
+
+        def submit(stage: int, index: int, prompt: Sequence[int], params) -> None:
+            self._request_counter += 1
+            request_id = f"s{stage}-{index}-{self._request_counter}"
+            engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
+            pending[request_id] = (stage, index)
+
+        try:
+            for index, prompt in enumerate(prompts):
+                submit(1, index, prompt, first_params)
+            while pending:
+                for output in engine.step():
+                    if not output.finished or output.request_id not in pending:
+                        continue
+                    stage, index = pending.pop(output.request_id)
+                    if stage == 1:
+                        drafts[index] = self._completions(output, first)
+                        follow = list(follow_up(index, drafts[index]))
+                        self._check_prompts([follow], what=f"stage-2 prompt of prompt {index}")
+                        second_prompts[index] = follow
+                        submit(2, index, follow, second_params)
+                    else:
+                        refinements[index] = self._completions(output, second)
+        finally:
+            if pending:  # an error (e.g. in follow_up) must not leave requests running in the shared engine
+                engine.abort_request(list(pending))
+        order = range(len(prompts))
+        return [drafts[i] for i in order], [second_prompts[i] for i in order], [refinements[i] for i in order]
+
+    def _sampling_params(self, params: SamplingParams):
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        greedy = params.temperature == 0
+        return VLLMSamplingParams(
+            n=1 if greedy else params.n,  # greedy samples would all be equal: decode once, copy (as HF does)
+            temperature=params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            top_k=0,  # off, as in the HF backend and the trainer
+            max_tokens=params.max_new_tokens,
+            stop_token_ids=list(params.stop_token_ids),
+            ignore_eos=True,  # stop only on params.stop_token_ids (not on the config's eos), exactly as HF does
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    def _completions(self, output, params: SamplingParams) -> list[Completion]:
+        completions = []
+        for sample in output.outputs:
+            if sample.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM request {output.request_id} ended with {sample.finish_reason!r}")
+            tokens = list(sample.token_ids)
+            logprobs = [float(step[token].logprob) for token, step in zip(tokens, sample.logprobs)]
+            completions.append(Completion(tokens, logprobs, sample.finish_reason))
+        if len(completions) < params.n:  # greedy: one decode, n copies
+            completions = [Completion(list(completions[0].token_ids), list(completions[0].logprobs),
+                                      completions[0].finish_reason) for _ in range(params.n)]
+        return completions
+
+    def _check_prompts(self, prompts: Sequence[Sequence[int]], what: str = "prompt") -> None:
+        for index, prompt in enumerate(prompts):
+            label = what if what != "prompt" else f"prompt {index}"
+            if len(prompt) == 0:
+                raise PromptTooLongError(f"{label} is empty; vLLM needs at least one prompt token")
+            if len(prompt) >= self.max_model_len:
+                raise PromptTooLongError(
+                    f"{label} has {len(prompt)} tokens, which leaves no room to generate within "
+                    f"generation.vllm.max_model_len={self.max_model_len}; raise max_model_len or lower "
+                    f"data.max_prompt_tokens")
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._wake(tags=("weights",))
+        worker = self.llm.llm_engine.model_executor.driver_worker.worker
+        # Each bucket is a partial reload, which vLLM reports as "weights were not loaded" every time; weight_buckets
+        # already guarantees that every tensor is sent exactly once.
+        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.inplace")
+        level = reload_log.level
+        reload_log.setLevel(logging.ERROR)
+        try:
+            for bucket in weight_buckets(weights, self.bucket_bytes):
+                worker.reload_weights(weights_iterator=bucket, is_checkpoint_format=True)
+        finally:
+            reload_log.setLevel(level)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    # ------------------------------------------------------------------------------------------ sleep / close
+
+    def _sleep(self) -> None:
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)  # weights to host memory, KV cache dropped: the trainer gets the GPU memory
+            self._asleep = {"weights", "kv_cache"}
+
+    def _wake(self, tags: tuple[str, ...] = ("weights", "kv_cache")) -> None:
+        """Bring back what sleep released (only ``tags``: a weight sync needs the weights, not the KV cache)."""
+        wanted = [tag for tag in tags if tag in self._asleep]
+        if wanted:
+            self.llm.wake_up(tags=wanted)
+            self._asleep -= set(wanted)
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine_core = getattr(llm.llm_engine, "engine_core", None)
+            if engine_core is not None and hasattr(engine_core, "shutdown"):
+                engine_core.shutdown()
+            self.llm = None
+        if self._owned_dir:
+            shutil.rmtree(self.model_dir, ignore_errors=True)
+
+
+def weight_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive lists of (name, tensor) of about ``bucket_bytes`` each, never splitting a fused group.
+
+    A q/k/v (or gate/up) group is held back until all its members arrived, so a bucket is closed only at a point
+    where no group is half-sent; tensors arrive in the policy's state-dict order, where a group's members are close.
+    """
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    open_groups: dict[str, int] = {}  # group key -> members still missing
+    for name, tensor in weights:
+        key, members = _fused_group(name)
+        if key is not None:
+            open_groups[key] = open_groups.get(key, members) - 1
+            if open_groups[key] == 0:
+                del open_groups[key]
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= bucket_bytes and not open_groups:
+            yield bucket
+            bucket, size = [], 0
+    if open_groups:
+        raise ValueError(f"update_weights: incomplete fused groups {sorted(open_groups)} (every q/k/v and gate/up "
+                         "projection must be sent)")
+    if bucket:
+        yield bucket
+
+
+def _fused_group(name: str) -> tuple[str | None, int]:
+    for pattern, members in zip(_FUSED_GROUPS, _GROUP_SIZES):
+        match = pattern.match(name)
+        if match:
+            return f"{match.group(1)}{members}{match.group(3)}", members
+    return None, 0
+
+
+def build_vllm_generation(config, model: torch.nn.Module) -> VLLMGeneration:
+    """The ``generation.backend=vllm`` engine for ``model``: saved as an HF folder in a temporary directory (vLLM
+    loads from disk once; later weights arrive through :meth:`VLLMGeneration.update_weights`)."""
+    import tempfile
+
+    settings = config.generation.vllm
+    directory = Path(tempfile.mkdtemp(prefix="nemo-igrpo-vllm-"))
+    try:
+        model.save_pretrained(directory)
+    except Exception:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    dtype = settings.dtype if settings.dtype != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
+    return VLLMGeneration(
+        directory, max_model_len=default_max_model_len(config, model), dtype=dtype,
+        gpu_memory_utilization=settings.gpu_memory_utilization, tensor_parallel_size=settings.tensor_parallel_size,
+        enforce_eager=settings.enforce_eager, enable_prefix_caching=settings.enable_prefix_caching,
+        sleep_mode=settings.sleep_mode, stream_refinements=settings.stream_refinements,
+        weight_bucket_mb=settings.weight_bucket_mb, seed=config.trainer.seed, owned_dir=True)
+
+
+def default_max_model_len(config, model: torch.nn.Module) -> int:
+    """``generation.vllm.max_model_len``, or room for the longest Stage-2 sequence: prompt + draft + wrapper text +
+    refinement (256 tokens of slack for the template), capped by the model's position limit."""
+    if config.generation.vllm.max_model_len is not None:
+        return config.generation.vllm.max_model_len
+    longest = config.data.max_prompt_tokens + 2 * config.generation.max_new_tokens + 256
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(longest, limit) if limit else longest
