@@ -2,13 +2,17 @@
 
 A checkpoint is written into ``.tmp-step_000010`` and renamed only once every file is on disk, then marked
 complete by a ``COMPLETE`` file inside it; anything without that marker (a crash mid-write, a truncated copy) is
-never resumed from. Only after a new checkpoint is complete are old ones beyond ``keep_last`` deleted, so a failure
+never resumed from. ``MANIFEST.json`` records every file's size and SHA-256, so a checkpoint damaged after it was
+written (truncated, missing or overwritten bytes) is detected on resume and skipped for the previous one instead of
+being loaded. Only after a new checkpoint is complete are old ones beyond ``keep_last`` deleted, so a failure
 at any moment leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -18,9 +22,17 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
 
 
 def step_dir_name(step: int) -> str:
@@ -38,49 +50,109 @@ def save_checkpoint(
 
     ``write_payload(dir)`` saves the backend state (model, optimizer, scheduler) into ``dir``; ``trainer_state``
     (step, data cursor, counters) is stored as JSON next to the RNG states of this process.
+
+    Under a process group this is collective: rank 0 creates the temporary directory, every rank calls
+    ``write_payload`` on it (a sharded backend writes its own part; replicas write nothing but on rank 0) and
+    stores its RNG state as ``rng_rank<r>.pt``, then rank 0 writes the metadata and renames. A failure on any rank
+    fails the save on every rank (no rank is left waiting) and leaves the previous checkpoint intact.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    (tmp / "policy").mkdir()
-    write_payload(tmp / "policy")
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / COMPLETE).write_text(str(step))
-    _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step (e.g. after a resume); replace it only now
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _prune(root, keep_last)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def prepare() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        (tmp / "policy").mkdir()
+
+    def write_shards() -> None:
+        write_payload(tmp / "policy")
+        if rank > 0:  # ranks may differ in RNG state (e.g. random tie-breaks on their own prompts)
+            torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+
+    def finish() -> None:
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        torch.save(_rng_state(), tmp / "rng.pt")
+        _fsync_tree(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
+        (tmp / COMPLETE).write_text(str(step))
+        _fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step (e.g. after a resume); replace it only now
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    for phase, everyone in ((prepare, False), (write_shards, True), (finish, False)):
+        error = None
+        if everyone or rank == 0:
+            try:
+                phase()
+            except Exception as caught:  # OSError, or a serializer's own error wrapping one (safetensors)
+                error = caught
+        failures = _gather_failures(error, rank)
+        if failures:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = find_latest(root, verify=False)
+            raise CheckpointError(
+                f"could not write checkpoint {final}: {'; '.join(failures)}. "
+                + (f"The previous checkpoint {previous} is intact; " if previous else "No earlier checkpoint exists; ")
+                + "free space or fix permissions, then run again with trainer.resume=auto.") from error
+    if rank == 0:
+        _prune(root, keep_last)
     return final
 
 
-def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (incomplete or unreadable ones are skipped)."""
-    for step, path in sorted(_list(root), reverse=True):
-        if is_complete(path):
+def find_latest(root: Path, verify: bool = True) -> Path | None:
+    """The newest intact checkpoint under ``root``; damaged ones are skipped with a warning saying why.
+
+    ``verify`` also checks every file's SHA-256 against the manifest (reads the whole checkpoint once); without it
+    only the marker, the trainer state and the file sizes are checked.
+    """
+    for _, path in sorted(_list(root), reverse=True):
+        problem = damage(path, verify)
+        if problem is None:
             return path
+        if (path / COMPLETE).exists():  # a missing marker is an interrupted write, not worth a warning
+            log.warning("skipping damaged checkpoint %s: %s; trying the previous one", path, problem)
     return None
 
 
-def is_complete(path: Path) -> bool:
+def is_complete(path: Path, verify: bool = False) -> bool:
+    return damage(path, verify) is None
+
+
+def damage(path: Path, verify: bool = True) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None when it is intact."""
     try:
         marker = (path / COMPLETE).read_text().strip()
         state = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return marker == str(state.get("step")) and (path / "rng.pt").is_file() and (path / "policy").is_dir()
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as error:
+        return f"unreadable marker, trainer state or manifest ({error})"
+    if not isinstance(state, dict) or marker != str(state.get("step")):
+        return f"{COMPLETE} says step {marker!r}, trainer_state.json says {state!r:.80}"
+    for name, (size, digest) in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if verify and _sha256(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
 
 
-def load_checkpoint(path: Path, read_payload: Callable[[Path], None]) -> dict[str, Any]:
+def load_checkpoint(path: Path, read_payload: Callable[[Path], None], verify: bool = False) -> dict[str, Any]:
     """Restore backend state via ``read_payload(dir)`` and this process's RNGs; returns the trainer state."""
-    if not is_complete(path):
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (missing {COMPLETE}, trainer_state.json or rng.pt)")
+    problem = damage(path, verify)
+    if problem is not None:
+        raise FileNotFoundError(f"{path}: not a complete checkpoint: {problem}")
     read_payload(path / "policy")
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    own = path / f"rng_rank{rank}.pt"
+    _set_rng_state(torch.load(own if rank > 0 and own.is_file() else path / "rng.pt", weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())
 
 
@@ -114,6 +186,29 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_failures(error: BaseException | None, rank: int) -> list[str]:
+    """Every rank's failure message (empty when all succeeded); also the barrier between save phases."""
+    message = None if error is None else (f"rank {rank}: {error}" if dist.is_initialized() else str(error))
+    if not dist.is_initialized():
+        return [] if message is None else [message]
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, message)
+    return [m for m in gathered if m is not None]
+
+
+def _manifest(path: Path) -> dict[str, tuple[int, str]]:
+    return {str(file.relative_to(path)): (file.stat().st_size, _sha256(file))
+            for file in sorted(path.rglob("*")) if file.is_file()}
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync_tree(path: Path) -> None:

@@ -12,6 +12,7 @@ import random
 import torch
 from rich.console import Console
 
+from nemo_igrpo import distributed
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
 from nemo_igrpo.backends import build_policy
 from nemo_igrpo.config import Config, OptimConfig
@@ -47,6 +48,11 @@ def warm_start(config: Config, model: torch.nn.Module, examples: list[Example], 
         batch = RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
                              advantages=torch.zeros(len(rows)), group_ids=torch.arange(len(rows)),
                              gen_logprobs=torch.zeros_like(loss_mask))
+        # Every data-parallel rank built the same batch: each trains on its share of the rows, normalised by the
+        # whole batch's tokens, so the summed gradient is the full batch's.
+        ranks = distributed.world_size(policy.data_parallel_group) if policy.data_parallel_group else 1
+        if ranks > 1:
+            batch = batch.select(torch.arange(distributed.rank(policy.data_parallel_group), len(rows), ranks))
         metrics = policy.train_step(batch, _nll(float(loss_mask.sum())))
         if step % max(ws.steps // 5, 1) == 0 or step == ws.steps:
             console.print(f"  warm start {step}/{ws.steps}: nll {metrics['loss']:.3f}")

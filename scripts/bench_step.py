@@ -32,7 +32,7 @@ PHASES = ["rollout/drafts", "rollout/refinements", "rollout/reward", "update", "
 def measure(preset: str, steps: int, overrides: list[str], workdir: Path) -> dict[str, float]:
     config = load_config(default_config_path(), [
         f"algorithm.preset={preset}", f"trainer.max_steps={steps + 1}", "trainer.eval_every=0",
-        "trainer.save_every=0", "trainer.progress=false", "trainer.tensorboard=false", "trainer.resume=none",
+        "trainer.save_every=0", "trainer.progress=false", "trainer.loggers=[]", "trainer.resume=none",
         f"trainer.output_dir={workdir / preset}", *overrides])
     train(config, Console(quiet=True))
     records = read_metrics(workdir / preset / "metrics.jsonl")[1:]  # drop the warm-up step

@@ -20,7 +20,7 @@ BENCHMARKS = REPO.parent / "shared" / "data" / "benchmarks"  # read in place, ne
 
 TINY_MODEL = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
               "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "generation.max_new_tokens=12",
-              "trainer.progress=false", "trainer.tensorboard=false"]
+              "trainer.progress=false", "trainer.loggers=[]"]
 
 
 def paper(**overrides) -> EvalConfig:

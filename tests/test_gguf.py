@@ -203,7 +203,7 @@ def test_one_step_of_the_example_config_trains_and_logs_finite_metrics(smollm2, 
     run = tmp_path / "run"
     config = load_config(EXAMPLE, [
         "trainer.max_steps=1", "trainer.prompts_per_step=2", "algorithm.num_drafts=2", "algorithm.num_refinements=2",
-        "generation.max_new_tokens=32", "trainer.eval_every=0", "trainer.progress=false", "trainer.tensorboard=false",
+        "generation.max_new_tokens=32", "trainer.eval_every=0", "trainer.progress=false", "trainer.loggers=[]",
         "policy.device=cpu", f"trainer.output_dir={run}",
     ])
     assert config.model.path == SOURCE

@@ -29,7 +29,7 @@ TINY = [
     "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1",
     "data.arithmetic.num_train=200", "data.arithmetic.num_heldout=16", "data.arithmetic.max_operand=9",
     "warm_start.steps=10", "warm_start.batch_size=16", "trainer.prompts_per_step=4", "generation.max_new_tokens=12",
-    "eval.samples_per_problem=1", "trainer.progress=false", "trainer.tensorboard=false", "policy.micro_batch_size=8",
+    "eval.samples_per_problem=1", "trainer.progress=false", "trainer.loggers=[]", "policy.micro_batch_size=8",
 ]
 
 

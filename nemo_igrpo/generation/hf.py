@@ -1,13 +1,21 @@
-"""The Hugging Face generation backend: ``model.generate`` on a private copy of the policy, CPU or one GPU."""
+"""The Hugging Face generation backend: ``model.generate`` on a private copy of the policy, CPU or one GPU.
+
+Sampling is keyed per completion, not drawn from one stream for the whole batch: completion j of a prompt uses
+Gumbel-max noise from a counter-based hash of (a per-call seed from torch's global RNG, the prompt's tokens, its
+repeat index within the call, j, the position, the vocabulary index). So what a prompt samples does not depend on
+which other prompts share its batch, its rank or its chunk: a 2-rank data-parallel run samples exactly what a
+1-rank run samples from the same global batch, and checkpoints (which restore the global RNG) resume it exactly.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
 
@@ -35,24 +43,38 @@ class HFGeneration(GenerationBackend):
         }
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        # One draw from the global RNG per call (never per row), so every data-parallel rank draws alike.
+        call_seed = int(torch.randint(0, 2**62, (1,)).item())
+        keys = _prompt_keys(call_seed, prompts)
         results: list[list[Completion]] = []
         for start in range(0, len(prompts), self.batch_size):
-            results.extend(self._generate_chunk(prompts[start : start + self.batch_size], params))
+            chunk = slice(start, start + self.batch_size)
+            results.extend(self._generate_chunk(prompts[chunk], params, keys[chunk]))
         return results
 
     @torch.inference_mode()
-    def _generate_chunk(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+    def _generate_chunk(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                        keys: Sequence[int]) -> list[list[Completion]]:
         if params.n == 0 or params.max_new_tokens == 0:  # generate() rejects both; the answer is known anyway
             return [[Completion([], [], "length") for _ in range(params.n)] for _ in prompts]
         input_ids, attention_mask = self._left_pad(prompts)
         config = self._generation_config(params)
-        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        sampler = None
+        if params.temperature > 0:
+            # generate() runs greedy over our one-hot scores; the sampling itself happens in _KeyedSampler.
+            row_keys = torch.tensor([k + j for k in keys for j in range(params.n)], dtype=torch.int64)
+            sampler = _KeyedSampler(row_keys.to(self.device), params.temperature, params.top_p)
+            input_ids = input_ids.repeat_interleave(params.n, dim=0)
+            attention_mask = attention_mask.repeat_interleave(params.n, dim=0)
+        output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                     logits_processor=LogitsProcessorList([sampler] if sampler else []))
         new_tokens = output.sequences[:, input_ids.shape[1] :]
-        logprobs = _sampled_logprobs(output.scores, new_tokens)
+        scores = sampler.scores if sampler is not None else output.scores
+        logprobs = _sampled_logprobs(scores, new_tokens)
         stops = set(params.stop_token_ids)
         rows = [_completion(t, lp, stops) for t, lp in zip(new_tokens.tolist(), logprobs.tolist())]
-        # generate() returns the samples of each prompt as consecutive rows.
-        per_prompt = config.num_return_sequences
+        # Rows hold the samples of each prompt consecutively.
+        per_prompt = params.n if sampler is not None else 1
         groups = [rows[i * per_prompt : (i + 1) * per_prompt] for i in range(len(prompts))]
         if per_prompt < params.n:
             # Greedy decoding ran once per prompt (all n answers would be identical): hand out n independent copies.
@@ -71,22 +93,16 @@ class HFGeneration(GenerationBackend):
         return input_ids.to(self.device), attention_mask.to(self.device)
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
-        if params.temperature > 0:
-            # top_k=0 disables top-k; left unset, generate() would apply its global default of 50.
-            sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-            samples_per_prompt = params.n
-        else:
-            # Greedy: generate() rejects num_return_sequences > 1 here, and warns about any sampling option set.
-            sampling = dict(do_sample=False)
-            samples_per_prompt = 1
+        # Always greedy for generate(): with temperature > 0, _KeyedSampler applies temperature and top-p itself and
+        # leaves a one-hot score row, so greedy picks its sample (generate's own sampling would use one RNG stream
+        # for the whole batch). top_k stays unset, which greedy ignores.
         return GenerationConfig(
-            **sampling,
+            do_sample=False,
             max_new_tokens=params.max_new_tokens,
-            num_return_sequences=samples_per_prompt,
             eos_token_id=list(params.stop_token_ids) or None,
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,
-            output_scores=True,  # the *processed* scores: the distribution each token was actually drawn from
+            output_scores=params.temperature <= 0,  # greedy: the raw logits (temperature 1) give the log-probs
         )
 
     @torch.no_grad()
@@ -100,6 +116,72 @@ class HFGeneration(GenerationBackend):
                     f"update_weights: {name!r} has shape {tuple(target.shape)} here but {tuple(tensor.shape)} sent"
                 )
             target.copy_(tensor)  # in place, casting to this model's dtype and device
+
+
+class _KeyedSampler(LogitsProcessor):
+    """Temperature, then top-p (as transformers' warpers do), then Gumbel-max with per-row counter-based noise.
+
+    Keeps the processed scores (the distribution each token is drawn from) for the log-probs, and returns a row
+    that is 0 at the sampled token and -inf elsewhere, so greedy decoding emits exactly the sample.
+    """
+
+    def __init__(self, row_keys: torch.Tensor, temperature: float, top_p: float):
+        self.row_keys = row_keys
+        self.temperature = temperature
+        self.top_p = top_p
+        self.scores: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            scores = _top_p(scores, self.top_p)
+        self.scores.append(scores)
+        position = torch.tensor(len(self.scores), dtype=torch.int64, device=scores.device)
+        vocab = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
+        bits = _mix(_mix(self.row_keys[:, None] + position * _GOLDEN) + vocab[None, :])  # int64 ops wrap
+        # 53 random bits → a uniform in (0, 1) (never 0 or 1) → Gumbel noise.
+        uniform = ((bits >> 11) & ((1 << 53) - 1)).double().add_(0.5).div_(2.0**53)
+        gumbel = -torch.log(-torch.log(uniform))
+        choice = (torch.log_softmax(scores.double(), dim=-1) + gumbel).argmax(dim=-1, keepdim=True)
+        one_hot = torch.full_like(scores, -float("inf"))
+        return one_hot.scatter_(-1, choice, 0.0)
+
+
+def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """transformers' TopPLogitsWarper: drop the least likely tokens whose total mass is at most 1 − top_p."""
+    sorted_scores, order = torch.sort(scores, descending=False)
+    remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = False  # always keep the most likely token
+    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (splitmix64's increment)
+_M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_M2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping multiplication, logical shifts), on any device."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def _prompt_keys(call_seed: int, prompts: Sequence[Sequence[int]]) -> list[int]:
+    """A 60-bit key per prompt from the call seed, its tokens and how often the same prompt came before in the call;
+    completion j uses key + j (the noise hash mixes neighbouring keys into unrelated streams)."""
+    seen: dict[bytes, int] = {}
+    keys = []
+    for prompt in prompts:
+        digest = hashlib.blake2b(repr(list(prompt)).encode(), digest_size=16).digest()
+        repeat = seen.get(digest, 0)
+        seen[digest] = repeat + 1
+        key = hashlib.blake2b(digest + call_seed.to_bytes(8, "little") + repeat.to_bytes(8, "little"),
+                              digest_size=8).digest()
+        keys.append(int.from_bytes(key, "little") >> 4)  # fits int64 with room for + j
+    return keys
 
 
 def _sampled_logprobs(scores: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:

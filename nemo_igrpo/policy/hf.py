@@ -1,4 +1,9 @@
-"""The Hugging Face policy backend: any ``transformers`` causal LM, trained with AdamW on CPU or one GPU."""
+"""The Hugging Face policy backend: any ``transformers`` causal LM, trained with AdamW on CPU or GPUs.
+
+Under data parallelism (several processes, see ``nemo_igrpo.distributed``) every rank holds a full replica: the
+replicas start from rank 0's weights, gradients are summed over the group before clipping (the loss is already
+normalised by step-global counts, so the sum is the full-batch gradient), and only rank 0 writes files.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,13 @@ import contextlib
 import copy
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import safetensors.torch
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nemo_igrpo.algorithms.batch import RolloutBatch
@@ -19,6 +26,7 @@ from nemo_igrpo.policy.logprobs import check_head_matches_forward, token_logprob
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+_BUCKET_BYTES = 64 * 2**20
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
@@ -73,8 +81,13 @@ class HFPolicy(PolicyBackend):
         gradient_checkpointing: bool,
         autocast_dtype: str | None,
         device: torch.device | str = "cpu",
+        data_parallel_group: Any = "auto",
     ) -> None:
         self.device = torch.device(device)
+        # "auto": the whole world when this process is one of several (HF replicas are pure data parallelism).
+        if data_parallel_group == "auto":
+            data_parallel_group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+        self._group = data_parallel_group
         self.model = model.to(self.device)
         self.micro_batch_size = micro_batch_size
         self.logprob_chunk_size = logprob_chunk_size
@@ -85,6 +98,7 @@ class HFPolicy(PolicyBackend):
 
         check_head_matches_forward(self.model)
         disable_dropout(self.model)
+        self._broadcast_from_first_rank()
         # The reference is the policy *as constructed* (the initial checkpoint), so `load` never touches it.
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if use_reference else None
 
@@ -100,6 +114,48 @@ class HFPolicy(PolicyBackend):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(warmup_steps, total_steps, min_lr_ratio)
         )
+
+    @property
+    def data_parallel_group(self):
+        return self._group
+
+    def _is_writer(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+    @torch.no_grad()
+    def _broadcast_from_first_rank(self) -> None:
+        """Replicas start identical whatever each rank's initialisation did (random init, load order)."""
+        if self._group is None:
+            return
+        source = dist.get_global_rank(self._group, 0)
+        for tensor in [*self.model.parameters(), *self.model.buffers()]:
+            dist.broadcast(tensor.data, src=source, group=self._group)
+
+    @torch.no_grad()
+    def _all_reduce_gradients(self) -> None:
+        """Sum gradients over the group in flat buckets (one collective per ~64 MB, not one per tensor)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # this rank had no tokens to learn from; its peers did
+                p.grad = torch.zeros_like(p)
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for p in params:
+            bucket.append(p.grad)
+            size += p.grad.numel() * p.grad.element_size()
+            if size >= _BUCKET_BYTES:
+                self._reduce_bucket(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self._reduce_bucket(bucket)
+
+    def _reduce_bucket(self, grads: list[torch.Tensor]) -> None:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self._group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     # ------------------------------------------------------------------ scoring
 
@@ -146,6 +202,15 @@ class HFPolicy(PolicyBackend):
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = self._accumulate_gradients(batch, loss_fn)
+        if self._group is not None:
+            self._all_reduce_gradients()
+            # Step-normalised values sum to the global ones; every rank then takes the same skip decision.
+            names = sorted(metrics)
+            device = "cuda" if dist.get_backend(self._group) == "nccl" else "cpu"
+            totals = torch.tensor([loss, *(metrics[n] for n in names)], dtype=torch.float64, device=device)
+            dist.all_reduce(totals, group=self._group)
+            loss, *values = totals.tolist()
+            metrics = dict(zip(names, values))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).item()
         lr = self.optimizer.param_groups[0]["lr"]
 
@@ -183,6 +248,8 @@ class HFPolicy(PolicyBackend):
             yield name, tensor.detach()
 
     def save(self, directory: Path) -> None:
+        if not self._is_writer():  # replicas are identical: rank 0's copy is the checkpoint
+            return
         directory = Path(directory)
         # save_model (unlike save_file) de-duplicates tied tensors such as embed_tokens / lm_head.
         safetensors.torch.save_model(self.model, str(directory / WEIGHTS_FILE))
@@ -199,4 +266,5 @@ class HFPolicy(PolicyBackend):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def save_pretrained(self, directory: Path) -> None:
-        self.model.save_pretrained(directory)
+        if self._is_writer():
+            self.model.save_pretrained(directory)
