@@ -41,6 +41,27 @@ def _hf_policy(config: Config, model: torch.nn.Module, optim: OptimConfig, total
     )
 
 
+def _megatron_policy(config: Config, model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> PolicyBackend:
+    from nemo_igrpo.policy.megatron.policy import MegatronPolicy
+
+    return MegatronPolicy(
+        model,
+        megatron=config.policy.megatron,
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        betas=(optim.betas[0], optim.betas[1]),
+        max_grad_norm=optim.max_grad_norm,
+        warmup_steps=math.ceil(optim.warmup_ratio * total_steps),
+        total_steps=total_steps,
+        min_lr_ratio=optim.min_lr_ratio,
+        micro_batch_size=config.policy.micro_batch_size,
+        temperature=config.generation.temperature,
+        use_reference=config.algorithm.kl_coef > 0,
+        bf16=config.policy.precision == "bf16",
+        seed=config.trainer.seed,
+    )
+
+
 def _hf_generation(config: Config, model: torch.nn.Module, pad_token_id: int) -> GenerationBackend:
     from nemo_igrpo.generation.hf import HFGeneration
 
@@ -50,8 +71,21 @@ def _hf_generation(config: Config, model: torch.nn.Module, pad_token_id: int) ->
                         device=resolve_device(config.policy.device))
 
 
-POLICY_BUILDERS: dict[str, Callable[..., PolicyBackend]] = {"hf": _hf_policy}
-GENERATION_BUILDERS: dict[str, Callable[..., GenerationBackend]] = {"hf": _hf_generation}
+def _vllm_generation(config: Config, model: torch.nn.Module, pad_token_id: int) -> GenerationBackend:
+    from nemo_igrpo.generation.vllm import build_vllm_generation
+
+    return build_vllm_generation(config, model)  # token ids in/out: no pad token needed
+
+
+def _server_generation(config: Config, model: torch.nn.Module, pad_token_id: int) -> GenerationBackend:
+    from nemo_igrpo.generation.server import build_server_generation
+
+    return build_server_generation(config, model)
+
+
+POLICY_BUILDERS: dict[str, Callable[..., PolicyBackend]] = {"hf": _hf_policy, "megatron": _megatron_policy}
+GENERATION_BUILDERS: dict[str, Callable[..., GenerationBackend]] = {
+    "hf": _hf_generation, "vllm": _vllm_generation, "server": _server_generation}
 
 
 def build_policy(config: Config, model: torch.nn.Module, optim: OptimConfig | None = None,

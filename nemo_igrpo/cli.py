@@ -1,5 +1,5 @@
 """``nemo-igrpo train | eval``: a YAML config plus ``section.key=value`` overrides; ``nemo-igrpo convert-gguf``: a
-GGUF model as a Hugging Face folder."""
+GGUF model as a Hugging Face folder; ``plan``: a config's batch arithmetic; ``export``: HF / NeMo 2 / .nemo."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rich.console import Console
 
 from nemo_igrpo.config import ConfigError, load_config
 
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped early on SIGTERM / STOP file with a checkpoint; run again
 OVERRIDES_HELP = ("overrides in OmegaConf dotlist form, e.g. trainer.max_steps=20 algorithm.preset=grpo "
                   "'eval.datasets=[a.jsonl,b.jsonl]'")
 
@@ -40,6 +41,33 @@ def _convert_arguments(command: argparse.ArgumentParser) -> None:
                          help="folder to write (model.safetensors, config.json, tokenizer files)")
     command.add_argument("--overwrite", action="store_true",
                          help="replace an existing non-empty OUTPUT_DIR (only one holding a model's config.json)")
+
+
+def _plot_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("run_dirs", metavar="RUN_DIR", type=Path, nargs="+",
+                         help="trainer.output_dir of a run (holds metrics.jsonl and config.yaml)")
+    command.add_argument("--output", type=Path, default=Path("plots"), help="folder for the PNG files")
+    command.add_argument("--labels", nargs="+", help="legend names, one per RUN_DIR (default: folder names)")
+
+
+def _plan_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("config", metavar="CONFIG", type=Path, help="YAML config, e.g. conf/recipes/*.yaml")
+    command.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    command.add_argument("--training-nodes", type=int, default=None,
+                         help="training nodes (default: the fewest that hold one TP × PP × CP group)")
+    command.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: 8)")
+
+
+def _export_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", type=Path,
+                         help="a run directory (its final/ model, else its newest complete checkpoint), a checkpoint "
+                              "directory <run>/checkpoints/step_N (HF or Megatron backend), or a Hugging Face folder")
+    command.add_argument("--format", required=True, choices=("hf", "nemo2", "nemo"),
+                         help="hf: safetensors + config + tokenizer; nemo2: NeMo 2 directory (context/, weights/ in "
+                              "megatron-core torch_dist format); nemo: .nemo tar (model_config.yaml + weights)")
+    command.add_argument("--output", required=True, type=Path, help="folder (hf, nemo2) or file ending in .nemo")
+    command.add_argument("--overwrite", action="store_true",
+                         help="replace an existing OUTPUT (only an earlier export of the same format)")
 
 
 @dataclass(frozen=True)
@@ -69,7 +97,41 @@ SUBCOMMANDS: dict[str, Subcommand] = {
                      "GGUF file (which takes a while) on every run."),
         add_arguments=_convert_arguments,
     ),
+    "plot": Subcommand(
+        summary="PNG training curves of one or more runs, overlaid (needs the plot extra: matplotlib)",
+        description=("Plot reward (drafts, best draft, refinements), held-out accuracy, entropy, response length, "
+                     "KL and the zero-variance-group fraction from each RUN_DIR/metrics.jsonl, against the step "
+                     "and against rollouts consumed, all runs overlaid with a legend; one PNG per quantity."),
+        add_arguments=_plot_arguments,
+    ),
+    "plan": Subcommand(
+        summary="batch arithmetic of a config: rollouts, optimizer steps, tokens per step, GPUs and nodes",
+        description=("Print what one training step of CONFIG generates and trains on, how it splits over "
+                     "TP × PP × CP × DP, and how many 8-GPU nodes it needs (plus a generation-server node when "
+                     "generation.backend=server). Definitions: nemo_igrpo/recipes.py and docs/recipes.md."),
+        add_arguments=_plan_arguments,
+    ),
+    "export": Subcommand(
+        summary="export a run's policy as a Hugging Face folder, a NeMo 2 checkpoint or a .nemo archive",
+        description=("Write the trained policy of a run directory or checkpoint in Hugging Face (safetensors), "
+                     "NeMo 2 (context/ + weights/ in megatron-core dist-checkpoint format) or .nemo format. "
+                     "Nothing existing is replaced without --overwrite. See docs/export.md."),
+        add_arguments=_export_arguments,
+    ),
+    "serve": Subcommand(
+        summary="start the vLLM generation server (generation.backend=server) with weight-update support",
+        description=("Start vLLM's OpenAI-compatible server on a Hugging Face model folder, set up for "
+                     "generation.backend=server: token ids in/out, a shared token on every endpoint, weight updates "
+                     "after each training step, bound to --host (default 127.0.0.1). Stop it with SIGTERM/Ctrl-C."),
+        add_arguments=lambda command: _serve_arguments(command),
+    ),
 }
+
+
+def _serve_arguments(command: argparse.ArgumentParser) -> None:
+    from nemo_igrpo.serve import add_arguments  # imports no vLLM: `serve --help` works without it
+
+    add_arguments(command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if args.command == "convert-gguf":
         return _convert_gguf(args, console)
+    if args.command == "plan":
+        return _plan(args, console)
+    if args.command == "export":
+        return _export(args, console)
+    if args.command == "plot":
+        return _plot(args, console)
+    if args.command == "serve":
+        from nemo_igrpo.serve import run
+
+        return run(args)
     try:
         config = load_config(args.config or default_config_path(), args.overrides)
     except ConfigError as error:
@@ -95,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from transformers.utils import logging as hf_logging
 
+    from nemo_igrpo.checkpoint import CheckpointError
     from nemo_igrpo.data.dataset import DatasetError
+    from nemo_igrpo.distributed import DistributedError
     from nemo_igrpo.models import ModelSourceError
 
     hf_logging.disable_progress_bar()  # per-shard bars would interleave with ours
@@ -104,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
             from nemo_igrpo.trainer import TrainingStopped, train
 
             try:
-                train(config, console)
+                result = train(config, console)
+                if result.stop_signal not in (None, "SIGINT"):
+                    # SIGTERM or the STOP file (a scheduler's preemption or time limit): not finished, checkpoint
+                    # saved; a distinct status lets the sbatch script requeue. Ctrl-C is a deliberate stop: 0.
+                    return EXIT_STOPPED
             except TrainingStopped as stopped:
                 console.print(f"[red]training stopped[/]: {stopped}", highlight=False, soft_wrap=True)
                 return 1
@@ -112,9 +190,59 @@ def main(argv: list[str] | None = None) -> int:
             from nemo_igrpo.evaluation.report import run_eval
 
             run_eval(config, console)
-    except (ConfigError, DatasetError, ModelSourceError, FileNotFoundError) as error:
+    except (ConfigError, DatasetError, ModelSourceError, FileNotFoundError, CheckpointError,
+            DistributedError) as error:
         console.print(f"[red]error[/]: {error}", highlight=False, soft_wrap=True)
         return 2
+    return 0
+
+
+def _plot(args: argparse.Namespace, console: Console) -> int:
+    from nemo_igrpo.plotting import PlotError, plot_directories
+
+    try:
+        figures = plot_directories(args.run_dirs, args.output, args.labels)
+    except PlotError as error:
+        console.print(f"[red]error[/]: {error}", highlight=False, soft_wrap=True)
+        return 2
+    except ModuleNotFoundError as error:
+        console.print(f"[red]error[/]: {error}; install the plot extra: pip install 'nemo-igrpo[plot]'",
+                      highlight=False, soft_wrap=True)
+        return 2
+    for figure in figures:
+        console.print(f"wrote {figure.path}", highlight=False)
+    return 0
+
+
+def _plan(args: argparse.Namespace, console: Console) -> int:
+    from nemo_igrpo.recipes import batch_plan, check_recipe
+
+    try:
+        config = load_config(args.config, args.overrides)
+        plan = batch_plan(config, args.training_nodes, args.gpus_per_node)
+    except ConfigError as error:
+        console.print(f"[red]config error[/]: {error}", highlight=False, soft_wrap=True)
+        return 2
+    console.print(f"[bold]{args.config}[/]", highlight=False)
+    for line in plan.lines():
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
+    for problem in check_recipe(config, plan):
+        console.print(f"  [yellow]warning[/]: {problem}", highlight=False, soft_wrap=True)
+    return 0
+
+
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from nemo_igrpo.export import ExportError, export
+
+    hf_logging.disable_progress_bar()  # per-shard bars for a single file are noise
+    try:
+        export(args.source, args.format, args.output, overwrite=args.overwrite)
+    except (ExportError, FileNotFoundError) as error:
+        console.print(f"[red]error[/]: {error}", highlight=False, soft_wrap=True)
+        return 2
+    console.print(f"Wrote [bold]{args.output}[/] ({args.format}) from {args.source}", highlight=False)
     return 0
 
 

@@ -212,6 +212,21 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = "nemo-igrpo"
+    entity: str | None = None
+    name: str | None = None
+    mode: str = "online"
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None
+    experiment: str = "nemo-igrpo"
+    run_name: str | None = None
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 60
     prompts_per_step: int = 128
@@ -223,7 +238,10 @@ class TrainerConfig:
     resume: str = "auto"
     max_consecutive_nan_steps: int = 3
     progress: bool = True
-    tensorboard: bool = True
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    dist_timeout_s: float = 1800.0
 
 
 @dataclass
@@ -264,7 +282,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "policy.megatron.transformer_impl": ("auto", "transformer_engine", "local"),
     "policy.megatron.fp8": ("none", "hybrid", "e4m3"),
     "policy.megatron.fp8_recipe": ("delayed", "current"),
+    "trainer.wandb.mode": ("online", "offline", "disabled"),
 }
+LOGGERS = ("tensorboard", "wandb", "mlflow")  # trainer.loggers: any subset
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -348,7 +368,8 @@ def validate(config: Config) -> None:
                 "algorithm.num_refinements", "generation.max_new_tokens", "generation.batch_size",
                 "policy.micro_batch_size", "policy.logprob_chunk_size", "trainer.prompts_per_step",
                 "trainer.keep_last", "algorithm.ppo_epochs", "algorithm.max_sampling_rounds",
-                "eval.samples_per_problem", "data.max_prompt_tokens"]
+                "eval.samples_per_problem", "data.max_prompt_tokens",
+                "generation.vllm.tensor_parallel_size", "generation.vllm.weight_bucket_mb"]
     for key in positive:
         if _get(config, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {_get(config, key)}")
@@ -360,6 +381,13 @@ def validate(config: Config) -> None:
         raise ConfigError("algorithm.num_refinements: a group needs at least 2 samples for a relative advantage")
     if not 0 < config.generation.top_p <= 1 or not 0 < config.eval.top_p <= 1:
         raise ConfigError("generation.top_p / eval.top_p: must be in (0, 1]")
+    if not config.algorithm.importance_cap > 0:
+        raise ConfigError(f"algorithm.importance_cap: must be > 0, got {config.algorithm.importance_cap}")
+    if not 0 < config.generation.vllm.gpu_memory_utilization <= 1:
+        raise ConfigError(f"generation.vllm.gpu_memory_utilization: must be in (0, 1], "
+                          f"got {config.generation.vllm.gpu_memory_utilization}")
+    if config.generation.server.retry_budget_s < 0 or config.generation.server.request_timeout_s <= 0:
+        raise ConfigError("generation.server.retry_budget_s / request_timeout_s: must be >= 0 / > 0")
     if config.generation.temperature <= 0:
         raise ConfigError("generation.temperature: RL needs sampling, must be > 0")
     if config.algorithm.dual_clip is not None and config.algorithm.dual_clip <= 1:
@@ -369,6 +397,13 @@ def validate(config: Config) -> None:
                           f"got {config.warm_start.refinement_fraction}")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas: needs two values, got {config.optim.betas}")
+    for name in config.trainer.loggers:
+        if name not in LOGGERS:
+            hint = difflib.get_close_matches(name, LOGGERS, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"trainer.loggers: unknown logger {name!r}{suggestion}; valid: {', '.join(LOGGERS)}")
+    if config.trainer.dist_timeout_s <= 0:
+        raise ConfigError(f"trainer.dist_timeout_s: must be > 0, got {config.trainer.dist_timeout_s}")
     if config.trainer.resume not in ("none", "auto") and not Path(config.trainer.resume).exists():
         raise ConfigError(f"trainer.resume: must be none, auto or an existing checkpoint path, "
                           f"got {config.trainer.resume!r}")
