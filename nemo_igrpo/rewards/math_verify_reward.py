@@ -68,11 +68,13 @@ def grade(task: GradeTask) -> float:
 
 
 # Equal pairs graded once per worker: this runs the lazily initialised parts of the LaTeX parser and of sympy
-# (≈0.3 s on first use), and proves that LaTeX parsing works at all.
+# (≈0.3 s on first use), and proves that LaTeX parsing works at all. The generous per-operation timeout is for
+# busy machines: first use can take seconds there, and a timeout here would read as a broken parser.
+_WARM_UP_TIMEOUT_S = 30
 _WARM_UP = (
-    GradeTask("\\frac{1}{2}", "0.5", 1),
-    GradeTask("x^2+2x+1", "(x+1)^2", 1),
-    GradeTask("(0,\\infty)", "x>0", 1),
+    GradeTask("\\frac{1}{2}", "0.5", _WARM_UP_TIMEOUT_S),
+    GradeTask("x^2+2x+1", "(x+1)^2", _WARM_UP_TIMEOUT_S),
+    GradeTask("(0,\\infty)", "x>0", _WARM_UP_TIMEOUT_S),
 )
 
 

@@ -1,0 +1,713 @@
+"""Fault drills: kill, corrupt and starve a training run, and check that nothing is lost.
+
+Each drill runs the embedded default config (conf/quickstart.yaml, shortened) in a subprocess, injects one fault,
+lets the run recover the way a user would (``trainer.resume=auto``), and compares the outcome with an
+uninterrupted run: every logged metric of every step (timings aside), the final weights byte for byte and the
+data cursor. It prints a table (drill, repetitions, survived, data lost, seconds to recover) and writes JSON.
+
+    python scripts/fault_drills.py                       # every drill, 2 repetitions, quickstart model
+    python scripts/fault_drills.py --quick --repeats 1   # tiny model (what the CI test runs)
+    python scripts/fault_drills.py --drills kill,corrupt --json drills.json
+
+Faults are injected inside the child process by wrapping the functions each phase runs (generation, reward,
+backward, optimizer step, checkpoint write), so a SIGKILL lands *inside* the named phase at a random moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Grading workers are spawned processes that re-import this file as __mp_main__: keep module-level imports light.
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "conf" / "quickstart.yaml"
+
+# The quickstart, shortened so that a drill takes seconds to a minute rather than three.
+BASE = ["trainer.max_steps=6", "trainer.save_every=2", "trainer.keep_last=3", "trainer.eval_every=3",
+        "trainer.progress=false", "trainer.loggers=[]", "warm_start.steps=60", "trainer.prompts_per_step=8"]
+# --quick: the tiny model of the CI tests.
+QUICK = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
+         "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "data.arithmetic.num_train=200",
+         "data.arithmetic.num_heldout=16", "data.arithmetic.max_operand=9", "warm_start.steps=10",
+         "warm_start.batch_size=16", "trainer.prompts_per_step=4", "generation.max_new_tokens=12",
+         "eval.samples_per_problem=1", "policy.micro_batch_size=8"]
+PHASES = ("generation", "reward", "backward", "optimizer", "checkpoint")
+EXIT_KILLED = -signal.SIGKILL
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Trial:
+    drill: str
+    detail: str
+    survived: bool
+    data_lost: int  # steps whose metrics, weights or data cursor differ from the uninterrupted run (must be 0)
+    recover_s: float  # restart → the run is past the step it lost (or, for clean stops, → the error is reported)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunOutput:
+    returncode: int
+    output: str
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+class Harness:
+    def __init__(self, work: Path, overrides: list[str], timeout_s: float):
+        self.work = work
+        self.overrides = overrides
+        self.timeout_s = timeout_s
+        self._references: dict[tuple[str, ...], Path] = {}
+
+    def run(self, run_dir: Path, extra: list[str] = (), fault: dict | None = None,
+            watch_step: int | None = None) -> tuple[RunOutput, float | None]:
+        """Train in a subprocess; with ``watch_step``, also time how long until that step's metrics appear."""
+        command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(fault or {}), "--",
+                   *self.overrides, f"trainer.output_dir={run_dir}", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                   cwd=REPO)
+        reached = _watch_metrics(process, run_dir / "metrics.jsonl", watch_step, start) if watch_step else None
+        try:
+            output, _ = process.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            output += f"\n[fault drills] killed after {self.timeout_s}s"
+        return RunOutput(process.returncode, output, time.perf_counter() - start), reached
+
+    def reference(self, extra: list[str] = ()) -> Path:
+        """An uninterrupted run with these settings (one per distinct setting, reused by every drill)."""
+        key = tuple(extra)
+        if key not in self._references:
+            run_dir = self.work / f"reference-{len(self._references)}"
+            result, _ = self.run(run_dir, list(extra))
+            if result.returncode != 0:
+                raise RuntimeError(f"the uninterrupted reference run failed:\n{result.output[-3000:]}")
+            self._references[key] = run_dir
+        return self._references[key]
+
+    def resume_and_compare(self, run_dir: Path, reference: Path, lost_step: int,
+                           extra: list[str] = ()) -> tuple[int, float, list[str]]:
+        """Resume ``run_dir`` to the end; returns (steps that differ from ``reference``, recovery seconds, notes)."""
+        # What the logger does itself on resume, done here first so the watcher cannot see records of the lost run.
+        latest = _latest(run_dir)
+        resumed_at = int(json.loads((latest / "trainer_state.json").read_text())["step"]) if latest else 0
+        _truncate_metrics(run_dir, resumed_at)
+        result, reached = self.run(run_dir, list(extra), watch_step=lost_step)
+        notes = []
+        if result.returncode != 0:
+            return _max_steps(self.overrides + list(extra)), result.seconds, [f"resume failed: {_tail(result.output)}"]
+        lost = compare_runs(reference, run_dir, notes)
+        return lost, reached if reached is not None else result.seconds, notes
+
+
+def _watch_metrics(process: subprocess.Popen, metrics: Path, step: int, start: float) -> float | None:
+    while process.poll() is None:
+        if any(record.get("step") == step for record in _read_metrics(metrics)):
+            return time.perf_counter() - start
+        time.sleep(0.05)
+    return time.perf_counter() - start if any(r.get("step") == step for r in _read_metrics(metrics)) else None
+
+
+def compare_runs(reference: Path, run_dir: Path, notes: list[str]) -> int:
+    """How many steps of ``run_dir`` differ from ``reference`` (metrics, data cursor, final weights)."""
+    expected = {r["step"]: _comparable(r) for r in _read_metrics(reference / "metrics.jsonl")}
+    got_records = _read_metrics(run_dir / "metrics.jsonl")
+    steps = [r["step"] for r in got_records]
+    got = {r["step"]: _comparable(r) for r in got_records}
+    differing = {step for step in expected if got.get(step) != expected[step]}
+    if steps != sorted(set(steps)):
+        notes.append(f"steps logged twice or out of order: {steps}")
+        differing |= {step for step in steps if steps.count(step) > 1}
+    differing |= set(got) - set(expected)
+    if differing:
+        notes.append(f"metrics differ at steps {sorted(differing)}")
+    last = max(expected)
+    if _cursor(reference, last) != _cursor(run_dir, last):
+        notes.append("data cursor differs at the end")
+        differing.add(last)
+    if _weights(reference) != _weights(run_dir):
+        notes.append("final weights differ")
+        differing.add(last)
+    return len(differing)
+
+
+def _comparable(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith(("time/", "throughput/"))}
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _cursor(run_dir: Path, step: int):
+    state = run_dir / "checkpoints" / f"step_{step:06d}" / "trainer_state.json"
+    return json.loads(state.read_text()).get("sampler") if state.exists() else None
+
+
+def _weights(run_dir: Path) -> dict[str, bytes]:
+    final = run_dir / "final"
+    return {p.name: p.read_bytes() for p in sorted(final.glob("*.safetensors"))} if final.is_dir() else {}
+
+
+def _max_steps(overrides: list[str]) -> int:
+    return int([o for o in overrides if o.startswith("trainer.max_steps=")][-1].split("=", 1)[1])
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+def _latest(run_dir: Path) -> Path | None:
+    from nemo_igrpo.checkpoint import find_latest
+
+    return find_latest(run_dir / "checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------- drills
+
+
+def drill_kill(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """SIGKILL inside each phase at a random step and moment, then resume: the run must equal the reference."""
+    reference = h.reference()
+    steps = _max_steps(h.overrides)
+    trials = []
+    for repeat in range(repeats):
+        for phase in PHASES:
+            step = rng.choice([2, 4]) if phase == "checkpoint" else rng.randint(1, steps)
+            fault = {"kind": "kill", "phase": phase, "step": step, "seed": rng.randrange(1 << 30)}
+            run_dir = h.work / f"kill-{phase}-{repeat}"
+            killed, _ = h.run(run_dir, fault=fault)
+            landed = _phase_log(run_dir)
+            if killed.returncode != EXIT_KILLED:
+                trials.append(Trial("kill", f"{phase} step {step}", False, steps,
+                                    0.0, [f"fault did not fire (exit {killed.returncode}): {_tail(killed.output)}"]))
+                continue
+            lost, seconds, notes = h.resume_and_compare(run_dir, reference, lost_step=step)
+            trials.append(Trial("kill", f"{phase} step {step} ({landed})", lost == 0, lost, seconds, notes))
+    return trials
+
+
+def drill_term(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """SIGTERM (what Slurm sends on preemption): a checkpoint of the finished step within the grace period, an exit
+    status the requeue can rely on, and a resume that equals the reference."""
+    reference = h.reference()
+    trials = []
+    for repeat in range(repeats):
+        step = rng.randint(1, _max_steps(h.overrides) - 1)
+        run_dir = h.work / f"term-{repeat}"
+        fault = {"kind": "term", "step": step, "seed": rng.randrange(1 << 30)}
+        stopped, _ = h.run(run_dir, fault=fault)
+        marks = _phase_log(run_dir, everything=True)
+        term_at = next((float(m.split("@")[1]) for m in marks if m.startswith("sigterm@")), None)
+        notes = [f"exit status {stopped.returncode}"]
+        latest = _latest(run_dir)
+        logged = [r["step"] for r in _read_metrics(run_dir / "metrics.jsonl")]
+        grace = (run_dir / "exit_time").read_text() if (run_dir / "exit_time").exists() else None
+        if term_at is not None and grace is not None:
+            notes.append(f"checkpointed and exited {float(grace) - term_at:.2f}s after SIGTERM")
+        from nemo_igrpo.cli import EXIT_STOPPED  # what `--requeue` wrappers test for: stopped with a checkpoint
+
+        ok = stopped.returncode == EXIT_STOPPED and latest is not None and latest.name == f"step_{logged[-1]:06d}"
+        if not ok:
+            trials.append(Trial("sigterm", f"during step {step}", False, _max_steps(h.overrides), 0.0,
+                                notes + [f"newest checkpoint {latest}, logged {logged}: {_tail(stopped.output)}"]))
+            continue
+        lost, seconds, more = h.resume_and_compare(run_dir, reference, lost_step=logged[-1] + 1)
+        trials.append(Trial("sigterm", f"during step {step}", lost == 0, lost, seconds, notes + more))
+    return trials
+
+
+CORRUPTIONS = ("truncate", "missing", "garbage", "bad-state")
+
+
+def drill_corrupt(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """Damage the newest checkpoint(s) of a finished run: resume must say so, fall back to the newest intact one,
+    retrain from there and end exactly where the undamaged run ended."""
+    reference = h.reference()
+    steps = _max_steps(h.overrides)
+    trials = []
+    for repeat in range(repeats):
+        for how in CORRUPTIONS:
+            run_dir = h.work / f"corrupt-{how}-{repeat}"
+            shutil.copytree(reference, run_dir)
+            shutil.rmtree(run_dir / "final")
+            shutil.rmtree(run_dir / "checkpoints" / f"step_{steps:06d}")  # as if the job died after step N-2's save
+            damaged = run_dir / "checkpoints" / f"step_{steps - 2:06d}"
+            target = _corrupt(damaged, how, rng)
+            _truncate_metrics(run_dir, steps - 1)  # the job died during step N-1, before its next checkpoint
+            result, reached = h.run(run_dir, watch_step=steps)
+            notes = [f"damaged {target.relative_to(run_dir)}"]
+            if result.returncode != 0:
+                trials.append(Trial("corrupt-checkpoint", how, False, steps, 0.0, notes + [_tail(result.output)]))
+                continue
+            said_so = damaged.name in result.output and "skip" in result.output.lower()
+            if not said_so:
+                notes.append("resume did not report the damaged checkpoint")
+            lost = compare_runs(reference, run_dir, notes)
+            trials.append(Trial("corrupt-checkpoint", how, lost == 0 and said_so, lost, reached or result.seconds,
+                                notes))
+    return trials
+
+
+def _corrupt(checkpoint: Path, how: str, rng: random.Random) -> Path:
+    files = sorted(p for p in (checkpoint / "policy").rglob("*") if p.is_file())
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    target = weights[0] if weights else max(files, key=lambda p: p.stat().st_size)
+    if how == "truncate":
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    elif how == "missing":
+        target = rng.choice(files)
+        target.unlink()
+    elif how == "garbage":  # same size, bytes flipped in the tensor data: only a checksum can tell
+        data = bytearray(target.read_bytes())
+        start = rng.randrange(len(data) // 2, len(data) - 64)
+        data[start:start + 64] = bytes(rng.randrange(256) for _ in range(64))
+        target.write_bytes(bytes(data))
+    elif how == "bad-state":
+        target = checkpoint / "trainer_state.json"
+        target.write_text("{\"step\": ")
+    return target
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    records = [r for r in _read_metrics(run_dir / "metrics.jsonl") if r["step"] <= step]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def drill_disk_full(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """The disk fills up (the file-size limit is hit) while a checkpoint is written: a clear error, the previous
+    checkpoint intact and loadable, and a resume that equals the reference."""
+    reference = h.reference()
+    steps = _max_steps(h.overrides)
+    trials = []
+    for repeat in range(repeats):
+        step = rng.choice([4, steps])
+        run_dir = h.work / f"disk-{repeat}"
+        result, _ = h.run(run_dir, fault={"kind": "disk_full", "step": step})
+        notes = [_tail(result.output, 1)]
+        latest = _latest(run_dir)
+        clear = result.returncode not in (0, EXIT_KILLED) and "checkpoint" in result.output.lower() and (
+            "intact" in result.output or "previous" in result.output)
+        if not clear or latest is None or latest.name != f"step_{step - 2:06d}":
+            trials.append(Trial("disk-full", f"checkpoint step {step}", False, steps, 0.0,
+                                notes + [f"exit {result.returncode}, newest checkpoint {latest}"]))
+            continue
+        lost, seconds, more = h.resume_and_compare(run_dir, reference, lost_step=step)
+        trials.append(Trial("disk-full", f"checkpoint step {step}", lost == 0, lost, seconds, notes + more))
+    return trials
+
+
+def drill_reward(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """A grading worker hangs on an item, or dies mid-batch: the items score 0 and are counted, the run goes on."""
+    extra = ["reward.components={math_verify: 1.0}", "reward.timeout_s=2.0", "reward.num_workers=2"]
+    trials = []
+    for repeat in range(repeats):
+        for how in ("hang", "crash"):
+            step = rng.randint(1, _max_steps(h.overrides))
+            run_dir = h.work / f"reward-{how}-{repeat}"
+            result, _ = h.run(run_dir, extra, fault={"kind": f"grader_{how}", "step": step})
+            records = {r["step"]: r for r in _read_metrics(run_dir / "metrics.jsonl")}
+            counter = "timeouts" if how == "hang" else "crashes"
+            counted = records.get(step, {}).get(f"reward/count/{counter}", 0)
+            finished = result.returncode == 0 and max(records, default=0) == _max_steps(h.overrides)
+            seconds = records.get(step, {}).get("time/rollout/reward", 0.0)
+            notes = [f"step {step}: reward/count/{counter} = {counted}"]
+            if not finished:
+                notes.append(_tail(result.output))
+            trials.append(Trial("reward-worker", f"{how} at step {step}", finished and counted >= 1, 0 if finished
+                                else _max_steps(h.overrides), seconds, notes))
+    return trials
+
+
+def drill_nan(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """NaN in the loss or the gradients: one bad step is skipped and counted; K in a row stop the run cleanly with
+    the last good checkpoint untouched."""
+    steps = _max_steps(h.overrides)
+    limit = 2
+    extra = [f"trainer.max_consecutive_nan_steps={limit}", "trainer.save_every=1"]
+    trials = []
+    for repeat in range(repeats):
+        for where in ("loss", "grad"):
+            bad = rng.randint(2, steps - 1)
+            run_dir = h.work / f"nan-{where}-once-{repeat}"
+            result, _ = h.run(run_dir, extra, fault={"kind": f"nan_{where}", "steps": [bad]})
+            records = {r["step"]: r for r in _read_metrics(run_dir / "metrics.jsonl")}
+            skipped = [s for s, r in records.items() if r.get("train/skipped")]
+            ok = result.returncode == 0 and skipped == [bad] and max(records, default=0) == steps
+            trials.append(Trial("nan", f"{where} once at step {bad}", ok, 0 if ok else steps, 0.0,
+                                [f"skipped steps {skipped}"] + ([] if ok else [_tail(result.output)])))
+
+            streak = list(range(bad, bad + limit))
+            run_dir = h.work / f"nan-{where}-streak-{repeat}"
+            result, _ = h.run(run_dir, extra, fault={"kind": f"nan_{where}", "steps": streak})
+            latest = _latest(run_dir)
+            good = f"step_{bad - 1:06d}"
+            clean = result.returncode not in (0, EXIT_KILLED) and "consecutive" in result.output
+            intact = latest is not None and latest.name == good and _checkpoint_loads(latest)
+            trials.append(Trial("nan", f"{where} at steps {streak[0]}-{streak[-1]}", clean and intact, 0 if intact
+                                else 1, 0.0, [f"stopped: {clean}, newest checkpoint {latest and latest.name}"]))
+    return trials
+
+
+def _checkpoint_loads(path: Path) -> bool:
+    from nemo_igrpo.checkpoint import is_complete
+
+    return is_complete(path)
+
+
+def drill_inputs(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """Malformed inputs fail before any work, with a message naming the file, line or key."""
+    data = h.work / "inputs"
+    data.mkdir(exist_ok=True)
+    broken = data / "broken.jsonl"
+    broken.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2", "answer": \n'
+                      '{"problem": "3", "answer": "3"}\n')
+    empty = data / "empty.jsonl"
+    empty.write_text("")
+    cases = [
+        ("corrupted dataset line", [f"data.train={broken}"], f"{broken}:2"),
+        ("empty dataset", [f"data.train={empty}"], str(empty)),
+        ("config typo", ["trainer.max_stpes=3"], "trainer.max_stpes"),
+        ("parallel sizes that do not divide", ["policy.backend=megatron",
+                                               "policy.megatron.tensor_model_parallel_size=3"],
+         "tensor_model_parallel_size"),
+    ]
+    trials = []
+    for name, extra, must_name in cases:
+        for repeat in range(repeats):
+            run_dir = h.work / f"inputs-{name.replace(' ', '-')}-{repeat}"
+            result, _ = h.run(run_dir, extra)
+            named = must_name in result.output and "Traceback" not in result.output
+            no_work = _latest(run_dir) is None and not _read_metrics(run_dir / "metrics.jsonl")
+            trials.append(Trial("malformed-input", name, result.returncode != 0 and named and no_work, 0,
+                                result.seconds, [_tail(result.output, 1)] + ([] if no_work else ["work was done"])))
+    return trials
+
+
+DRILLS = {"kill": drill_kill, "term": drill_term, "corrupt": drill_corrupt, "disk": drill_disk_full,
+          "reward": drill_reward, "nan": drill_nan, "inputs": drill_inputs}
+
+
+# ---------------------------------------------------------------------------------------------- the child
+
+
+def _phase_log(run_dir: Path, everything: bool = False):
+    path = run_dir / "drill_phases.log"
+    marks = path.read_text().split() if path.exists() else []
+    return marks if everything else (marks[-1] if marks else "before the first step")
+
+
+def child(fault: dict, overrides: list[str]) -> int:
+    """Train with ``fault`` injected (runs in the subprocess)."""
+    import torch
+
+    import nemo_igrpo.checkpoint as checkpoint_module
+    import nemo_igrpo.trainer as trainer_module
+    from nemo_igrpo.cli import main
+
+    run_dir = Path([o for o in overrides if o.startswith("trainer.output_dir=")][-1].split("=", 1)[1])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marks = open(run_dir / "drill_phases.log", "a", buffering=1)
+    rng = random.Random(fault.get("seed", 0))
+    step = {"n": 0, "in_step": False}
+    kind = fault.get("kind")
+
+    def mark(text: str) -> None:
+        marks.write(text + "\n")
+        os.fsync(marks.fileno())
+
+    def armed(phase: str) -> bool:
+        # The checkpoint of step k is written after train_step returns; every other phase runs inside it.
+        inside = step["in_step"] or phase == "checkpoint"
+        return kind == "kill" and fault["phase"] == phase and step["n"] == fault["step"] and inside
+
+    def kill_now(where: str) -> None:
+        mark(f"killed:{where}@step{step['n']}")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def kill_soon(where: str, within_s: float) -> None:
+        timer = threading.Timer(rng.uniform(0, within_s), kill_now, args=(where,))
+        timer.daemon = True
+        timer.start()
+
+    real_train_step = trainer_module.train_step
+
+    def counted_step(*args, **kwargs):
+        step["n"] += 1
+        step["in_step"] = True
+        mark(f"step{step['n']}")
+        if kind == "term" and step["n"] == fault["step"]:
+            threading.Timer(rng.uniform(0, 0.3), _send_term, args=(mark,)).start()
+        try:
+            return real_train_step(*args, **kwargs)
+        finally:
+            step["in_step"] = False
+
+    trainer_module.train_step = counted_step
+
+    def wrap(owner, name: str, phase: str, within_s: float) -> None:
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if armed(phase):
+                if within_s > 0:
+                    kill_soon(phase, within_s)
+                elif rng.random() < 0.5:
+                    kill_now(f"{phase}:before")
+                else:
+                    result = real(*args, **kwargs)
+                    kill_now(f"{phase}:after")
+                    return result
+            return real(*args, **kwargs)
+
+        setattr(owner, name, wrapper)
+
+    from nemo_igrpo.generation.hf import HFGeneration
+
+    wrap(HFGeneration, "generate", "generation", within_s=0.3)
+    wrap(torch.Tensor, "backward", "backward", within_s=0)
+    wrap(torch.optim.AdamW, "step", "optimizer", within_s=0)
+
+    real_build_reward = trainer_module.build_training_reward
+
+    def build_reward(config):
+        reward = real_build_reward(config)
+        return _RewardProbe(reward, lambda: armed("reward"), kill_now, rng, fault, step, run_dir)
+
+    trainer_module.build_training_reward = build_reward
+
+    real_save = checkpoint_module.save_checkpoint
+
+    def save(root, saved_step, *args, **kwargs):
+        if armed("checkpoint"):
+            where = rng.choice(["writing", "before rename", "before pruning"])
+            if where == "writing":
+                kill_soon("checkpoint:writing", 0.05)
+            elif where == "before rename":
+                real_fsync = checkpoint_module._fsync_tree
+                checkpoint_module._fsync_tree = lambda path: (real_fsync(path), kill_now("checkpoint:before-rename"))
+            else:
+                checkpoint_module._prune = lambda *a, **k: kill_now("checkpoint:before-pruning")
+        if kind == "disk_full" and saved_step == fault["step"]:
+            import resource
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like ENOSPC
+            resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
+        return real_save(root, saved_step, *args, **kwargs)
+
+    trainer_module.save_checkpoint = save
+    checkpoint_module.save_checkpoint = save
+
+    if kind in ("nan_loss", "nan_grad"):
+        _inject_nan(kind, set(fault["steps"]), step, trainer_module, torch)
+
+    try:
+        return main(["train", "--config", str(CONFIG), *overrides])
+    finally:
+        (run_dir / "exit_time").write_text(str(time.time()))
+
+
+def _send_term(mark) -> None:
+    mark(f"sigterm@{time.time()}")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _RewardProbe:
+    """The training reward, with a kill point and the grading-worker faults."""
+
+    def __init__(self, reward, armed, kill_now, rng, fault, step, run_dir):
+        self._reward, self._armed, self._kill_now = reward, armed, kill_now
+        self._rng, self._fault, self._step, self._run_dir = rng, fault, step, run_dir
+
+    def __call__(self, completions, answers):
+        kind = self._fault.get("kind", "")
+        if kind.startswith("grader_") and self._step["n"] == self._fault["step"] and self._step["in_step"]:
+            flag = self._run_dir / f"grader_{kind.split('_', 1)[1]}.flag"
+            if not flag.with_suffix(".done").exists():
+                flag.write_text("")  # the first grading worker that sees it hangs or dies (see _grade_or_fail)
+                flag.with_suffix(".done").write_text("")
+                # make sure at least one item reaches a grading worker (a tiny model may not box any answer yet)
+                completions = ["\\boxed{7}", *completions[1:]]
+        if self._armed():
+            if self._rng.random() < 0.5:
+                self._kill_now("reward:before")
+            out = self._reward(completions, answers)
+            self._kill_now("reward:after")
+            return out
+        return self._reward(completions, answers)
+
+    def __getattr__(self, name):
+        return getattr(self._reward, name)
+
+
+def _install_grader_faults(run_dir: Path) -> None:
+    """Wrap the grading pool's function so that one worker hangs or dies when the drill raises its flag."""
+    import functools
+
+    from nemo_igrpo.rewards import pool as pool_module
+
+    real_init = pool_module.GradingPool.__init__
+
+    def init(self, fn, *args, **kwargs):
+        real_init(self, functools.partial(_grade_or_fail, str(run_dir), fn), *args, **kwargs)
+
+    pool_module.GradingPool.__init__ = init
+
+
+def _grade_or_fail(run_dir: str, fn, item):
+    """Runs inside a grading worker (spawned: it imports this file as __mp_main__)."""
+    for how in ("hang", "crash"):
+        flag = Path(run_dir) / f"grader_{how}.flag"
+        try:
+            os.rename(flag, flag.with_suffix(".taken"))  # atomic: exactly one item takes the fault
+        except FileNotFoundError:
+            continue
+        if how == "hang":
+            time.sleep(3600)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return fn(item)
+
+
+def _inject_nan(kind: str, bad_steps: set[int], step: dict, trainer_module, torch) -> None:
+    if kind == "nan_loss":
+        real_make = trainer_module.make_loss_fn
+
+        def make_loss_fn(*args, **kwargs):
+            loss_fn = real_make(*args, **kwargs)
+
+            def poisoned(stats, batch):
+                loss, metrics = loss_fn(stats, batch)
+                return (loss * float("nan"), metrics) if step["n"] in bad_steps else (loss, metrics)
+
+            return poisoned
+
+        trainer_module.make_loss_fn = make_loss_fn
+    else:
+        real_backward = torch.Tensor.backward
+
+        def backward(self, *args, **kwargs):
+            real_backward(self, *args, **kwargs)
+            if step["n"] in bad_steps and step["in_step"]:
+                for group in _optimizer_params():
+                    if group.grad is not None:
+                        group.grad.view(-1)[0] = float("nan")
+                        break
+
+        torch.Tensor.backward = backward
+
+        import nemo_igrpo.policy.hf as hf_module
+
+        real_init = hf_module.HFPolicy.__init__
+
+        def init(self, model, *args, **kwargs):
+            real_init(self, model, *args, **kwargs)
+            _PARAMS.append(model)
+
+        hf_module.HFPolicy.__init__ = init
+
+
+_PARAMS: list = []
+
+
+def _optimizer_params():
+    return [p for model in _PARAMS for p in model.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def summarize(trials: list[Trial]) -> list[dict]:
+    rows = {}
+    for t in trials:
+        row = rows.setdefault(t.drill, {"drill": t.drill, "repetitions": 0, "survived": 0, "data_lost": 0,
+                                        "recover_s": []})
+        row["repetitions"] += 1
+        row["survived"] += int(t.survived)
+        row["data_lost"] += t.data_lost
+        row["recover_s"].append(t.recover_s)
+    for row in rows.values():
+        seconds = sorted(row.pop("recover_s"))
+        row["recover_s_median"] = round(seconds[len(seconds) // 2], 2)
+        row["recover_s_max"] = round(seconds[-1], 2)
+    return list(rows.values())
+
+
+def print_table(rows: list[dict], trials: list[Trial]) -> None:
+    print(f"{'drill':<20} {'reps':>5} {'survived':>9} {'data lost':>10} {'recover s (median / max)':>26}")
+    for r in rows:
+        print(f"{r['drill']:<20} {r['repetitions']:>5} {r['survived']:>9} {r['data_lost']:>10} "
+              f"{r['recover_s_median']:>13.2f} / {r['recover_s_max']:<10.2f}")
+    failed = [t for t in trials if not t.survived]
+    for t in failed:
+        print(f"FAILED {t.drill} ({t.detail}): {'; '.join(t.notes)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--drills", default=",".join(DRILLS), help=f"comma-separated subset of {', '.join(DRILLS)}")
+    parser.add_argument("--repeats", type=int, default=2, help="repetitions of each drill (different timing)")
+    parser.add_argument("--quick", action="store_true", help="the tiny CI model instead of the quickstart model")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the fault timing")
+    parser.add_argument("--work-dir", type=Path, default=None, help="where runs go (default: a fresh temp dir)")
+    parser.add_argument("--json", type=Path, default=Path("fault_drills.json"), help="where to write the results")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds any one training run may take")
+    args = parser.parse_args(argv)
+    unknown = set(args.drills.split(",")) - set(DRILLS)
+    if unknown:
+        parser.error(f"unknown drill(s) {', '.join(sorted(unknown))}; choose from {', '.join(DRILLS)}")
+
+    import tempfile
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="fault-drills-"))
+    work.mkdir(parents=True, exist_ok=True)
+    harness = Harness(work, BASE + (QUICK if args.quick else []), args.timeout)
+    rng = random.Random(args.seed)
+    trials: list[Trial] = []
+    started = time.perf_counter()
+    for name in args.drills.split(","):
+        print(f"[fault drills] {name} …", flush=True)
+        trials += DRILLS[name](harness, rng, args.repeats)
+    rows = summarize(trials)
+    print_table(rows, trials)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"summary": rows, "trials": [asdict(t) for t in trials],
+                                     "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - started),
+                                     "work_dir": str(work)}, indent=2))
+    print(f"wrote {args.json} (runs in {work})")
+    return 0 if all(t.survived for t in trials) else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        fault_spec = json.loads(sys.argv[2])
+        child_overrides = sys.argv[4:]
+        if fault_spec.get("kind", "").startswith("grader_"):
+            _dir = Path([o for o in child_overrides if o.startswith("trainer.output_dir=")][-1].split("=", 1)[1])
+            _install_grader_faults(_dir)
+        sys.exit(child(fault_spec, child_overrides))
+    sys.exit(main())
