@@ -18,12 +18,9 @@ from nemo_igrpo.models import resolve_device
 from nemo_igrpo.policy.base import PolicyBackend
 
 
-def _hf_policy(config: Config, model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> PolicyBackend:
-    from nemo_igrpo.policy.hf import HFPolicy
-
-    device = resolve_device(config.policy.device)
-    return HFPolicy(
-        model,
+def _training_arguments(config: Config, optim: OptimConfig, total_steps: int) -> dict:
+    """What every policy backend needs for its optimizer, schedule and loss (same math whichever backend)."""
+    return dict(
         lr=optim.lr,
         weight_decay=optim.weight_decay,
         betas=(optim.betas[0], optim.betas[1]),
@@ -32,12 +29,21 @@ def _hf_policy(config: Config, model: torch.nn.Module, optim: OptimConfig, total
         total_steps=total_steps,
         min_lr_ratio=optim.min_lr_ratio,
         micro_batch_size=config.policy.micro_batch_size,
-        logprob_chunk_size=config.policy.logprob_chunk_size,
         temperature=config.generation.temperature,
         use_reference=config.algorithm.kl_coef > 0,
+    )
+
+
+def _hf_policy(config: Config, model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> PolicyBackend:
+    from nemo_igrpo.policy.hf import HFPolicy
+
+    return HFPolicy(
+        model,
+        **_training_arguments(config, optim, total_steps),
+        logprob_chunk_size=config.policy.logprob_chunk_size,
         gradient_checkpointing=config.policy.gradient_checkpointing,
         autocast_dtype="bfloat16" if config.policy.precision == "bf16" else None,
-        device=device,
+        device=resolve_device(config.policy.device),
     )
 
 
@@ -47,16 +53,7 @@ def _megatron_policy(config: Config, model: torch.nn.Module, optim: OptimConfig,
     return MegatronPolicy(
         model,
         megatron=config.policy.megatron,
-        lr=optim.lr,
-        weight_decay=optim.weight_decay,
-        betas=(optim.betas[0], optim.betas[1]),
-        max_grad_norm=optim.max_grad_norm,
-        warmup_steps=math.ceil(optim.warmup_ratio * total_steps),
-        total_steps=total_steps,
-        min_lr_ratio=optim.min_lr_ratio,
-        micro_batch_size=config.policy.micro_batch_size,
-        temperature=config.generation.temperature,
-        use_reference=config.algorithm.kl_coef > 0,
+        **_training_arguments(config, optim, total_steps),
         bf16=config.policy.precision == "bf16",
         seed=config.trainer.seed,
     )
