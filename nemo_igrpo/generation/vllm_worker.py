@@ -45,6 +45,16 @@ class WeightSyncExtension:
         self.reload_weights(weights_iterator=list(tensors.items()), is_checkpoint_format=True)
         return len(tensors)
 
+    def nemo_igrpo_set_weights_version(self, version: str, token: str) -> str:
+        """Label the weights just loaded; a restarted server has no label, which the client detects."""
+        self._nemo_igrpo_check_token(token)
+        self._nemo_igrpo_weights_version = version
+        return version
+
+    def nemo_igrpo_weights_version(self, token: str) -> str:
+        self._nemo_igrpo_check_token(token)
+        return getattr(self, "_nemo_igrpo_weights_version", "")
+
     # ---------------------------------------------------------------------------------------------- NCCL (GPU)
 
     def nemo_igrpo_init_nccl(self, master_address: str, master_port: str, rank_offset: str, world_size: str,
