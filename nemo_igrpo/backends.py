@@ -85,6 +85,25 @@ GENERATION_BUILDERS: dict[str, Callable[..., GenerationBackend]] = {
     "hf": _hf_generation, "vllm": _vllm_generation, "server": _server_generation}
 
 
+def _megatron_check(config: Config, model: torch.nn.Module) -> None:
+    from nemo_igrpo.policy.megatron.parallel import validate_sizes
+    from nemo_igrpo.policy.megatron.spec import resolve_impl
+
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    validate_sizes(config.policy.megatron, world, model.config, resolve_impl(config.policy.megatron.transformer_impl))
+
+
+# Cheap checks of a backend's settings against the model and the world size, run before any training work.
+POLICY_CHECKS: dict[str, Callable[[Config, torch.nn.Module], None]] = {"megatron": _megatron_check}
+
+
+def check_policy(config: Config, model: torch.nn.Module) -> None:
+    """Raise ConfigError (naming the key) when ``policy.*`` cannot work with this model and world size."""
+    check = POLICY_CHECKS.get(config.policy.backend)
+    if check is not None:
+        check(config, model)
+
+
 def build_policy(config: Config, model: torch.nn.Module, optim: OptimConfig | None = None,
                  total_steps: int | None = None) -> PolicyBackend:
     """The policy backend named by ``policy.backend``; ``optim``/``total_steps`` default to the RL settings."""

@@ -30,7 +30,7 @@ from nemo_igrpo import distributed
 from nemo_igrpo.algorithms.aggregation import LossNormalizer
 from nemo_igrpo.algorithms.igrpo import RolloutSettings, rollout
 from nemo_igrpo.algorithms.loss import make_loss_fn
-from nemo_igrpo.backends import build_generation, build_policy
+from nemo_igrpo.backends import build_generation, build_policy, check_policy
 from nemo_igrpo.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from nemo_igrpo.config import Config, ConfigError, to_yaml
 from nemo_igrpo.data.dataset import Example, PromptSampler
@@ -94,6 +94,7 @@ def _train(config: Config, console: Console) -> TrainResult:
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
 
     model = load_model(config.model, tokenizer)
+    check_policy(config, model)  # e.g. parallel sizes that do not divide: fail before the warm start
     resume_from = _resume_path(config, run_dir)
     if resume_from is None and config.warm_start.steps > 0:
         console.print(f"[bold]Warm start[/]: {config.warm_start.steps} supervised steps on reference solutions")

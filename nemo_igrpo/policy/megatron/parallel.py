@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from nemo_igrpo.config import ConfigError
 from nemo_igrpo.policy.megatron.convert import gpt_config_kwargs, gpt_model_kwargs
 
 KEY = "policy.megatron"
@@ -31,10 +32,10 @@ def validate_sizes(megatron: Any, world_size: int, hf_config: Any, impl: str) ->
     for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
                         ("context_parallel_size", cp)):
         if value < 1:
-            raise ValueError(f"{KEY}.{name}={value}: must be >= 1")
+            raise ConfigError(f"{KEY}.{name}={value}: must be >= 1")
     model_parallel = tp * pp * cp
     if world_size % model_parallel:
-        raise ValueError(f"{KEY}: tensor_model_parallel_size × pipeline_model_parallel_size × context_parallel_size "
+        raise ConfigError(f"{KEY}: tensor_model_parallel_size × pipeline_model_parallel_size × context_parallel_size "
                          f"= {tp}×{pp}×{cp} = {model_parallel} does not divide the world size {world_size}")
     shape = gpt_config_kwargs(hf_config)
     vocab = gpt_model_kwargs(hf_config)["vocab_size"]
@@ -48,15 +49,15 @@ def validate_sizes(megatron: Any, world_size: int, hf_config: Any, impl: str) ->
     )
     for key, size, field, value in checks:
         if value % size:
-            raise ValueError(f"{KEY}.{key}={size} does not divide the model's {field}={value}")
+            raise ConfigError(f"{KEY}.{key}={size} does not divide the model's {field}={value}")
     if cp > 1:
         if impl != "transformer_engine":
-            raise ValueError(f"{KEY}.context_parallel_size={cp} needs Transformer Engine (megatron-core only supports "
+            raise ConfigError(f"{KEY}.context_parallel_size={cp} needs Transformer Engine (megatron-core only supports "
                              "context parallelism in TEDotProductAttention); it is not importable here")
-        raise NotImplementedError(f"{KEY}.context_parallel_size={cp}: the per-token log-prob gather across the "
+        raise ConfigError(f"{KEY}.context_parallel_size={cp}: the per-token log-prob gather across the "
                                   "context-parallel group is not implemented yet; use 1")
     if megatron.fp8 != "none" and impl != "transformer_engine":
-        raise ValueError(f"{KEY}.fp8={megatron.fp8} needs Transformer Engine ({KEY}.transformer_impl resolved to "
+        raise ConfigError(f"{KEY}.fp8={megatron.fp8} needs Transformer Engine ({KEY}.transformer_impl resolved to "
                          f"{impl!r})")
     return ParallelSizes(tp=tp, pp=pp, cp=cp, dp=world_size // model_parallel,
                          sequence_parallel=bool(megatron.sequence_parallel) and tp > 1)
