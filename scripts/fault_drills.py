@@ -205,7 +205,8 @@ def drill_kill(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
                 trials.append(Trial("kill", f"{phase} step {step}", False, steps,
                                     0.0, [f"fault did not fire (exit {killed.returncode}): {_tail(killed.output)}"]))
                 continue
-            lost, seconds, notes = h.resume_and_compare(run_dir, reference, lost_step=step)
+            died_in = int(landed.rsplit("@step", 1)[1]) if "@step" in landed else step  # a timer may land later
+            lost, seconds, notes = h.resume_and_compare(run_dir, reference, lost_step=died_in)
             trials.append(Trial("kill", f"{phase} step {step} ({landed})", lost == 0, lost, seconds, notes))
     return trials
 

@@ -65,7 +65,7 @@ def test_hanging_item_is_killed_at_its_deadline_and_the_worker_replaced(pool):
     elapsed = time.perf_counter() - start
     assert results == [2.0, 0.0, 4.0, 6.0, 8.0]
     assert counters == {"timeouts": 1, "crashes": 0, "errors": 0}
-    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 2.0
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 10.0  # the deadline, not the 3600 s hang (slack for a busy machine)
     # The killed worker was replaced: the pool still has two working processes.
     results, counters = pool.map([5, 6, 7])
     assert results == [10.0, 12.0, 14.0] and counters["timeouts"] == 0
@@ -77,8 +77,9 @@ def test_every_item_hanging_still_finishes(pool):
     results, counters = pool.map(["hang"] * 3 + [1])
     assert results == [0.0, 0.0, 0.0, 2.0]
     assert counters["timeouts"] == 3
-    # Two workers: the three hangs take at most two deadline rounds, plus worker restarts.
-    assert time.perf_counter() - start < 2 * TIMEOUT_S + 4.0
+    # Two workers: the three hangs take at most two deadline rounds, plus three worker restarts (fresh spawned
+    # interpreters: about a second each when idle, several when the machine is busy). A hang lasts 3600 s.
+    assert time.perf_counter() - start < 2 * TIMEOUT_S + 20.0
 
 
 def test_crashing_workers_are_counted_and_replaced(pool):

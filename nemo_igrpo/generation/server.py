@@ -21,6 +21,7 @@ selection) runs under a lock, one prompt at a time.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -111,7 +112,8 @@ class ServerGeneration(GenerationBackend):
                     raise ServerRequestError(f"generation server {self.url}{path}: HTTP {error.code}: "
                                              f"{detail}") from None
                 last = f"HTTP {error.code}: {detail}"
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as error:
+            # HTTPException: the server died while sending its answer (IncompleteRead), which is worth a retry too
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, http.client.HTTPException) as error:
                 last = f"{type(error).__name__}: {getattr(error, 'reason', error)}"
             remaining = deadline - time.monotonic()
             if remaining <= 0:
