@@ -220,14 +220,16 @@ def test_serve_refuses_to_start_without_a_token(tmp_path, monkeypatch):
 
 @register_reward("test_kill_server")
 class KillServerReward(BoxedMatchReward):
-    """Scores like boxed_match, but stops the generation server the first time it is called (mid-step)."""
+    """Scores like boxed_match, but kills the generation server the first time it is called (mid-step)."""
 
     process: subprocess.Popen | None = None
 
     def __call__(self, completions, answers):
         process = KillServerReward.process
         if process is not None and process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
+            # SIGKILL, as a crash or an OOM kill: on SIGTERM the API server waits for its in-flight requests, and
+            # those never finish once the engine process is gone.
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
         return super().__call__(completions, answers)
 
