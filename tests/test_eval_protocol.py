@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,11 +14,11 @@ import pytest
 from nemo_igrpo.cli import main as cli_main
 from nemo_igrpo.config import ConfigError, EvalConfig, load_config
 from nemo_igrpo.evaluation.metrics import avg_at_k_ci95, markdown_table
-from nemo_igrpo.evaluation.protocols import PAPER, EvalRun, dataset_name, plan_runs
+from nemo_igrpo.evaluation.protocols import PAPER, EvalRun, dataset_name, packaged_benchmarks, plan_runs
 from nemo_igrpo.models import load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = REPO.parent / "shared" / "data" / "benchmarks"  # read in place, never copied
+BENCHMARKS = packaged_benchmarks()  # shipped inside the package (a user's clone has nothing beside it)
 
 TINY_MODEL = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
               "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "generation.max_new_tokens=12",
@@ -24,7 +26,7 @@ TINY_MODEL = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "
 
 
 def paper(**overrides) -> EvalConfig:
-    return EvalConfig(protocol="paper", benchmarks_dir=str(BENCHMARKS), **overrides)
+    return EvalConfig(protocol="paper", **overrides)  # no eval.benchmarks_dir: the packaged files
 
 
 # ---------------------------------------------------------------------------------------------- the protocol
@@ -57,7 +59,6 @@ def test_subsets_caps_and_what_samples_per_problem_means():
     (paper(temperature=1.0), ConfigError, "eval.temperature: 1.0 conflicts with eval.protocol=paper"),
     (paper(top_p=1.0), ConfigError, "eval.top_p: 1.0 conflicts"),
     (EvalConfig(protocol="papr"), ConfigError, "eval.protocol: 'papr' is not one of paper"),
-    (EvalConfig(protocol="paper"), ConfigError, "eval.benchmarks_dir: eval.protocol=paper needs the folder"),
     (paper(datasets=["olympiadbench"]), ConfigError, "'olympiadbench' is not a benchmark of eval.protocol=paper"),
     (paper(max_samples_per_problem=0), ConfigError, "eval.max_samples_per_problem: must be >= 1"),
     (EvalConfig(protocol="paper", benchmarks_dir="/nonexistent"), FileNotFoundError, "/nonexistent/aime24.jsonl"),
@@ -66,6 +67,30 @@ def test_subsets_caps_and_what_samples_per_problem_means():
 def test_protocol_mistakes_are_rejected_by_key(config, error, message):
     with pytest.raises(error, match=re.escape(message)):
         plan_runs(config, None)
+
+
+def test_packaged_benchmarks_match_their_manifest():
+    """The shipped copies are the recorded ones: every row, byte for byte (sha256 from the manifest)."""
+    manifest = json.loads((BENCHMARKS / "MANIFEST.json").read_text())
+    assert {entry["name"] for entry in manifest} >= {Path(b.file).stem for b in PAPER.benchmarks}
+    for entry in manifest:
+        data = (BENCHMARKS / f"{entry['name']}.jsonl").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert len(data.splitlines()) == entry["rows"]
+        assert entry["repo"] in (BENCHMARKS / "README.md").read_text()  # each source named beside the files
+
+
+def test_nothing_reads_the_workplace_shared_folder():
+    """A user's clone has no shared folder beside it: no file of the project may refer to one."""
+    pattern = re.compile(r"\.\./shared|[\"'/]shared[\"']?\s*/\s*[\"']?data|parent\s*/\s*[\"']shared")
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()  # tracked + new, not ignored
+    offenders = []
+    for name in listed:
+        path = REPO / name
+        if path.suffix in {".py", ".md", ".yaml", ".sh", ".toml", ".sbatch", ".txt", ".cfg"} and path.is_file():
+            offenders += [f"{name}: {m.group(0)}" for m in pattern.finditer(path.read_text(errors="replace"))]
+    assert offenders == []
 
 
 def test_dataset_names_are_file_safe():
@@ -114,7 +139,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def test_eval_command_runs_the_paper_protocol(tiny_model_dir, tmp_path, single_thread):
     out = tmp_path / "eval"
     code = cli_main(["eval", *TINY_MODEL, f"eval.model={tiny_model_dir}", "eval.protocol=paper",
-                     f"eval.benchmarks_dir={BENCHMARKS}", "eval.datasets=[aime24,math500]", "eval.num_problems=2",
+                     "eval.datasets=[aime24,math500]", "eval.num_problems=2",
                      "eval.max_samples_per_problem=9", f"eval.output_dir={out}"])
     assert code == 0
     report = json.loads((out / "results.json").read_text())

@@ -43,3 +43,16 @@ def test_config_error_exits_2_with_the_key(capsys):
 
     assert main(["train", "trainer.max_step=3"]) == 2
     assert "did you mean 'trainer.max_steps'" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_benchmark_files(tmp_path):
+    """`pip install nemo-igrpo` must bring the paper protocol's benchmark files (eval works offline)."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path,
+                    REPO], check=True, capture_output=True, timeout=300)
+    names = set(zipfile.ZipFile(next(tmp_path.glob("nemo_igrpo-*.whl"))).namelist())
+    shipped = {n.rsplit("/", 1)[-1] for n in names if n.startswith("nemo_igrpo/evaluation/benchmarks/")}
+    assert {"aime24.jsonl", "aime25.jsonl", "math500.jsonl", "amc23.jsonl", "gsm8k_test.jsonl", "minerva_math.jsonl",
+            "olympiadbench.jsonl", "README.md", "MANIFEST.json"} <= shipped

@@ -18,11 +18,12 @@ from nemo_igrpo.checkpoint import find_latest
 from nemo_igrpo.cli import main as cli_main
 from nemo_igrpo.config import load_config
 from nemo_igrpo.rewards import Reward, RewardOutput, register_reward
+from nemo_igrpo.evaluation.protocols import packaged_benchmarks
 from nemo_igrpo.tracking import read_metrics
 from nemo_igrpo.trainer import TrainingStopped, train
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = REPO.parent / "shared" / "data" / "benchmarks"
+BENCHMARKS = packaged_benchmarks()
 
 TINY = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",

@@ -15,7 +15,9 @@ allows up to 65k tokens. Under a protocol:
 * ``eval.temperature`` and ``eval.top_p`` must equal the protocol's values (their defaults do): a different value
   is an error rather than silently ignored.
 * ``eval.datasets`` picks a subset, by benchmark name (``aime24``) or by file (``path/to/aime24.jsonl``); empty
-  means all of them. Names are looked up in ``eval.benchmarks_dir``.
+  means all of them. Names are looked up in ``eval.benchmarks_dir``, by default the copies shipped inside the
+  package (``nemo_igrpo/evaluation/benchmarks/``, sources and licences in its README), so the protocol runs offline
+  after a plain ``pip install``.
 * ``eval.num_problems`` still evaluates only the first N problems of each benchmark (smoke tests).
 """
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from nemo_igrpo.config import ConfigError, EvalConfig
@@ -32,7 +35,7 @@ from nemo_igrpo.config import ConfigError, EvalConfig
 @dataclass(frozen=True)
 class Benchmark:
     name: str  # in reports
-    file: str  # JSONL file in eval.benchmarks_dir (the layout of shared/data/benchmarks)
+    file: str  # JSONL file in eval.benchmarks_dir (default: the package's own copies, PACKAGED_BENCHMARKS)
     samples: int  # k: samples per problem for avg@k and pass@k
 
     def matches(self, entry: str) -> bool:
@@ -66,6 +69,12 @@ PAPER = Protocol("paper", temperature=0.6, top_p=0.95, benchmarks=(
 ))
 
 PROTOCOLS: dict[str, Protocol] = {PAPER.name: PAPER}
+
+
+def packaged_benchmarks() -> Path:
+    """The benchmark files shipped inside the package (public sets; sources, commits and licences in the README
+    and MANIFEST.json beside them)."""
+    return Path(str(resources.files("nemo_igrpo.evaluation").joinpath("benchmarks")))
 
 
 @dataclass(frozen=True)
@@ -117,19 +126,15 @@ def _protocol_runs(ev: EvalConfig, protocol: Protocol) -> list[EvalRun]:
     runs = []
     for entry in entries:
         benchmark = protocol.benchmark(entry)
-        source = entry if Path(entry).suffix == ".jsonl" else _benchmark_file(benchmark, ev.benchmarks_dir, protocol)
+        source = entry if Path(entry).suffix == ".jsonl" else _benchmark_file(benchmark, ev.benchmarks_dir)
         if not Path(source).is_file():
             raise FileNotFoundError(f"eval.protocol={protocol.name}: benchmark file {source} not found")
         runs.append(EvalRun(benchmark.name, source, benchmark.samples, protocol.temperature, protocol.top_p))
     return runs
 
 
-def _benchmark_file(benchmark: Benchmark, benchmarks_dir: str | None, protocol: Protocol) -> str:
-    if benchmarks_dir is None:
-        raise ConfigError(f"eval.benchmarks_dir: eval.protocol={protocol.name} needs the folder holding its "
-                          f"benchmark files ({', '.join(b.file for b in protocol.benchmarks)}), "
-                          f"or their paths in eval.datasets")
-    return str(Path(benchmarks_dir) / benchmark.file)
+def _benchmark_file(benchmark: Benchmark, benchmarks_dir: str | None) -> str:
+    return str(Path(benchmarks_dir or packaged_benchmarks()) / benchmark.file)
 
 
 def _check_sampling(ev: EvalConfig, protocol: Protocol) -> None:
