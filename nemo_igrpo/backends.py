@@ -106,9 +106,15 @@ def check_policy(config: Config, model: torch.nn.Module) -> None:
 
 def build_policy(config: Config, model: torch.nn.Module, optim: OptimConfig | None = None,
                  total_steps: int | None = None) -> PolicyBackend:
-    """The policy backend named by ``policy.backend``; ``optim``/``total_steps`` default to the RL settings."""
-    return POLICY_BUILDERS[config.policy.backend](
-        config, model, optim or config.optim, total_steps if total_steps is not None else config.trainer.max_steps)
+    """The policy backend named by ``policy.backend``; ``optim``/``total_steps`` default to the RL settings.
+
+    ``total_steps`` counts optimizer steps, as the LR schedule does: each of a training step's
+    ``algorithm.ppo_epochs`` updates steps the schedule (as in TRL and veRL), so the RL run has
+    ``max_steps × ppo_epochs`` of them and warmup is a fraction of those.
+    """
+    if total_steps is None:
+        total_steps = config.trainer.max_steps * config.algorithm.ppo_epochs
+    return POLICY_BUILDERS[config.policy.backend](config, model, optim or config.optim, total_steps)
 
 
 def build_generation(config: Config, model: torch.nn.Module, pad_token_id: int) -> GenerationBackend:

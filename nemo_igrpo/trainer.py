@@ -208,8 +208,7 @@ def train_step(config: Config, policy: PolicyBackend, generator: GenerationBacke
         normalizer=_global_normalizer(batch.loss_mask, config.generation.max_new_tokens, group),
         importance_correction=algorithm.importance_correction, importance_cap=algorithm.importance_cap)
     with timer("update"):
-        for _ in range(algorithm.ppo_epochs):
-            update = policy.train_step(batch, loss_fn)
+        updates = [policy.train_step(batch, loss_fn) for _ in range(algorithm.ppo_epochs)]
     with timer("weight_sync"):
         generator.update_weights(policy.export_weights())
 
@@ -221,7 +220,17 @@ def train_step(config: Config, policy: PolicyBackend, generator: GenerationBacke
     metrics["throughput/trained_tokens_per_s"] = trained / max(timer.seconds["update"], 1e-9)
     metrics["throughput/tokens_per_s"] = (generated + trained) / max(metrics["time/step"], 1e-9)
     metrics = reduce_metrics(metrics, group)
-    metrics.update({f"train/{k}": v for k, v in update.items()})  # the policy reports step-global values already
+    metrics.update(epoch_metrics(updates))  # the policy reports step-global values already
+    return metrics
+
+
+def epoch_metrics(updates: list[dict[str, float]]) -> dict[str, float]:
+    """``train/*``: the mean over a step's PPO epochs (its optimizer steps); with several epochs, also the last
+    epoch's values (``train/last_epoch/*``: how far the policy moved from π_old within the step)."""
+    metrics = {f"train/{k}": sum(u[k] for u in updates) / len(updates) for k in updates[0]}
+    if len(updates) > 1:
+        metrics.update({f"train/last_epoch/{k}": v for k, v in updates[-1].items()})
+        metrics["train/epochs"] = float(len(updates))
     return metrics
 
 

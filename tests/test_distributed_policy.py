@@ -71,12 +71,14 @@ def test_two_replicas_take_the_full_batch_step(tmp_path, single_thread):
 
     reference = make_policy(tiny_llama(seed=10), micro_batch_size=2)  # rank 0's initial weights
     batch = _batch()
+    peak_lr = reference.optimizer.defaults["lr"]
     expected = reference.train_step(batch, _loss_fn(batch))
 
     for result in ranks:
         for name, tensor in reference.model.state_dict().items():
-            # Adam's first step is ≈ lr·sign(g): float-rounding differences in tiny gradients show up at ~1e-5.
-            torch.testing.assert_close(result["weights"][name], tensor, rtol=0, atol=2e-5, msg=name)
+            # Adam's first step is lr·g/(|g| + eps) ≈ lr·sign(g): where |g| is near eps, float-rounding differences
+            # of the gradient (reduction order: CPU-dependent) become a fraction of lr. A wrong step is ≈ lr off.
+            torch.testing.assert_close(result["weights"][name], tensor, rtol=0, atol=2e-3 * peak_lr, msg=name)
         for name, param in reference.model.named_parameters():
             torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
         for key in ("loss", "grad_norm", "policy_loss", "entropy", "clip_fraction"):

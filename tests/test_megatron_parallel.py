@@ -228,8 +228,12 @@ def test_optimizer_step_is_layout_independent(runs, mode):
     assert ref["step"]["skipped"] == 0.0 and ref["step"]["lr"] == pytest.approx(OPTIM["lr"])
     initial = dict(hf_model().state_dict())
     moved = max_diff(ref["weights"], {k: initial[k] for k in ref["weights"]})
-    assert moved > 1e-4  # the step changed the weights ...
-    assert max_diff(got["weights"], ref["weights"]) < 2e-6  # ... identically in every layout
+    assert moved > 0.5 * OPTIM["lr"]  # the step changed the weights (Adam's first step moves each by ≈ lr) ...
+    # ... identically in every layout, up to rounding. Adam's first step is lr·g/(|g| + eps): where |g| is near eps
+    # (1e-8) it amplifies the reduction-order noise of g (different on every CPU: 2.6e-6 seen on AMD EPYC) to a
+    # fraction of lr, so the bound is relative to the step size. A wrong step (lost gradient, wrong sign, wrong
+    # lr) is off by ≈ lr, 100× this bound.
+    assert max_diff(got["weights"], ref["weights"]) < 1e-2 * OPTIM["lr"]
 
 
 def test_reference_policy_stays_at_the_initial_weights(runs):
