@@ -46,3 +46,18 @@ def test_k3_gradient():
 def test_unknown_estimator_names_valid_ones():
     with pytest.raises(ValueError, match="k1, k2, k3"):
         kl_penalty(LP, REF, "k4", None)
+
+
+@pytest.mark.parametrize("clamp", [None, 10.0])
+def test_k3_gradient_stays_finite_far_below_the_reference(clamp):
+    """log π = −90 under log π_ref = 0 (float32): exp(90) overflows; the log-ratio is clamped to ±20 first (as veRL
+    and NeMo-RL do), so the value is finite and the gradient is 0 there, not 0·inf = NaN."""
+    logprobs = torch.tensor([-90.0, -0.5, 30.0], requires_grad=True)
+    kl = kl_penalty(logprobs, torch.tensor([0.0, 0.0, 0.0]), "k3", clamp)
+    kl.sum().backward()
+    assert torch.isfinite(kl).all() and torch.isfinite(logprobs.grad).all()
+    assert logprobs.grad[0] == 0.0 and logprobs.grad[2] == 0.0  # clamped: no gradient through the clamp
+    # an unclamped entry keeps the exact k3 gradient: d/dx [exp(−x) − 1 + x] = 1 − exp(−x)
+    assert logprobs.grad[1].item() == pytest.approx(1 - math.exp(0.5), rel=1e-6)
+    expected_first = math.expm1(20) - 20 if clamp is None else clamp
+    assert kl[0].item() == pytest.approx(expected_first, rel=1e-6)

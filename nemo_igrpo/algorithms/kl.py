@@ -21,9 +21,15 @@ def _k2(log_ratio: Tensor) -> Tensor:
     return 0.5 * log_ratio.square()
 
 
+# k3 exponentiates the log-ratio: beyond ±20 (e^20 ≈ 5e8) float32 overflows soon after, and an overflowed value
+# clamped by kl_clamp still back-propagates 0·inf = NaN. veRL and NeMo-RL clamp the log-ratio the same way.
+K3_LOG_RATIO_CLAMP = 20.0
+
+
 def _k3(log_ratio: Tensor) -> Tensor:
-    """k3 = exp(log π_ref − log π) − 1 − (log π_ref − log π) (unbiased, low variance, ≥ 0)."""
-    neg = -log_ratio
+    """k3 = exp(log π_ref − log π) − 1 − (log π_ref − log π) (unbiased, low variance, ≥ 0), with the log-ratio
+    clamped to ±20 first (no gradient beyond it)."""
+    neg = (-log_ratio).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
     return torch.expm1(neg) - neg  # expm1: exact near 0, where most tokens are
 
 
