@@ -19,9 +19,10 @@ FIGURES: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
     "reward": ("Training reward", "mean reward", [
         ("reward/draft_mean", "drafts"), ("reward/best_draft_mean", "best draft"),
         ("reward/refinement_mean", "refinements")]),
-    "best_draft": ("Best-draft success vs Proposition 3.1", "reward", [
-        ("reward/best_draft_mean", "observed best of N"),
-        ("reward/best_draft_predicted", "1-(1-p)^N, p per problem")]),
+    "best_draft": ("Best-draft success vs Proposition 3.1 (accuracy reward)", "fraction of problems", [
+        ("reward/accuracy/any_draft_correct", "observed best of N"),
+        ("reward/accuracy/best_draft_mean", "selected draft right"),
+        ("reward/accuracy/best_draft_predicted", "1-(1-p)^N, p per problem")]),
     "accuracy": ("Held-out accuracy", "avg@k", [("eval/accuracy", "held-out")]),
     "entropy": ("Policy entropy (refinement tokens)", "nats / token", [("train/entropy", "entropy")]),
     "response_length": ("Response length", "tokens", [

@@ -174,21 +174,25 @@ def final_accuracy(records: list[dict]) -> tuple[float | None, float | None]:
 
 
 def best_draft_vs_prediction(records: list[dict]) -> dict[str, float]:
-    """Proposition 3.1 over a run: observed best-draft reward vs 1 − (1 − p)^N, averaged over the steps.
+    """Proposition 3.1 over a run, on the binary accuracy reward: observed best-of-N success vs 1 − (1 − p)^N,
+    averaged over the steps.
 
-    The trainer logs per step ``reward/best_draft_mean`` (mean over problems of max_i R(d_i)) and
-    ``reward/best_draft_predicted`` (mean over problems of 1 − (1 − p_q)^N with p_q the mean of that problem's own
-    N draft rewards), plus ``reward/draft_mean`` (p averaged over problems). Also returned: the prediction from the
-    step-level p alone, 1 − (1 − p̄)^N, which over-estimates when p varies between problems (Jensen).
+    The trainer logs per step ``reward/accuracy/any_draft_correct`` (fraction of problems with a right draft),
+    ``reward/accuracy/best_draft_predicted`` (mean over problems of 1 − (1 − p_q)^N with p_q the fraction of that
+    problem's own N drafts that are right) and ``reward/accuracy/draft_mean`` (p averaged over problems). Also
+    returned: the prediction from the step-level p alone, 1 − (1 − p̄)^N, which over-estimates when p varies
+    between problems (Jensen). Runs logged before these keys existed fall back to the total-reward keys.
     """
     steps = [r for r in records if "reward/best_draft_mean" in r]
     if not steps:
         return {}
+    prefix = "reward/accuracy/" if "reward/accuracy/draft_mean" in steps[0] else "reward/"
+    observed_key = "reward/accuracy/any_draft_correct" if prefix != "reward/" else "reward/best_draft_mean"
     n = steps[0]["rollouts_per_prompt/drafts"]
-    observed = statistics.fmean(r["reward/best_draft_mean"] for r in steps)
-    per_problem = statistics.fmean(r["reward/best_draft_predicted"] for r in steps)
-    pooled = statistics.fmean(1 - (1 - min(max(r["reward/draft_mean"], 0.0), 1.0)) ** n for r in steps)
-    return {"num_drafts": n, "draft_mean": statistics.fmean(r["reward/draft_mean"] for r in steps),
+    observed = statistics.fmean(r[observed_key] for r in steps)
+    per_problem = statistics.fmean(r[f"{prefix}best_draft_predicted"] for r in steps)
+    pooled = statistics.fmean(1 - (1 - min(max(r[f"{prefix}draft_mean"], 0.0), 1.0)) ** n for r in steps)
+    return {"num_drafts": n, "draft_mean": statistics.fmean(r[f"{prefix}draft_mean"] for r in steps),
             "observed_best_draft": observed, "predicted_per_problem_p": per_problem, "predicted_pooled_p": pooled,
             "refinement_mean": statistics.fmean(r["reward/refinement_mean"] for r in steps)}
 

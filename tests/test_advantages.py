@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from nemo_igrpo.algorithms.advantages import ADVANTAGE_ESTIMATORS, register_advantage, zero_variance_groups
+from nemo_igrpo.algorithms.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    compute_advantages,
+    register_advantage,
+    zero_variance_groups,
+)
 
 # Shared example: groups given by non-contiguous, shuffled ids.
 #   group 7  = rows 0, 2, 5 with rewards [1, 0, 2]
@@ -87,3 +92,26 @@ def test_register_advantage_and_duplicate():
             register_advantage("_test_const")(const)
     finally:
         del ADVANTAGE_ESTIMATORS["_test_const"]
+
+
+@pytest.mark.parametrize("name", ["grpo", "drgrpo", "rloo"])
+def test_non_finite_rewards_are_left_out_of_their_group(name):
+    """A NaN/inf reward (e.g. from a user's reward) gets advantage 0 and is not in its group's mean/std: the group's
+    other members get exactly the advantages they would get without it."""
+    rewards = torch.tensor([0.0, float("nan"), 1.0, 0.0, 1.0, float("inf"), 1.0, 1.0, float("nan")])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2])
+    got = compute_advantages(name, rewards, groups, 1e-6)
+    finite = torch.isfinite(rewards)
+    alone = compute_advantages(name, rewards[finite], groups[finite], 1e-6)
+    assert got[~finite].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(got[finite], alone, atol=0, rtol=0)
+    if name == "grpo":  # group 0 without the NaN: [0, 1, 0], mean 1/3, unbiased std √(1/3)
+        std = (1 / 3) ** 0.5
+        torch.testing.assert_close(got[[0, 2, 3]], torch.tensor([-1 / 3, 2 / 3, -1 / 3]) / (std + 1e-6))
+    assert got[4:8].abs().sum() == 0  # group 1's finite rewards are all 1: no signal, not NaN
+
+
+def test_non_finite_rewards_do_not_make_a_group_look_informative():
+    rewards = torch.tensor([1.0, float("nan"), 1.0, float("nan"), float("nan"), 0.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    assert zero_variance_groups(rewards, groups).tolist() == [True, True, True, True, True, False, False]

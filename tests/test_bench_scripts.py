@@ -119,7 +119,9 @@ def _records(draft_rewards_per_step: list[list[list[float]]], accuracies: list[f
         records.append({
             "step": step, "rollouts_per_prompt/drafts": float(n), "reward/draft_mean": sum(p) / len(p),
             "reward/best_draft_mean": sum(max(d) for d in drafts) / len(drafts),
-            "reward/best_draft_predicted": sum(1 - (1 - q) ** n for q in p) / len(p),
+            "reward/accuracy/draft_mean": sum(p) / len(p),
+            "reward/accuracy/any_draft_correct": sum(max(d) for d in drafts) / len(drafts),
+            "reward/accuracy/best_draft_predicted": sum(1 - (1 - q) ** n for q in p) / len(p),
             "reward/refinement_mean": 0.5, "train/entropy": entropy[step - 1]})
     records[-1]["eval/accuracy"] = accuracies[1]
     return records
@@ -135,6 +137,10 @@ def test_proposition_3_1_from_logged_draft_rewards():
     assert got["predicted_per_problem_p"] == pytest.approx(((1 - 0.75 ** 4) + (1 - 0.25 ** 4)) / 2)
     assert got["predicted_pooled_p"] == pytest.approx(1 - 0.5 ** 4)
     assert study.best_draft_vs_prediction([{"step": 0, "eval/accuracy": 0.1}]) == {}  # a GRPO run: no drafts
+    # runs logged before the accuracy keys existed: the total-reward keys (binary rewards here, so the same numbers)
+    old = [{k.replace("accuracy/", "").replace("any_draft_correct", "best_draft_mean"): v for k, v in r.items()}
+           for r in records]
+    assert study.best_draft_vs_prediction(old) == pytest.approx(got)
 
 
 def test_study_summary_tables_and_report(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from nemo_igrpo.data.char_tokenizer import build_char_tokenizer
 from nemo_igrpo.data.dataset import Example
 from nemo_igrpo.data.prompts import PromptBuilder
 from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
-from nemo_igrpo.rewards import BoxedMatchReward
+from nemo_igrpo.rewards import BoxedMatchReward, RewardOutput
 
 TOKENIZER = build_char_tokenizer()
 END = TOKENIZER.eos_token_id
@@ -84,7 +86,7 @@ def test_best_draft_goes_into_the_stage2_prompt_and_only_refinements_carry_loss(
     assert metrics["reward/best_draft_mean"] == 1.0
     assert metrics["reward/refinement_mean"] == 0.75
     assert metrics["reward/refinement_minus_best_draft"] == -0.25
-    assert metrics["reward/best_draft_predicted"] == pytest.approx(1 - 0.5 ** 4)  # 1 − (1 − p)^N, p = 0.5
+    assert metrics["reward/accuracy/best_draft_predicted"] == pytest.approx(1 - 0.5 ** 4)  # 1 − (1 − p)^N, p = 0.5
     assert metrics["rollouts_per_prompt/total"] == 8.0
 
 
@@ -162,3 +164,54 @@ def test_overlong_penalty_and_filter():
     assert metrics["reward/overlong"] == pytest.approx(-0.5)
     assert metrics["reward/accuracy"] == 1.0
     assert batch.loss_mask.sum(dim=1).tolist() == [10.0, 20.0, 0.0]  # the truncated sample carries no loss
+
+
+class AccuracyPlusFormat:
+    """The paper's reward shape: accuracy (boxed answer right) + format (always 1 here), so totals are in {1, 2}."""
+
+    def __call__(self, completions, answers):
+        accuracy = BoxedMatchReward()(completions, answers).scores
+        return RewardOutput(scores=[a + 1.0 for a in accuracy],
+                            components={"accuracy": list(accuracy), "format": [1.0] * len(accuracy)})
+
+
+def run_with(reward, generator, problems, s):
+    template = PromptBuilder(TOKENIZER, system_prompt=None, draft_header="Draft:")
+    return rollout(lambda k: problems[:k], len(problems), generator, reward, template,
+                   lambda ids: TOKENIZER.decode(ids, skip_special_tokens=True), s, TOKENIZER.pad_token_id)
+
+
+def test_proposition_metrics_use_the_accuracy_component():
+    """Drafts scored [2, 1, 2, 1] (accuracy [1, 0, 1, 0] + format 1): Proposition 3.1's p is 0.5 (not 1.5 clamped to
+    1), predicting 1 − 0.5⁴ best-draft success; the total-reward metrics stay, under their own names."""
+    generator = ScriptedGenerator(drafts_then_refinements(["7", "5", "7", "5"], ["7", "7", "3", "7"]))
+    _, metrics = run_with(AccuracyPlusFormat(), generator, [Example("What is 3+4?", "7")], settings(4, 4))
+    assert metrics["reward/accuracy/draft_mean"] == 0.5  # p
+    assert metrics["reward/accuracy/best_draft_predicted"] == pytest.approx(1 - 0.5 ** 4)
+    assert metrics["reward/accuracy/best_draft_mean"] == 1.0  # the selected draft is right
+    assert metrics["reward/accuracy/any_draft_correct"] == 1.0  # best-of-N success
+    assert metrics["reward/draft_mean"] == 1.5 and metrics["reward/best_draft_mean"] == 2.0  # total reward
+    assert "reward/best_draft_predicted" not in metrics  # the prediction is only defined for the binary reward
+
+
+class SometimesNaN:
+    """Exact-match reward that returns NaN for completions answering 5 (a broken user reward)."""
+
+    def __call__(self, completions, answers):
+        scores = BoxedMatchReward()(completions, answers).scores
+        return RewardOutput(scores=[float("nan") if "{5}" in c else s for c, s in zip(completions, scores)])
+
+
+def test_non_finite_rewards_are_unscorable_in_both_stages():
+    # drafts answer 5 (NaN), 5 (NaN), 3 (0), 7 (1): the best draft is #3, not the first NaN
+    generator = ScriptedGenerator(drafts_then_refinements(["5", "5", "3", "7"], ["7", "5", "3", "7"]))
+    batch, metrics = run_with(SometimesNaN(), generator, [Example("What is 3+4?", "7")], settings(4, 4))
+    assert "Draft:\n#3 \\boxed{7}" in generator.calls[1][0][0]
+    assert metrics["reward/count/non_finite"] == 3.0  # two drafts, one refinement
+    # refinements [1, NaN, 0, 1]: the NaN row gets 0; the rest as the group [1, 0, 1] (mean 2/3, std √(1/3))
+    std = (1 / 3) ** 0.5
+    torch.testing.assert_close(batch.advantages, torch.tensor([1 / 3, 0.0, -2 / 3, 1 / 3]) / (std + 1e-6))
+    assert metrics["reward/refinement_mean"] == pytest.approx(2 / 3)  # over the scorable samples
+    assert metrics["reward/draft_mean"] == 0.5 and metrics["reward/best_draft_mean"] == 1.0
+    assert metrics["zero_variance_fraction"] == 0.0
+    assert all(math.isfinite(v) for v in metrics.values())

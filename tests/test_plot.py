@@ -26,7 +26,9 @@ def write_run(directory, *, drafts: int, refinements: int, prompts: int, steps: 
                   "rollouts_per_prompt/total": float(drafts + refinements), "sampling_rounds": 1.0}
         if drafts:
             record.update({"reward/draft_mean": 0.05 * step, "reward/best_draft_mean": 0.08 * step,
-                           "reward/best_draft_predicted": 0.07 * step, "response_length/draft_mean": 15.0})
+                           "reward/accuracy/any_draft_correct": 0.09 * step,
+                           "reward/accuracy/best_draft_mean": 0.08 * step,
+                           "reward/accuracy/best_draft_predicted": 0.07 * step, "response_length/draft_mean": 15.0})
         if step % 2 == 0:
             record["eval/accuracy"] = 0.1 + 0.1 * step + offset
         records.append(record)
@@ -71,7 +73,7 @@ def test_plot_command_writes_pngs_with_the_logged_curves(two_runs, tmp_path):
     assert reward["igrpo · best draft"][1] == pytest.approx([0.08, 0.16, 0.24, 0.32])
     assert figures["entropy"].lines["rollouts"]["grpo"][0] == [32.0, 64.0, 96.0, 128.0]
     assert set(figures["best_draft"].lines["step"]) == {"igrpo · observed best of N",
-                                                         "igrpo · 1-(1-p)^N, p per problem"}
+                                                         "igrpo · selected draft right", "igrpo · 1-(1-p)^N, p per problem"}
 
 
 def test_labels_and_errors(two_runs, tmp_path, capsys):

@@ -32,3 +32,12 @@ def test_random_is_deterministic_for_a_seed():
 def test_unknown_tie_break():
     with pytest.raises(ValueError, match="first, random"):
         select_best(REWARDS, "last")
+
+
+def test_non_finite_rewards_are_never_the_best_draft():
+    nan, inf = float("nan"), float("inf")
+    rewards = torch.tensor([[0.0, nan, 1.0, 0.0], [nan, 0.0, nan, nan], [inf, 0.0, 0.5, nan], [nan, nan, nan, nan]])
+    assert select_best(rewards, "first").tolist() == [2, 1, 2, 0]  # all unscorable: the first, as with all equal
+    for seed in range(5):
+        best = select_best(rewards, "random", torch.Generator().manual_seed(seed)).tolist()
+        assert best[:3] == [2, 1, 2]

@@ -2,6 +2,7 @@
 
 from nemo_igrpo.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
+    compute_advantages,
     drgrpo_advantages,
     grpo_advantages,
     register_advantage,
@@ -34,6 +35,7 @@ __all__ = [
     "aggregate",
     "check_aggregation",
     "cispo_loss",
+    "compute_advantages",
     "drgrpo_advantages",
     "grpo_advantages",
     "gspo_loss",

@@ -41,16 +41,30 @@ def _row_group_sum(values: Tensor, index: Tensor, num_groups: int) -> Tensor:
 
 
 def zero_variance_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
-    """True [B] for rows whose group's rewards are all equal (max_g == min_g; size-1 groups included).
+    """True [B] for rows whose group's finite rewards are all equal (max_g == min_g; size-1 groups included).
 
     Such groups carry no learning signal: DAPO's dynamic sampling drops them, and their fraction is logged.
-    Exact comparison, so rounding in a mean can never make an all-equal group look informative.
+    Exact comparison, so rounding in a mean can never make an all-equal group look informative. Non-finite rewards
+    (unscorable samples) are ignored; a group with none finite has no signal either.
     """
     index, num_groups = _dense_groups(group_ids)
-    empty = rewards.new_empty(num_groups)
-    high = empty.scatter_reduce(0, index, rewards, reduce="amax", include_self=False)
-    low = empty.scatter_reduce(0, index, rewards, reduce="amin", include_self=False)
-    return (high == low)[index]
+    finite = torch.isfinite(rewards)
+    empty = rewards.new_full((num_groups,), float("nan"))
+    high = empty.scatter_reduce(0, index, rewards.masked_fill(~finite, -torch.inf), reduce="amax", include_self=False)
+    low = empty.scatter_reduce(0, index, rewards.masked_fill(~finite, torch.inf), reduce="amin", include_self=False)
+    return (high <= low)[index]  # high < low only when nothing in the group is finite
+
+
+def compute_advantages(name: str, rewards: Tensor, group_ids: Tensor, eps: float) -> Tensor:
+    """The registered estimator ``name`` over the finite rewards only: a NaN/inf reward (e.g. from a user's reward)
+    marks its sample unscorable: it is left out of its group's statistics and gets advantage 0."""
+    finite = torch.isfinite(rewards)
+    if bool(finite.all()):
+        return ADVANTAGE_ESTIMATORS[name](rewards, group_ids, eps)
+    advantages = torch.zeros_like(rewards)
+    if bool(finite.any()):
+        advantages[finite] = ADVANTAGE_ESTIMATORS[name](rewards[finite], group_ids[finite], eps)
+    return advantages
 
 
 @register_advantage("grpo")

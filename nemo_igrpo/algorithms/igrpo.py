@@ -10,13 +10,14 @@ Stage 1: drafts only shape the Stage-2 prompt, and the draft tokens are prompt c
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
 
-from nemo_igrpo.algorithms.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
+from nemo_igrpo.algorithms.advantages import compute_advantages, zero_variance_groups
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
 from nemo_igrpo.algorithms.selection import select_best
 from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
@@ -28,7 +29,8 @@ class Problem(Protocol):
 
 
 class RewardFn(Protocol):
-    def __call__(self, completions: list[str], answers: list[str]): ...  # -> RewardOutput (scores, components)
+    # -> RewardOutput: scores, components, counters, and solved() (the accuracy verdicts of Proposition 3.1)
+    def __call__(self, completions: list[str], answers: list[str]): ...
 
 
 class PromptTemplate(Protocol):
@@ -61,6 +63,8 @@ class StageSamples:
     group_ids: list[int] = field(default_factory=list)
     components: dict[str, list[float]] = field(default_factory=dict)
     draft_rewards: list[list[float]] = field(default_factory=list)  # [problem][N]
+    draft_solved: list[list[bool]] = field(default_factory=list)  # [problem][N]: the accuracy verdicts
+    best_draft_index: list[int] = field(default_factory=list)  # [problem]: the selected draft
     draft_lengths: list[int] = field(default_factory=list)
     best_drafts: list[str] = field(default_factory=list)
     reward_counters: dict[str, int] = field(default_factory=dict)  # e.g. grader timeouts, over both stages
@@ -126,6 +130,8 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
     clock = {"start": time.perf_counter(), "first_follow_up": None, "draft_reward": 0.0}
 
     draft_rewards: dict[int, list[float]] = {}  # keyed by problem: streaming backends may finish out of order
+    draft_solved: dict[int, list[bool]] = {}
+    best_index: dict[int, int] = {}
     best_drafts: dict[int, str] = {}
 
     def refinement_prompt(i: int, drafts: list[Completion]) -> list[int]:
@@ -136,10 +142,12 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
         texts = [decode(d.token_ids) for d in drafts]
         scored = _with_length_penalty(reward(texts, [answers[i]] * n), drafts, settings)
         _count(samples.reward_counters, scored.counters)
+        _count_non_finite(samples.reward_counters, scored.scores)
         scores = scored.scores
         best = int(select_best(torch.tensor([scores]), settings.tie_break)[0])
         clock["draft_reward"] += time.perf_counter() - started
-        draft_rewards[i], best_drafts[i] = list(scores), texts[best]
+        draft_rewards[i], draft_solved[i] = list(scores), scored.solved()
+        best_index[i], best_drafts[i] = best, texts[best]
         samples.draft_lengths.extend(len(d.token_ids) for d in drafts)
         return template.refinement_ids(problems[i].problem, texts[best])
 
@@ -147,6 +155,8 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
     _, stage2_prompts, refinements = generator.generate_chained(
         prompts, replace(settings.sampling, n=n), refinement_prompt, replace(settings.sampling, n=g))
     samples.draft_rewards = [draft_rewards[i] for i in sorted(draft_rewards)]
+    samples.draft_solved = [draft_solved[i] for i in sorted(draft_solved)]
+    samples.best_draft_index = [best_index[i] for i in sorted(best_index)]
     samples.best_drafts = [best_drafts[i] for i in sorted(best_drafts)]
     generated = time.perf_counter() - clock["start"] - clock["draft_reward"]
 
@@ -155,6 +165,7 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
     flat = [c for group in refinements for c in group]
     scored = _with_length_penalty(reward(texts, [a for a in answers for _ in range(g)]), flat, settings)
     _count(samples.reward_counters, scored.counters)
+    _count_non_finite(samples.reward_counters, scored.scores)
     drafts = (clock["first_follow_up"] - clock["start"]) if n else 0.0
     _add(timings, "rollout/reward", clock["draft_reward"] + time.perf_counter() - started)
     _add(timings, "rollout/generation", generated)
@@ -180,6 +191,11 @@ def _with_length_penalty(scored, completions: list[Completion], settings: Rollou
     scored.scores = [s + p for s, p in zip(scored.scores, penalty)]
     scored.components = {**scored.components, "overlong": penalty}
     return scored
+
+
+def _count_non_finite(into: dict[str, int], scores: list[float]) -> None:
+    """Unscorable samples (a NaN/inf reward): they get advantage 0 and are never the best draft."""
+    into["non_finite"] = into.get("non_finite", 0) + sum(not math.isfinite(s) for s in scores)
 
 
 def _add(timings: dict[str, float], key: str, seconds: float) -> None:
@@ -210,7 +226,8 @@ def _rows(samples: StageSamples, keep: list[int]) -> StageSamples:
         rewards=[samples.rewards[i] for i in keep],
         group_ids=[samples.group_ids[i] for i in keep],
         components={k: [v[i] for i in keep] for k, v in samples.components.items()},
-        draft_rewards=samples.draft_rewards, draft_lengths=samples.draft_lengths, best_drafts=samples.best_drafts,
+        draft_rewards=samples.draft_rewards, draft_solved=samples.draft_solved, draft_lengths=samples.draft_lengths,
+        best_drafts=samples.best_drafts, best_draft_index=samples.best_draft_index,
     )
 
 
@@ -222,6 +239,8 @@ def _extend(into: StageSamples, more: StageSamples) -> None:
     for key, values in more.components.items():
         into.components.setdefault(key, []).extend(values)
     into.draft_rewards += more.draft_rewards
+    into.draft_solved += more.draft_solved
+    into.best_draft_index += more.best_draft_index
     into.draft_lengths += more.draft_lengths
     into.best_drafts += more.best_drafts
     _count(into.reward_counters, more.reward_counters)
@@ -230,7 +249,7 @@ def _extend(into: StageSamples, more: StageSamples) -> None:
 def _to_batch(samples: StageSamples, settings: RolloutSettings, pad_token_id: int) -> RolloutBatch:
     rewards = torch.tensor(samples.rewards, dtype=torch.float32)
     group_ids = torch.tensor(samples.group_ids, dtype=torch.long)
-    advantages = ADVANTAGE_ESTIMATORS[settings.advantage](rewards, group_ids, settings.adv_eps)
+    advantages = compute_advantages(settings.advantage, rewards, group_ids, settings.adv_eps)
     input_ids, attention_mask, loss_mask, gen_logprobs = pad_sequences(
         samples.prompts, [c.token_ids for c in samples.completions], pad_token_id,
         [c.logprobs for c in samples.completions])
@@ -241,6 +260,13 @@ def _to_batch(samples: StageSamples, settings: RolloutSettings, pad_token_id: in
                         advantages=advantages, group_ids=group_ids, gen_logprobs=gen_logprobs)
 
 
+def _finite_mean(values) -> float:
+    """Mean over the finite entries (unscorable samples are counted in ``reward/count/non_finite`` instead)."""
+    values = torch.as_tensor(values, dtype=torch.float32).flatten()
+    finite = values[torch.isfinite(values)]
+    return finite.mean().item() if finite.numel() else float("nan")
+
+
 def _rollout_metrics(seen: StageSamples, batch: StageSamples, settings: RolloutSettings, rounds: int):
     """Everything the paper plots plus what it could not show (best-draft success vs 1 − (1 − p)^N, etc.)."""
     rewards = torch.tensor(seen.rewards)
@@ -248,7 +274,7 @@ def _rollout_metrics(seen: StageSamples, batch: StageSamples, settings: RolloutS
     lengths = torch.tensor([len(c.token_ids) for c in seen.completions], dtype=torch.float32)
     truncated = torch.tensor([c.finish_reason == "length" for c in seen.completions], dtype=torch.float32)
     metrics = {
-        "reward/refinement_mean": rewards.mean().item(),
+        "reward/refinement_mean": _finite_mean(rewards),
         "zero_variance_fraction": zero_variance_groups(rewards, group_ids).float().mean().item(),
         "response_length/refinement_mean": lengths.mean().item(),
         "response_length/refinement_max": lengths.max().item(),
@@ -259,24 +285,39 @@ def _rollout_metrics(seen: StageSamples, batch: StageSamples, settings: RolloutS
         "sampling_rounds": float(rounds),
         "tokens/generated": float(lengths.sum().item() + sum(seen.draft_lengths)),
         "batch/sequences": float(len(batch.rewards)),
-        "batch/reward_mean": torch.tensor(batch.rewards).mean().item() if batch.rewards else 0.0,
+        "batch/reward_mean": _finite_mean(batch.rewards) if batch.rewards else 0.0,
     }
     for key, values in seen.components.items():
-        metrics[f"reward/{key}"] = torch.tensor(values).mean().item()
+        metrics[f"reward/{key}"] = _finite_mean(values)
     for key, count in seen.reward_counters.items():  # e.g. grader timeouts and crashes, both stages
         metrics[f"reward/count/{key}"] = float(count)
     if settings.num_drafts:
-        drafts = torch.tensor(seen.draft_rewards)  # [P, N]
-        best = drafts.max(dim=1).values
-        per_problem_refined = rewards.view(len(seen.draft_rewards), settings.num_refinements).mean(dim=1)
-        # Proposition 3.1 (binary reward): E[R(d̂)] = 1 − (1 − p)^N, with p plugged in per problem as the mean
-        # reward of its own N drafts; compare with the observed best-draft reward.
-        p = drafts.mean(dim=1).clamp(0, 1)
-        metrics.update({
-            "reward/draft_mean": drafts.mean().item(),
-            "reward/best_draft_mean": best.mean().item(),
-            "reward/refinement_minus_best_draft": (per_problem_refined - best).mean().item(),
-            "reward/best_draft_predicted": (1 - (1 - p) ** settings.num_drafts).mean().item(),
-            "response_length/draft_mean": float(sum(seen.draft_lengths)) / max(len(seen.draft_lengths), 1),
-        })
+        metrics.update(_draft_metrics(seen, rewards, settings))
     return metrics
+
+
+def _draft_metrics(seen: StageSamples, rewards: torch.Tensor, settings: RolloutSettings) -> dict[str, float]:
+    """Stage-1 metrics: the total reward of drafts and best drafts, and Proposition 3.1 on the accuracy verdicts.
+
+    Proposition 3.1 is about the binary correctness reward: with p a problem's success rate, the best of N i.i.d.
+    drafts is right with probability 1 − (1 − p)^N. p is plugged in per problem as the fraction of its own N drafts
+    that are right (``reward/accuracy/draft_mean``), and the prediction is compared with the observed best-of-N
+    success (``any_draft_correct``) and with the accuracy of the draft actually selected by the total reward.
+    """
+    drafts = torch.tensor(seen.draft_rewards)  # [P, N], total reward
+    solved = torch.tensor(seen.draft_solved, dtype=torch.float32)  # [P, N], 0/1
+    selected = torch.tensor(seen.best_draft_index)[:, None]
+    best = drafts.gather(1, selected).squeeze(1)  # the selected draft's reward: the maximum of the finite ones
+    refined = rewards.view(len(seen.draft_rewards), settings.num_refinements)
+    refined_mean = torch.tensor([_finite_mean(row) for row in refined])
+    p = solved.mean(dim=1)
+    return {
+        "reward/draft_mean": _finite_mean(drafts),
+        "reward/best_draft_mean": _finite_mean(best),
+        "reward/refinement_minus_best_draft": _finite_mean(refined_mean - best),
+        "reward/accuracy/draft_mean": p.mean().item(),
+        "reward/accuracy/best_draft_mean": solved.gather(1, selected).mean().item(),
+        "reward/accuracy/any_draft_correct": solved.amax(dim=1).mean().item(),
+        "reward/accuracy/best_draft_predicted": (1 - (1 - p) ** settings.num_drafts).mean().item(),
+        "response_length/draft_mean": float(sum(seen.draft_lengths)) / max(len(seen.draft_lengths), 1),
+    }

@@ -33,8 +33,7 @@ def evaluate(
     outputs = generator.generate([prompt_ids(e.problem) for e in examples], params)
     texts = [[decode(c.token_ids) for c in group] for group in outputs]
     scores = reward([t for group in texts for t in group], [e.answer for e in examples for _ in range(params.n)])
-    # Correctness is the accuracy component when the reward reports one (a format bonus must not count as a solve).
-    verdicts = [s > 0 for s in scores.components.get("accuracy", scores.scores)]
+    verdicts = scores.solved()  # the accuracy component when there is one: a format bonus is not a solve
     correct = [verdicts[i * params.n:(i + 1) * params.n] for i in range(len(examples))]
     records = [
         {"id": e.id, "problem": e.problem, "answer": e.answer,

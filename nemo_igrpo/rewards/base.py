@@ -20,6 +20,11 @@ class RewardOutput:
     components: dict[str, list[float]] = field(default_factory=dict)  # name → one value per completion
     counters: dict[str, int] = field(default_factory=dict)  # name → count over the batch (e.g. "timeouts")
 
+    def solved(self) -> list[bool]:
+        """Whether each completion solves its problem: the ``accuracy`` component when the reward reports one (a
+        format bonus is not a solve), else the score; > 0 counts. Evaluation and Proposition 3.1 use this."""
+        return [value > 0 for value in self.components.get("accuracy", self.scores)]
+
 
 class Reward(ABC):
     """Scores completions against gold answers. Subclasses must not look at anything but the text they are given."""
