@@ -72,8 +72,8 @@ def test_plot_command_writes_pngs_with_the_logged_curves(two_runs, tmp_path):
     assert set(reward) == {"grpo · refinements", "igrpo · drafts", "igrpo · best draft", "igrpo · refinements"}
     assert reward["igrpo · best draft"][1] == pytest.approx([0.08, 0.16, 0.24, 0.32])
     assert figures["entropy"].lines["rollouts"]["grpo"][0] == [32.0, 64.0, 96.0, 128.0]
-    assert set(figures["best_draft"].lines["step"]) == {"igrpo · observed best of N",
-                                                         "igrpo · selected draft right", "igrpo · 1-(1-p)^N, p per problem"}
+    assert set(figures["best_draft"].lines["step"]) == {
+        "igrpo · observed best of N", "igrpo · selected draft right", "igrpo · 1-(1-p)^N, p per problem"}
 
 
 def test_labels_and_errors(two_runs, tmp_path, capsys):
