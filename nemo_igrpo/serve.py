@@ -1,6 +1,6 @@
 """``nemo-igrpo serve``: vLLM's OpenAI-compatible server, set up as the iGRPO generation server.
 
-It replaces itself (``exec``) with ``python -m vllm.entrypoints.openai.api_server`` plus:
+It runs ``python -m vllm.entrypoints.openai.api_server`` as its child, in a process group of its own, plus:
 * ``--worker-extension-cls nemo_igrpo.generation.vllm_worker.WeightSyncExtension`` (weight updates after each step)
   and ``VLLM_SERVER_DEV_MODE=1`` (the ``/collective_rpc`` and ``/reset_prefix_cache`` endpoints they use);
 * a shared token: vLLM's ``--api-key`` (given through ``VLLM_API_KEY``, so it does not show in ``ps``) guards
@@ -9,6 +9,11 @@ It replaces itself (``exec``) with ``python -m vllm.entrypoints.openai.api_serve
 * token ids in and out (``--skip-tokenizer-init``), processed (post-temperature) log-probs, no sampling defaults
   from the model folder's generation_config.json, and a bind address that defaults to 127.0.0.1.
 Other vLLM options go through ``--vllm-args='...'`` unchanged.
+
+SIGTERM/SIGINT to ``nemo-igrpo serve`` are passed to vLLM, which lets in-flight requests finish for up to
+``--shutdown-timeout`` seconds. vLLM's HTTP server then waits, with no limit of its own, for every open request to
+end, and a request whose engine process has died never ends: so ``serve`` kills the whole process group once
+``--shutdown-timeout`` plus a grace period has passed. The server is always gone by then.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ import argparse
 import hmac
 import os
 import shlex
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from nemo_igrpo.generation.vllm_worker import TOKEN_ENV
@@ -26,6 +35,7 @@ DEFAULT_TOKEN_ENV = "NEMO_IGRPO_SERVER_TOKEN"
 WORKER_EXTENSION = "nemo_igrpo.generation.vllm_worker.WeightSyncExtension"
 _OPEN_PATHS = ("/health", "/ping")  # liveness probes carry no token
 _CPU_KV_CACHE_BYTES = 1 << 30
+KILL_GRACE_S = 15.0  # after --shutdown-timeout: vLLM's own engine shutdown and port release take a few seconds
 
 
 def add_arguments(command: argparse.ArgumentParser) -> None:
@@ -47,6 +57,10 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
                               "unless VLLM_CPU_KVCACHE_SPACE or --kv-cache-memory-bytes after -- says otherwise)")
     command.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (fast start-up)")
     command.add_argument("--seed", type=int, default=0, help="engine sampling seed")
+    command.add_argument("--shutdown-timeout", type=float, default=30.0,
+                         help="on SIGTERM, seconds that in-flight requests may take to finish (vLLM's "
+                              f"--shutdown-timeout); the server is killed {KILL_GRACE_S:.0f} s after that at the "
+                              "latest (default 30)"),
     command.add_argument("--vllm-args", default="", metavar="'ARGS'",
                          help="further arguments for vLLM's api_server, passed unchanged; give them with '=', "
                               "e.g. --vllm-args='--kv-cache-memory-bytes 4G --max-num-seqs 512'")
@@ -59,6 +73,7 @@ def vllm_command(args: argparse.Namespace, on_cpu: bool) -> list[str]:
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(args.model), "--host", args.host, "--port", str(args.port),
         "--dtype", args.dtype, "--seed", str(args.seed), "--tensor-parallel-size", str(args.tensor_parallel_size),
+        "--shutdown-timeout", str(int(args.shutdown_timeout)),
         "--skip-tokenizer-init", "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
         "--worker-extension-cls", WORKER_EXTENSION, "--middleware", "nemo_igrpo.serve.require_token",
     ]
@@ -76,7 +91,7 @@ def vllm_command(args: argparse.Namespace, on_cpu: bool) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate, then exec vLLM's server (this process becomes it: SIGTERM to this PID stops the server)."""
+    """Validate, then run vLLM's server until it exits or a SIGTERM/SIGINT stops it (see the module docstring)."""
     token = args.api_key or os.environ.get(args.token_env, "")
     if not token:
         print(f"error: no shared token: set the environment variable {args.token_env} (or --api-key); clients "
@@ -98,8 +113,79 @@ def run(args: argparse.Namespace) -> int:
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # else the CPU worker is pinned to one core less
     command = vllm_command(args, current_platform.is_cpu())
     sys.stdout.flush()
-    os.execve(sys.executable, command, env)
-    return 0  # not reached
+    return supervise(command, env, args.shutdown_timeout + KILL_GRACE_S)
+
+
+def supervise(command: list[str], env: dict[str, str], kill_after_s: float) -> int:
+    """Run ``command``; pass SIGTERM/SIGINT on, and SIGKILL it and its descendants ``kill_after_s`` seconds after
+    the first one if it is still running. Returns the child's exit status (128 + signal number if killed).
+
+    The child stays in this process group, so whoever signals the group (a terminal's Ctrl-C, a test, Slurm)
+    still reaches vLLM and its engine processes directly, as when this process was the server itself.
+    """
+    child = subprocess.Popen(command, env=env)
+    stop_requested: list[float] = []
+
+    def forward(signum, frame):
+        stop_requested.append(time.monotonic())
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if stop_requested and time.monotonic() - stop_requested[0] > kill_after_s:
+                    print(f"nemo-igrpo serve: the server did not stop within {kill_after_s:.0f} s of the signal; "
+                          "killing it", file=sys.stderr)
+                    _kill_tree(child.pid)
+                    code = child.wait()
+                    break
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - code if code < 0 else code
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process descended from it (read from /proc: Linux)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)", which may contain spaces
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    doomed, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        doomed.append(current)
+        frontier += [child for child, parent in parents.items() if parent == current]
+    for victim in reversed(doomed):  # children first: none is re-parented and missed
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen | None, timeout_s: float, log: Path | None = None) -> None:
+    """Poll ``url``/health until the server answers 200. Raises RuntimeError when ``process`` exits first (with the
+    end of ``log``, if given) or after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+            raise RuntimeError(f"the generation server exited with status {process.returncode}: {tail}")
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the generation server at {url} did not become healthy within {timeout_s:.0f} s")
 
 
 async def require_token(request, call_next):

@@ -491,19 +491,9 @@ class _GenerationServer:
         self._wait_healthy()
 
     def _wait_healthy(self, timeout_s: float = 900) -> None:
-        import urllib.request
+        from nemo_igrpo.serve import wait_until_healthy
 
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the generation server exited: {(self.folder / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("the generation server did not become healthy")
+        wait_until_healthy(f"http://127.0.0.1:{self.port}", self.process, timeout_s, log=self.folder / "server.log")
 
     def training_overrides(self) -> list[str]:
         return ["generation.backend=server", f"generation.server.url=http://127.0.0.1:{self.port}",

@@ -38,6 +38,7 @@ from nemo_igrpo.generation.server import (
 )
 from nemo_igrpo.models import load_model, load_tokenizer
 from nemo_igrpo.rewards import BoxedMatchReward, register_reward
+from nemo_igrpo.serve import wait_until_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789"
@@ -86,18 +87,8 @@ def server(tmp_path_factory, request):
 
     request.addfinalizer(stop)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600  # ≈25 s idle; far longer when other jobs share the two cores
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}: {(folder / 'server.log').read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            time.sleep(1)
-    else:
-        pytest.fail("the server did not become healthy")
+    # ≈25 s idle; far longer when other jobs share the two cores
+    wait_until_healthy(url, process, timeout_s=600, log=folder / "server.log")
     return url, process, config
 
 
