@@ -42,7 +42,10 @@ from nemo_igrpo.serve import wait_until_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-0123456789"
-TOLERANCE = 1e-4  # fp32 on both sides
+# max |log p_vLLM − log p_trainer| per token, fp32 on both sides: different attention/matmul kernels and
+# reduction orders give up to ~3e-5 on log-probs of magnitude ≲ 10 (≈ 30 float32 ulps); a wrong weight or
+# temperature is off by ≥ 1e-2.
+TOLERANCE = 1e-4
 TINY_TRAIN = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
     "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "data.arithmetic.num_train=200",
