@@ -24,6 +24,12 @@ def main(nemo2: Path, nemo_dir: Path, inputs_file: Path, out_file: Path) -> None
     context = io.load_context(nemo2 / "context")  # the whole TrainerContext: model, trainer, extra
     out["context_types"] = [type(context).__name__, type(context.model).__name__,
                             type(context.model.config).__name__, type(context.trainer).__name__]
+    # model.yaml as NeMo itself renders it from our io.json (IOMixin._io_dump_yaml, what nemo_save writes)
+    import yaml
+    from nemo.lightning.io.mixin import IOMixin
+
+    unbuilt = io.load_context(nemo2 / "context", build=False)
+    out["nemo_model_yaml"] = yaml.safe_load(IOMixin._io_dump_yaml(None, unbuilt, attrs=["model"])["model"])
     model = io.load_context(nemo2 / "context", subpath="model")
     config = io.load_context(nemo2 / "context", subpath="model.config")
     out["config"] = {k: getattr(config, k) for k in inputs["config_keys"]}
