@@ -14,6 +14,27 @@ from pathlib import Path
 import torch
 
 
+
+def load_and_score(model, weights: Path, ids: torch.Tensor) -> dict:
+    """NeMo's model from the context, its weights loaded as MegatronStrategy.load_checkpoint does, and its logits."""
+    from nemo.lightning.io.pl import MegatronCheckpointIO
+    from nemo.lightning.megatron_parallel import MegatronParallel
+
+    model.configure_model()  # <Arch>Config.configure_model → megatron GPTModel (local spec without TE)
+    checkpoint_io = MegatronCheckpointIO(save_ckpt_format="torch_dist")
+    metadata = checkpoint_io.load_content_metadata(weights)
+    request = {"state_dict": MegatronParallel(model, cpu=True).sharded_state_dict(metadata=metadata)}
+    requested = sorted(v.unique_key for v in request["state_dict"].values() if "_extra_state" in getattr(v, "key", ""))
+    loaded = checkpoint_io.load_checkpoint(weights, sharded_state_dict=request)  # strict=None: NeMo's default
+    state = {k.removeprefix("module."): v for k, v in loaded["state_dict"].items()}
+    result = model.module.load_state_dict(state, strict=True)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    with torch.no_grad():
+        logits = model.module.eval()(ids, positions, attention_mask=None).float()
+    return {"requested_extra_state": requested, "load_result": [list(result.missing_keys),
+                                                                list(result.unexpected_keys)], "logits": logits}
+
+
 def main(nemo2: Path, nemo_dir: Path, inputs_file: Path, out_file: Path) -> None:
     inputs = torch.load(inputs_file)
     out: dict = {}
@@ -57,31 +78,19 @@ def main(nemo2: Path, nemo_dir: Path, inputs_file: Path, out_file: Path) -> None
 
     parallel_state.initialize_model_parallel(1, 1)
     model_parallel_cuda_manual_seed(0)
-    model.configure_model()  # LlamaConfig.configure_model → megatron GPTModel (local spec without TE)
-
-    from nemo.lightning.io.pl import MegatronCheckpointIO
-    from nemo.lightning.megatron_parallel import MegatronParallel
-
     import nemo.lightning.io.pl as nemo_pl
 
     # The one NeMo patch: MegatronCheckpointIO.load_checkpoint ends with _fix_tensors_device, which asserts that CUDA
     # is initialised and moves CUDA tensors between CUDA devices; on CPU there is nothing to move, so it is identity.
     nemo_pl._fix_tensors_device = lambda checkpoint: checkpoint
-    checkpoint_io = MegatronCheckpointIO(save_ckpt_format="torch_dist")
-    weights = nemo2 / "weights"
-    metadata = checkpoint_io.load_content_metadata(weights)
-    wrapped = MegatronParallel(model, cpu=True)
-    request = {"state_dict": wrapped.sharded_state_dict(metadata=metadata)}
-    out["requested_extra_state"] = sorted(v.unique_key for v in request["state_dict"].values()
-                                          if "_extra_state" in getattr(v, "key", ""))
-    loaded = checkpoint_io.load_checkpoint(weights, sharded_state_dict=request)  # strict=None: NeMo's default
-    state = {k.removeprefix("module."): v for k, v in loaded["state_dict"].items()}
-    result = model.module.load_state_dict(state, strict=True)
-    out["load_result"] = [list(result.missing_keys), list(result.unexpected_keys)]
-    ids = inputs["ids"]
-    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-    with torch.no_grad():
-        out["logits"] = model.module.eval()(ids, positions, attention_mask=None).float()
+    out.update(load_and_score(model, nemo2 / "weights", inputs["ids"]))
+    if "qwen2" in inputs:  # a second architecture: untied, q/k/v biases
+        qwen2 = inputs["qwen2"]
+        qwen2["path"] = Path(qwen2["path"])
+        context = io.load_context(qwen2["path"] / "context")
+        out["qwen2"] = {"context_types": [type(context.model).__name__, type(context.model.config).__name__],
+                        **load_and_score(io.load_context(qwen2["path"] / "context", subpath="model"),
+                                         qwen2["path"] / "weights", qwen2["ids"])}
     torch.distributed.destroy_process_group()
 
     # 3. The .nemo (extracted: NeMo 2.7.3's TarPath fails under torch 2.13) through the TRT-LLM/vLLM export readers.

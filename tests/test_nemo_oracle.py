@@ -7,7 +7,7 @@ tests/nemo_oracle_check.py then makes these NeMo calls in the NeMo venv (CPU, on
    ``IOMixin._io_dump_yaml`` (what NeMo writes as model.yaml), ``subpath="model"``, ``"model.config"`` and
    ``"model.tokenizer"`` (NeMo's AutoTokenizer; ``text_to_ids``); transformers 4.57's ``AutoTokenizer`` on
    ``context/nemo_tokenizer``.
-2. ``LlamaModel.configure_model()`` (megatron-core GPTModel, local spec), ``MegatronParallel(model).sharded_state_dict``
+2. ``LlamaModel.configure_model()`` (megatron-core GPTModel, local spec; also for a Qwen2 export: ``Qwen2Model``), ``MegatronParallel(model).sharded_state_dict``
    and ``MegatronCheckpointIO.load_checkpoint(EXPORT/weights, sharded_state_dict)`` at NeMo's default strictness
    (``StrictHandling.ASSUME_OK_UNEXPECTED``: a requested key missing from the checkpoint is fatal), then a strict
    ``load_state_dict`` and a forward pass. Patched: ``nemo.lightning.io.pl._fix_tensors_device`` (called at the end
@@ -30,10 +30,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import tiny_qwen2
 from test_export import TINY_RUN
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nemo_igrpo.config import load_config
+from nemo_igrpo.data.char_tokenizer import build_char_tokenizer
 from nemo_igrpo.export import export
 from nemo_igrpo.trainer import train
 
@@ -80,7 +82,17 @@ def test_nemo_2_7_3_loads_both_exports_of_a_trained_run(tmp_path):
 
     text = "What is 3 + 4? <think>3 + 4 = 7</think> \\boxed{7}"
     ids = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(0))
-    torch.save({"ids": ids, "text": text, "config_keys": CONFIG_KEYS, "port": _free_port()}, tmp_path / "inputs.pt")
+    qwen2 = tiny_qwen2().eval()  # a second architecture: untied output layer, q/k/v biases
+    with torch.no_grad():
+        for name, parameter in qwen2.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_()  # zero-initialised biases would not show a mapping error
+    qwen2.save_pretrained(tmp_path / "qwen2")
+    build_char_tokenizer().save_pretrained(tmp_path / "qwen2")
+    export(tmp_path / "qwen2", "nemo2", tmp_path / "qwen2_nemo2")
+    qwen2_ids = torch.randint(0, qwen2.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    torch.save({"ids": ids, "text": text, "config_keys": CONFIG_KEYS, "port": _free_port(),
+                "qwen2": {"path": str(tmp_path / "qwen2_nemo2"), "ids": qwen2_ids}}, tmp_path / "inputs.pt")
     done = subprocess.run([str(nemo_python), str(TESTS / "nemo_oracle_check.py"), str(tmp_path / "nemo2"),
                            str(extracted), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
                           capture_output=True, text=True, timeout=900, cwd=tmp_path,
@@ -118,6 +130,14 @@ def test_nemo_2_7_3_loads_both_exports_of_a_trained_run(tmp_path):
     # fp32 logits of size O(1) through 2 layers: only summation order differs (megatron's unfused attention vs SDPA),
     # ≈1e-7 relative per op; 1e-4 leaves two orders of margin on any x86-64 CPU and catches any mapping error (≥1e-2).
     assert difference < 1e-4
+
+    with torch.no_grad():
+        qwen2_reference = qwen2(qwen2_ids).logits
+    qwen2_difference = (out["qwen2"]["logits"] - qwen2_reference).abs().max().item()
+    print(f"NeMo 2.7.3 Qwen2 GPTModel vs transformers logits (fp32): max |diff| = {qwen2_difference:.2e}")
+    assert out["qwen2"]["context_types"] == ["Qwen2Model", "Qwen2Config"]
+    assert out["qwen2"]["load_result"] == [[], []] and len(out["qwen2"]["requested_extra_state"]) == 4 * 2
+    assert qwen2_difference < 1e-4  # as above
 
     # 3. The .nemo through NeMo's TRT-LLM/vLLM export readers.
     assert out["model_type"] == "llama" and out["weights_dtype"] == "float32"
