@@ -406,3 +406,42 @@ def test_export_help_lists_formats(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--format {hf,nemo2,nemo}" in out and "--overwrite" in out and "RUN_DIR_OR_CHECKPOINT" in out
+
+
+def test_nemo_model_classes_and_arguments_per_architecture():
+    """The NeMo classes NeMo's HF importers pick (Llama 3.1 rope → Llama31Config, Qwen3 → Qwen3Config with q/k norms,
+    Mistral → MistralConfig7B with the window as [left, 0]) and model.yaml's full key set for each."""
+    import json as json_module
+
+    from transformers import LlamaConfig, MistralConfig, Qwen3Config
+
+    from nemo_igrpo.export.fiddle_json import dumps
+    from nemo_igrpo.export.nemo import _defaults, model_yaml, nemo_model, trainer_context
+
+    small = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    llama31 = LlamaConfig(**small, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 8192})
+    cases = [(llama31, "llama.LlamaModel", "llama.Llama31Config", {"scale_factor": 16.0, "rotary_base": 500000.0}),
+             (Qwen3Config(**small, head_dim=32), "qwen3.Qwen3Model", "qwen3.Qwen3Config",
+              {"qk_layernorm": True, "add_qkv_bias": False, "kv_channels": 32}),
+             (MistralConfig(**small, sliding_window=4096), "mistral.MistralModel", "mistral.MistralConfig7B",
+              {"window_size": [4096, 0], "params_dtype": {"_target_": "torch.bfloat16", "_call_": False}})]
+    base_keys = len(_defaults()["model"]["config"])
+    for hf_config, model_class, config_class, expected in cases:
+        model = nemo_model(hf_config, torch.bfloat16)
+        rendered = model_yaml(model)
+        assert rendered["_target_"] == f"nemo.collections.llm.gpt.model.{model_class}"
+        config = rendered["config"]
+        assert config["_target_"] == f"nemo.collections.llm.gpt.model.{config_class}"
+        assert {k: config[k] for k in expected} == expected
+        assert config["apply_rope_fusion"] is False and config["bf16"] is True
+        # 261 LlamaConfig keys; Llama31Config adds its 4 rope-scaling fields, Qwen3 max_position_embeddings, and the
+        # others lack LlamaConfig's use_transformer_engine_op_fuser.
+        extra = {"llama.Llama31Config": 4, "qwen3.Qwen3Config": 0, "mistral.MistralConfig7B": -1}[config_class]
+        assert len(config) == base_keys + extra
+        document = json_module.loads(dumps(trainer_context(model)))
+        names = {o["items"][0][1]["name"] for o in document["objects"].values()
+                 if o["type"]["name"] == "BuildableTraverserMetadata"}
+        assert {config_class.split(".")[1], model_class.split(".")[1], "AutoTokenizer", "TrainerContext"} <= names
