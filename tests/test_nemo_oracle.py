@@ -7,8 +7,8 @@ tests/nemo_oracle_check.py then makes these NeMo calls in the NeMo venv (CPU, on
    ``IOMixin._io_dump_yaml`` (what NeMo writes as model.yaml), ``subpath="model"``, ``"model.config"`` and
    ``"model.tokenizer"`` (NeMo's AutoTokenizer; ``text_to_ids``); transformers 4.57's ``AutoTokenizer`` on
    ``context/nemo_tokenizer``.
-2. ``LlamaModel.configure_model()`` (megatron-core GPTModel, local spec; also for a Qwen2 export: ``Qwen2Model``), ``MegatronParallel(model).sharded_state_dict``
-   and ``MegatronCheckpointIO.load_checkpoint(EXPORT/weights, sharded_state_dict)`` at NeMo's default strictness
+2. ``LlamaModel.configure_model()`` (megatron-core GPTModel, local spec; also for a Qwen2 export's ``Qwen2Model``),
+   ``MegatronParallel(model).sharded_state_dict`` and ``MegatronCheckpointIO.load_checkpoint(EXPORT/weights, sharded_state_dict)`` at NeMo's default strictness
    (``StrictHandling.ASSUME_OK_UNEXPECTED``: a requested key missing from the checkpoint is fatal), then a strict
    ``load_state_dict`` and a forward pass. Patched: ``nemo.lightning.io.pl._fix_tensors_device`` (called at the end
    of ``load_checkpoint``; it asserts CUDA is initialised to move CUDA tensors between CUDA devices) is identity on
