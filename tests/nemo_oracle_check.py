@@ -59,6 +59,16 @@ def main(nemo2: Path, nemo_dir: Path, inputs_file: Path, out_file: Path) -> None
     out["tokenizer_type"] = type(tokenizer).__name__
     out["nemo_ids"] = tokenizer.text_to_ids(inputs["text"])
 
+    # NeMo's own NeMo → HF exporter reads the context for the HF config and the tokenizer.
+    from nemo.collections.llm.gpt.model.llama import HFLlamaExporter
+
+    exporter = HFLlamaExporter(str(nemo2))
+    hf_config = exporter.config
+    out["exporter_config"] = {k: getattr(hf_config, k) for k in (
+        "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "rms_norm_eps", "rope_theta", "tie_word_embeddings", "vocab_size")}
+    out["exporter_tokenizer_ids"] = exporter.tokenizer.text_to_ids(inputs["text"])
+
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(nemo2 / "context" / "nemo_tokenizer")  # transformers 4.57 directly

@@ -6,7 +6,7 @@ tests/nemo_oracle_check.py then makes these NeMo calls in the NeMo venv (CPU, on
 1. ``nemo.lightning.io.load_context(EXPORT/context)`` (the whole TrainerContext), ``…, build=False`` rendered with
    ``IOMixin._io_dump_yaml`` (what NeMo writes as model.yaml), ``subpath="model"``, ``"model.config"`` and
    ``"model.tokenizer"`` (NeMo's AutoTokenizer; ``text_to_ids``); transformers 4.57's ``AutoTokenizer`` on
-   ``context/nemo_tokenizer``.
+   ``context/nemo_tokenizer``; ``HFLlamaExporter(EXPORT).config`` and ``.tokenizer`` (NeMo's NeMo → HF exporter).
 2. ``LlamaModel.configure_model()`` (megatron-core GPTModel, local spec; also for a Qwen2 export's ``Qwen2Model``),
    ``MegatronParallel(model).sharded_state_dict`` and ``MegatronCheckpointIO.load_checkpoint(EXPORT/weights, sharded_state_dict)`` at NeMo's default strictness
    (``StrictHandling.ASSUME_OK_UNEXPECTED``: a requested key missing from the checkpoint is fatal), then a strict
@@ -116,7 +116,11 @@ def test_nemo_2_7_3_loads_both_exports_of_a_trained_run(tmp_path):
     assert yaml.safe_load((tmp_path / "nemo2" / "context" / "model.yaml").read_text()) == rendered
     ours = AutoTokenizer.from_pretrained(run / "final")(text).input_ids  # transformers 5.x, the run's tokenizer
     assert out["tokenizer_type"] == "AutoTokenizer" and out["hf457_class"] == "PreTrainedTokenizerFast"
-    assert out["nemo_ids"] == ours and out["hf457_ids"] == ours
+    assert out["nemo_ids"] == ours and out["hf457_ids"] == ours and out["exporter_tokenizer_ids"] == ours
+    assert out["exporter_config"] == {  # NeMo's HFLlamaExporter.config, built from our context
+        "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 32, "rms_norm_eps": hf["rms_norm_eps"],
+        "rope_theta": hf["rope_parameters"]["rope_theta"], "tie_word_embeddings": True, "vocab_size": 101}
 
     # 2. Weights at NeMo's default strictness: every requested key found (the layers' _extra_state included), all
     # parameters set, and NeMo's GPTModel scores like transformers.
