@@ -64,7 +64,7 @@ def _export_arguments(command: argparse.ArgumentParser) -> None:
                               "directory <run>/checkpoints/step_N (HF or Megatron backend), or a Hugging Face folder")
     command.add_argument("--format", required=True, choices=("hf", "nemo2", "nemo"),
                          help="hf: safetensors + config + tokenizer; nemo2: NeMo 2 directory (context/, weights/ in "
-                              "megatron-core torch_dist format); nemo: .nemo tar (model_config.yaml + weights)")
+                              "megatron-core torch_dist format); nemo: the same as one .nemo tar")
     command.add_argument("--output", required=True, type=Path, help="folder (hf, nemo2) or file ending in .nemo")
     command.add_argument("--overwrite", action="store_true",
                          help="replace an existing OUTPUT (only an earlier export of the same format)")

@@ -1,5 +1,7 @@
 """`nemo-igrpo export`: a real (1-step) run's policy to HF, NeMo 2 and .nemo, each read back to the same logits;
-the NeMo 2 weights also through megatron-core's own dist_checkpointing.load; refusals for bad targets and sources."""
+the NeMo 2 weights also through megatron-core's own dist_checkpointing.load; the NeMo formats' structure (io.json,
+model.yaml types, _extra_state, tokenizer files); refusals for bad targets and sources. NeMo itself reads the exports
+in tests/test_nemo_oracle.py."""
 
 from __future__ import annotations
 
@@ -95,13 +97,47 @@ def test_nemo2_export_layout_and_round_trip_to_identical_logits(run_dir, tmp_pat
     assert model_yaml["share_embeddings_and_output_weights"] is True and model_yaml["normalization"] == "RMSNorm"
     assert model_yaml["vocab_size"] == 101 and model_yaml["make_vocab_size_divisible_by"] == 1  # no padding
     assert (out / "context" / "nemo_tokenizer" / "tokenizer.json").is_file()
+    # NeMo's types and key set (what NeMo's HFLlamaImporter writes), the dtype as NeMo serialises dtypes.
+    full = yaml.safe_load((out / "context" / "model.yaml").read_text())
+    assert full["_target_"] == "nemo.collections.llm.gpt.model.llama.LlamaModel"
+    assert model_yaml["_target_"] == "nemo.collections.llm.gpt.model.llama.LlamaConfig" and len(model_yaml) == 261
+    assert model_yaml["params_dtype"] == {"_target_": "torch.float32", "_call_": False}
+    assert full["tokenizer"]["pretrained_model_name"] == "nemo_tokenizer"
+    # io.json: Fiddle JSON whose objects carry the paths NeMo's load_context(subpath=...) looks up.
+    io_json = json.loads((out / "context" / "io.json").read_text())
+    by_path = {p: v for v in io_json["objects"].values() for p in v.get("paths", [])}
+    assert io_json["version"] == "0.0.1" and io_json["objects"][io_json["root"]["key"]]["paths"] == ["<root>"]
+    config = by_path["<root>.model.config"]
+    metadata = io_json["objects"][config["metadata"]["key"]]
+    assert metadata["items"][0][1] == {"type": "pyref", "module": "nemo.collections.llm.gpt.model.llama",
+                                       "name": "LlamaConfig"}
+    arguments = {item[0]: item[1] for item in config["items"]}
+    assert arguments["Attr(name='params_dtype')"]["module"] == "torch"
+    assert arguments["Attr(name='num_query_groups')"]["value"] == 1
+    assert by_path["<root>.model.tokenizer"]["items"][0] == [
+        "Attr(name='pretrained_model_name')",
+        {"type": "leaf", "value": "nemo_tokenizer", "paths": ["<root>.model.tokenizer.pretrained_model_name"]}]
+    tokenizer_config = json.loads((out / "context" / "nemo_tokenizer" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # a class transformers 4.57 has
+    assert tokenizer_config["additional_special_tokens"] == ["<|endoftext|>", "<|im_start|>"]
+    assert not isinstance(tokenizer_config.get("extra_special_tokens"), list)  # 4.57 wants a dict there
+    reloaded = AutoTokenizer.from_pretrained(out / "context" / "nemo_tokenizer")
+    original = AutoTokenizer.from_pretrained(run_dir / "final")
+    text = "<|im_start|>What is 3 + 4?<|endoftext|> \\boxed{7}<|im_end|>"
+    assert reloaded(text).input_ids == original(text).input_ids
+    assert reloaded.all_special_tokens == original.all_special_tokens
     weights = out / "weights"
     assert json.loads((weights / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
     assert {p.name for p in weights.iterdir()} == {".metadata", "__0_0.distcp", "common.pt", "metadata.json"}
 
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    shapes = {k: tuple(m.size) for k, m in FileSystemReader(str(weights)).read_metadata().state_dict_metadata.items()}
+    metadata = FileSystemReader(str(weights)).read_metadata().state_dict_metadata
+    shapes = {k: tuple(m.size) for k, m in metadata.items() if not isinstance(m, BytesStorageMetadata)}
+    # Megatron-Core ShardedObject keys for every layer's linears (and the TE spec's core attention), as NeMo has them.
+    extra = sorted(k for k, m in metadata.items() if isinstance(m, BytesStorageMetadata))
+    assert len(extra) == 5 * 2 and "module.decoder.layers.self_attention.linear_proj._extra_state/shard_1_2" in extra
     # Layers stacked on a leading axis, input norms under the TE names, NeMo 2's "module." prefix, tied output.
     assert shapes["module.decoder.layers.self_attention.linear_qkv.weight"] == (2, (2 + 1 + 1) * 32, 64)
     assert shapes["module.decoder.layers.self_attention.linear_qkv.layer_norm_weight"] == (2, 64)
@@ -142,8 +178,9 @@ MCORE_LOAD = textwrap.dedent("""
     # This rank's TP shard of every weight, as NeMo asks for it; megatron-core reshards the full tensors on load.
     sharded = model.sharded_state_dict(prefix="module.")
     state, missing, unexpected = dist_checkpointing.load(sharded, export + "/weights", strict="return_all")
-    assert not missing, missing  # in the checkpoint but not asked for
-    assert all(k.endswith("_extra_state") for k in unexpected), unexpected  # not written; dropped from the request
+    # In the checkpoint but not asked for: only the TE spec's core-attention extra state (this is the local spec).
+    assert all("core_attention._extra_state" in k for k in missing), missing
+    assert not unexpected, unexpected  # everything asked for, the linears' _extra_state included
     result = model.load_state_dict({k[len("module."):]: v for k, v in state.items()}, strict=False)
     assert not [k for k in result.missing_keys if not k.endswith("_extra_state")], result.missing_keys
     ids = torch.randint(0, hf_config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -240,11 +277,13 @@ def test_nemo_archive_layout_and_round_trip_to_identical_logits(run_dir, tmp_pat
     export(checkpoint_of(run_dir), "nemo", out)
     with tarfile.open(out) as archive:
         names = set(archive.getnames())
-        config = yaml.safe_load(archive.extractfile("./model_config.yaml").read())
-    assert {"./model_config.yaml", "./hf_config.json", "./model_weights/metadata.json", "./model_weights/.metadata",
-            "./tokenizer/tokenizer.json"} <= names
-    assert config["mcore_gpt"] is True and config["num_layers"] == 2 and config["num_query_groups"] == 1
-    assert config["activation"] == "fast-swiglu" and config["normalization"] == "rmsnorm"
+        config = yaml.safe_load(archive.extractfile("./context/model.yaml").read())
+    # The NeMo 2 layout, which NeMo's export readers accept in a .nemo (tokenizer via context/io.json).
+    assert {"./context/io.json", "./context/model.yaml", "./context/hf_config.json", "./weights/metadata.json",
+            "./weights/.metadata", "./context/nemo_tokenizer/tokenizer.json"} <= names
+    assert config["_target_"] == "nemo.collections.llm.gpt.model.llama.LlamaModel"
+    assert config["config"]["num_layers"] == 2 and config["config"]["num_query_groups"] == 1
+    assert config["config"]["activation_func"]["_target_"] == "torch.nn.functional.silu"
     hf_config, state = read_nemo_archive(out)
     assert "model.layers.1.self_attn.q_proj.weight" in state
     assert torch.equal(logits(model_from_state(hf_config, state), 101), logits(reference_model(run_dir), 101))
@@ -263,6 +302,11 @@ def test_qwen2_bf16_folder_round_trips_through_nemo2_bitwise(tmp_path):
     export(source, "nemo2", tmp_path / "nemo2")
     hf_config, state = read_nemo2(tmp_path / "nemo2")
     assert state["lm_head.weight"].dtype == torch.bfloat16
+    model_yaml = yaml.safe_load((tmp_path / "nemo2" / "context" / "model.yaml").read_text())
+    assert model_yaml["_target_"] == "nemo.collections.llm.gpt.model.qwen2.Qwen2Model"
+    assert model_yaml["config"]["_target_"] == "nemo.collections.llm.gpt.model.qwen2.Qwen2Config"
+    assert model_yaml["config"]["params_dtype"] == {"_target_": "torch.bfloat16", "_call_": False}
+    assert model_yaml["config"]["bf16"] is True and model_yaml["config"]["add_qkv_bias"] is True
     for name, tensor in model.state_dict().items():
         assert torch.equal(state[name], tensor), name
     # Built the same way (attention implementation included), so bf16 logits must match bitwise too.
@@ -362,3 +406,42 @@ def test_export_help_lists_formats(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--format {hf,nemo2,nemo}" in out and "--overwrite" in out and "RUN_DIR_OR_CHECKPOINT" in out
+
+
+def test_nemo_model_classes_and_arguments_per_architecture():
+    """The NeMo classes NeMo's HF importers pick (Llama 3.1 rope → Llama31Config, Qwen3 → Qwen3Config with q/k norms,
+    Mistral → MistralConfig7B with the window as [left, 0]) and model.yaml's full key set for each."""
+    import json as json_module
+
+    from transformers import LlamaConfig, MistralConfig, Qwen3Config
+
+    from nemo_igrpo.export.fiddle_json import dumps
+    from nemo_igrpo.export.nemo import _defaults, model_yaml, nemo_model, trainer_context
+
+    small = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    llama31 = LlamaConfig(**small, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 8192})
+    cases = [(llama31, "llama.LlamaModel", "llama.Llama31Config", {"scale_factor": 16.0, "rotary_base": 500000.0}),
+             (Qwen3Config(**small, head_dim=32), "qwen3.Qwen3Model", "qwen3.Qwen3Config",
+              {"qk_layernorm": True, "add_qkv_bias": False, "kv_channels": 32}),
+             (MistralConfig(**small, sliding_window=4096), "mistral.MistralModel", "mistral.MistralConfig7B",
+              {"window_size": [4096, 0], "params_dtype": {"_target_": "torch.bfloat16", "_call_": False}})]
+    base_keys = len(_defaults()["model"]["config"])
+    for hf_config, model_class, config_class, expected in cases:
+        model = nemo_model(hf_config, torch.bfloat16)
+        rendered = model_yaml(model)
+        assert rendered["_target_"] == f"nemo.collections.llm.gpt.model.{model_class}"
+        config = rendered["config"]
+        assert config["_target_"] == f"nemo.collections.llm.gpt.model.{config_class}"
+        assert {k: config[k] for k in expected} == expected
+        assert config["apply_rope_fusion"] is False and config["bf16"] is True
+        # 261 LlamaConfig keys; Llama31Config adds its 4 rope-scaling fields, Qwen3 max_position_embeddings, and the
+        # others lack LlamaConfig's use_transformer_engine_op_fuser.
+        extra = {"llama.Llama31Config": 4, "qwen3.Qwen3Config": 0, "mistral.MistralConfig7B": -1}[config_class]
+        assert len(config) == base_keys + extra
+        document = json_module.loads(dumps(trainer_context(model)))
+        names = {o["items"][0][1]["name"] for o in document["objects"].values()
+                 if o["type"]["name"] == "BuildableTraverserMetadata"}
+        assert {config_class.split(".")[1], model_class.split(".")[1], "AutoTokenizer", "TrainerContext"} <= names
