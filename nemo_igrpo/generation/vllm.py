@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,6 +76,9 @@ class VLLMGeneration(GenerationBackend):
         self.stream_refinements = stream_refinements
         self.bucket_bytes = weight_bucket_mb << 20
         self.sleep_mode = sleep_mode
+        # The trainer's default process group (torchrun, Megatron), if any, exists before the engine: vLLM reuses it
+        # and must not destroy it on close (see _keep_default_group).
+        self._trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         extra = {}
         if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             extra["kv_cache_memory_bytes"] = _CPU_KV_CACHE_BYTES
@@ -238,10 +242,62 @@ class VLLMGeneration(GenerationBackend):
         if llm is not None:
             engine_core = getattr(llm.llm_engine, "engine_core", None)
             if engine_core is not None and hasattr(engine_core, "shutdown"):
-                engine_core.shutdown()
+                with _keep_default_group(self._trainer_group):
+                    engine_core.shutdown()
             self.llm = None
         if self._owned_dir:
             shutil.rmtree(self.model_dir, ignore_errors=True)
+
+
+@contextmanager
+def _keep_default_group(keep: bool) -> Iterator[None]:
+    """While the engine shuts down, refuse to destroy the default process group when ``keep`` (the trainer made it).
+
+    vLLM 0.32.0 (checked in its source): ``init_distributed_environment`` reuses an already initialised default group
+    (``if not torch.distributed.is_initialized(): init_process_group(...)``) and builds its own groups from it with
+    ``new_group``; but ``EngineCore.shutdown`` → ``cleanup_dist_env_and_memory`` → ``destroy_distributed_environment``
+    ends with ``torch.distributed.destroy_process_group()`` — the default group, whoever created it. Destroying vLLM's
+    own sub-groups (``destroy_model_parallel``, ``_WORLD.destroy()``) is left to vLLM. When no group existed before
+    the engine (one process, HF policy), vLLM created a one-rank group for itself and may destroy it.
+    """
+    if not keep:
+        yield
+        return
+    import torch.distributed as dist
+
+    original = dist.destroy_process_group
+
+    def destroy(group=None):
+        if group is None or group is dist.GroupMember.WORLD:
+            return  # the trainer's default group: the trainer destroys it when it is done
+        original(group)
+
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = original
+
+
+def write_model_folder(model: torch.nn.Module, directory: Path) -> None:
+    """``config.json`` + ``model.safetensors``: what vLLM needs to start, written on *every* rank.
+
+    transformers 5.19's ``save_pretrained`` writes only on global rank 0 once a process group exists
+    (``distributed/mixin.py: should_save_on_this_rank``), which left the other ranks' engine folders empty. Tied
+    tensors are stored once under their first name (the input embedding), as ``save_pretrained`` does; vLLM ties
+    the head itself from ``tie_word_embeddings``.
+    """
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(directory)
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
 def weight_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -287,7 +343,7 @@ def build_vllm_generation(config, model: torch.nn.Module) -> VLLMGeneration:
     settings = config.generation.vllm
     directory = Path(tempfile.mkdtemp(prefix="nemo-igrpo-vllm-"))
     try:
-        model.save_pretrained(directory)
+        write_model_folder(model, directory)
     except Exception:
         shutil.rmtree(directory, ignore_errors=True)
         raise
