@@ -113,6 +113,35 @@ def test_greedy_decoding_matches_transformers_and_copies_n_times(engine):
                                    rtol=0)
 
 
+def _tokens(groups):
+    return [[c.token_ids for c in group] for group in groups]
+
+
+def test_a_prompt_samples_the_same_whatever_its_batch_position_or_rank(engine):
+    # Per-prompt seeds: what a data-parallel rank samples for its shard is what one rank samples for the whole batch.
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=10)
+    a, b, c = [1, 2, 3, 4], [5, 6, 7], [9, 10, 11, 12, 13]
+    torch.manual_seed(5)
+    whole = engine.generate([a, b, c], params)
+    torch.manual_seed(5)
+    shard = engine.generate([c, a], params)
+    assert _tokens(shard) == _tokens([whole[2], whole[0]])
+    assert len({tuple(t) for t in _tokens(whole)[0]}) > 1  # the n samples of a prompt differ
+    torch.manual_seed(6)
+    assert _tokens(engine.generate([a], params)) != _tokens([whole[0]])  # a new call seed samples anew
+
+    def follow_up(prompts):
+        return lambda i, drafts: [*prompts[i], *drafts[0].token_ids, 3]
+
+    first, second = SamplingParams(n=2, temperature=1.0, max_new_tokens=8), SamplingParams(n=2, max_new_tokens=8)
+    torch.manual_seed(7)
+    drafts, stage2, refined = engine.generate_chained([a, b, c], first, follow_up([a, b, c]), second)
+    torch.manual_seed(7)
+    drafts_c, stage2_c, refined_c = engine.generate_chained([c], first, follow_up([c]), second)
+    assert _tokens(drafts_c) == _tokens(drafts[2:]) and stage2_c == stage2[2:]
+    assert _tokens(refined_c) == _tokens(refined[2:])
+
+
 def test_a_prompt_longer_than_max_model_len_names_its_index(engine):
     assert engine.max_model_len == 256  # min(default budget, the model's max_position_embeddings)
     with pytest.raises(PromptTooLongError, match=r"prompt 1 has 300 tokens.*max_model_len=256"):
