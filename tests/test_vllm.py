@@ -123,9 +123,12 @@ def test_a_prompt_samples_the_same_whatever_its_batch_position_or_rank(engine):
     a, b, c = [1, 2, 3, 4], [5, 6, 7], [9, 10, 11, 12, 13]
     torch.manual_seed(5)
     whole = engine.generate([a, b, c], params)
+    after_whole = torch.rand(1)
     torch.manual_seed(5)
     shard = engine.generate([c, a], params)
     assert _tokens(shard) == _tokens([whole[2], whole[0]])
+    # ... and the trainer's RNG advances alike (vLLM's own draws run on a fork), so the next call agrees too
+    assert torch.equal(torch.rand(1), after_whole)
     assert len({tuple(t) for t in _tokens(whole)[0]}) > 1  # the n samples of a prompt differ
     torch.manual_seed(6)
     assert _tokens(engine.generate([a], params)) != _tokens([whole[0]])  # a new call seed samples anew

@@ -122,8 +122,9 @@ class VLLMGeneration(GenerationBackend):
         from vllm.inputs import TokensPrompt
 
         keys = _call_keys(prompts)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-                                    [self._sampling_params(params, key) for key in keys], use_tqdm=False)
+        with _engine_rng():
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                        [self._sampling_params(params, key) for key in keys], use_tqdm=False)
         return [self._completions(output, params) for output in outputs]
 
     def generate_chained(self, prompts: Sequence[Sequence[int]], first: SamplingParams, follow_up: FollowUp,
@@ -161,25 +162,26 @@ class VLLMGeneration(GenerationBackend):
                                self._sampling_params(params, key))
             pending[request_id] = (stage, index)
 
-        try:
-            for index, prompt in enumerate(prompts):
-                submit(1, index, prompt, first)
-            while pending:
-                for output in engine.step():
-                    if not output.finished or output.request_id not in pending:
-                        continue
-                    stage, index = pending.pop(output.request_id)
-                    if stage == 1:
-                        drafts[index] = self._completions(output, first)
-                        follow = list(follow_up(index, drafts[index]))
-                        self._check_prompts([follow], what=f"stage-2 prompt of prompt {index}")
-                        second_prompts[index] = follow
-                        submit(2, index, follow, second)
-                    else:
-                        refinements[index] = self._completions(output, second)
-        finally:
-            if pending:  # an error (e.g. in follow_up) must not leave requests running in the shared engine
-                engine.abort_request(list(pending))
+        with _engine_rng():
+            try:
+                for index, prompt in enumerate(prompts):
+                    submit(1, index, prompt, first)
+                while pending:
+                    for output in engine.step():
+                        if not output.finished or output.request_id not in pending:
+                            continue
+                        stage, index = pending.pop(output.request_id)
+                        if stage == 1:
+                            drafts[index] = self._completions(output, first)
+                            follow = list(follow_up(index, drafts[index]))
+                            self._check_prompts([follow], what=f"stage-2 prompt of prompt {index}")
+                            second_prompts[index] = follow
+                            submit(2, index, follow, second)
+                        else:
+                            refinements[index] = self._completions(output, second)
+            finally:
+                if pending:  # an error (e.g. in follow_up) must not leave requests running in the shared engine
+                    engine.abort_request(list(pending))
         order = range(len(prompts))
         return [drafts[i] for i in order], [second_prompts[i] for i in order], [refinements[i] for i in order]
 
@@ -319,6 +321,17 @@ def write_model_folder(model: torch.nn.Module, directory: Path) -> None:
         seen.add(key)
         tensors[name] = tensor.detach().contiguous()
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+@contextmanager
+def _engine_rng() -> Iterator[None]:
+    """Run the engine on a fork of torch's global RNG. vLLM 0.32.0's sampler draws exponential noise for every row of
+    the batch from the global generator (seeded rows then redraw from their own), so the trainer's RNG would advance
+    by an amount that depends on how many requests this rank ran — and a 2-rank run would stop matching a 1-rank
+    run from the second call on. The call seeds are drawn outside, once per call, as the HF backend draws them."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def _call_keys(prompts: Sequence[Sequence[int]]) -> list[int]:
