@@ -1,9 +1,10 @@
 """The launch matrix, vLLM column (plus Megatron DP=2 with HF generation): each cell trains 2 steps under torchrun
 (or one process), resumes to a third, exports ``final/``; see ``launch_harness`` for what each cell asserts.
 
-Seconds per cell on the shared 2-core development machine (both launches): hf DP=2 + vllm 138, megatron 1 process
-+ vllm 72, megatron DP=2 + vllm 138, megatron DP=2 + hf 130, megatron TP=2+SP + vllm 172, megatron PP=2 + vllm 148;
-the 1-process hf + vllm run of the rank-independence check ≈ 70.
+Seconds per cell on the shared 2-core development machine (both launches; two measurements): hf DP=2 + vllm
+138-166, megatron 1 process + vllm 72, megatron DP=2 + vllm 113-138, megatron DP=2 + hf 116-130, megatron TP=2+SP +
+vllm 158-172, megatron PP=2 + vllm 148-160; the rank-independence check adds a 1-process hf + vllm run (92-109).
+The whole module: ≈ 900 s.
 """
 
 from __future__ import annotations
