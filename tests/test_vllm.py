@@ -8,6 +8,8 @@ the trainer's to 1e-4 (measured ≤ 5e-7 on the tiny model, ≈1e-5 on SmolLM2).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,38 @@ def test_greedy_decoding_matches_transformers_and_copies_n_times(engine):
                                    rtol=0)
 
 
+def _tokens(groups):
+    return [[c.token_ids for c in group] for group in groups]
+
+
+def test_a_prompt_samples_the_same_whatever_its_batch_position_or_rank(engine):
+    # Per-prompt seeds: what a data-parallel rank samples for its shard is what one rank samples for the whole batch.
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=10)
+    a, b, c = [1, 2, 3, 4], [5, 6, 7], [9, 10, 11, 12, 13]
+    torch.manual_seed(5)
+    whole = engine.generate([a, b, c], params)
+    after_whole = torch.rand(1)
+    torch.manual_seed(5)
+    shard = engine.generate([c, a], params)
+    assert _tokens(shard) == _tokens([whole[2], whole[0]])
+    # ... and the trainer's RNG advances alike (vLLM's own draws run on a fork), so the next call agrees too
+    assert torch.equal(torch.rand(1), after_whole)
+    assert len({tuple(t) for t in _tokens(whole)[0]}) > 1  # the n samples of a prompt differ
+    torch.manual_seed(6)
+    assert _tokens(engine.generate([a], params)) != _tokens([whole[0]])  # a new call seed samples anew
+
+    def follow_up(prompts):
+        return lambda i, drafts: [*prompts[i], *drafts[0].token_ids, 3]
+
+    first, second = SamplingParams(n=2, temperature=1.0, max_new_tokens=8), SamplingParams(n=2, max_new_tokens=8)
+    torch.manual_seed(7)
+    drafts, stage2, refined = engine.generate_chained([a, b, c], first, follow_up([a, b, c]), second)
+    torch.manual_seed(7)
+    drafts_c, stage2_c, refined_c = engine.generate_chained([c], first, follow_up([c]), second)
+    assert _tokens(drafts_c) == _tokens(drafts[2:]) and stage2_c == stage2[2:]
+    assert _tokens(refined_c) == _tokens(refined[2:])
+
+
 def test_a_prompt_longer_than_max_model_len_names_its_index(engine):
     assert engine.max_model_len == 256  # min(default budget, the model's max_position_embeddings)
     with pytest.raises(PromptTooLongError, match=r"prompt 1 has 300 tokens.*max_model_len=256"):
@@ -184,6 +218,61 @@ def test_weight_sync_makes_the_engine_score_like_the_trainer(engine):
 
     engine.update_weights(make_policy(old_model).export_weights())  # restore for the other tests
     assert torch.equal(engine_sequence_logprobs(engine, sequence), before)  # exactly back
+
+
+# ---------------------------------------------------------------------------------------------- process groups
+
+def test_the_engine_folder_is_written_on_every_rank(tmp_path, monkeypatch):
+    # With a process group, transformers' save_pretrained writes only on global rank 0: pretend to be rank 1.
+    from safetensors.torch import load_file
+
+    from nemo_igrpo.generation.vllm import write_model_folder
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    model = tiny_llama(seed=0, tie_word_embeddings=True)
+    write_model_folder(model, tmp_path)
+    monkeypatch.undo()
+    saved = load_file(tmp_path / "model.safetensors")
+    state = model.state_dict()
+    assert set(saved) == set(state) - {"lm_head.weight"}  # the tied head is stored once, as the embedding
+    assert all(torch.equal(saved[k], state[k]) for k in saved)
+    assert (tmp_path / "config.json").is_file()
+
+
+_KEEP_GROUP = """
+import os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+if __name__ == "__main__":
+    import torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[1])
+    from helpers import tiny_llama
+    from nemo_igrpo.backends import build_generation
+    from nemo_igrpo.config import load_config
+    from nemo_igrpo.generation.base import SamplingParams
+
+    # The trainer's group (as torchrun or Megatron makes it), created before the engine.
+    dist.init_process_group("gloo", store=dist.FileStore(sys.argv[2], 1), rank=0, world_size=1)
+    world = dist.group.WORLD
+    generator = build_generation(load_config(None, sys.argv[3:]), tiny_llama(seed=0), pad_token_id=0)
+    out = generator.generate([[1, 2, 3]], SamplingParams(n=2, max_new_tokens=4))
+    generator.close()
+    assert dist.is_initialized() and dist.group.WORLD is world, "vLLM replaced or destroyed the trainer's group"
+    value = torch.tensor([len(out[0])], dtype=torch.float32)
+    dist.all_reduce(value)  # the group still works
+    print("RESULT", value.item())
+    dist.destroy_process_group()
+"""
+
+
+def test_closing_the_engine_keeps_the_trainers_process_group(tmp_path):
+    script = tmp_path / "keep_group.py"
+    script.write_text(_KEEP_GROUP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent), str(tmp_path / "store"), *VLLM],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "RESULT 2.0" in proc.stdout
 
 
 def test_buckets_never_split_a_fused_group():

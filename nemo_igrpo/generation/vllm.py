@@ -9,6 +9,10 @@
 * Streaming Stage 2 (``stream_refinements``): we drive ``llm_engine.add_request`` / ``step`` ourselves and add a
   prompt's refinement request the moment its own drafts finish, so slow drafts of other prompts do not hold it back.
 * Prefix caching is on by default: all drafts of a prompt share its prefix, all refinements of a prompt+draft too.
+* Sampling is seeded per prompt (``SamplingParams(seed=key)``, completion j uses key + j inside vLLM), with the keys
+  of the HF backend (a per-call seed from torch's global RNG, the prompt's tokens, its repeat index): what a prompt
+  samples does not depend on the other prompts of the batch or on the rank it lands on (docs/vllm.md says exactly
+  what holds). On CPU this needs chunked prefill off (see ``__init__``).
 
 vLLM is imported lazily (it is an optional extra). The engine runs in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which is what gives us direct access to the worker for weight reloads.
@@ -21,11 +25,13 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
+from nemo_igrpo.generation.hf import _prompt_keys
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +81,24 @@ class VLLMGeneration(GenerationBackend):
         self.stream_refinements = stream_refinements
         self.bucket_bytes = weight_bucket_mb << 20
         self.sleep_mode = sleep_mode
+        # The trainer's default process group (torchrun, Megatron), if any, exists before the engine: vLLM reuses it
+        # and must not destroy it on close (see _keep_default_group).
+        self._trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         extra = {}
         if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             extra["kv_cache_memory_bytes"] = _CPU_KV_CACHE_BYTES
+        if on_cpu:
+            # Per-request seeds: vLLM 0.32.0 rewinds a request's generator (Generator.set_offset, gpu_model_runner
+            # `discard_request_mask`) when it discards the sample of a partial (chunked) prefill, which CPU
+            # generators do not support ("CPU Generator does not use offset"). Without chunked prefill no prefill is
+            # partial; the token budget must then hold a whole prompt (vLLM-CPU does the same for MLA models).
+            extra["enable_chunked_prefill"] = False
+            extra["max_num_batched_tokens"] = max(max_model_len, 2048)
         self.llm = LLM(
             model=str(self.model_dir),
             skip_tokenizer_init=True,  # token ids in and out: no detokenise/retokenise round trip
             dtype=dtype,
-            seed=seed,  # once for the engine: per-request seeds crash the CPU engine under chunked prefill
+            seed=seed,  # the engine's own stream (unseeded requests); training requests carry per-prompt seeds
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
@@ -105,8 +121,10 @@ class VLLMGeneration(GenerationBackend):
         self._wake()
         from vllm.inputs import TokensPrompt
 
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-                                    self._sampling_params(params), use_tqdm=False)
+        keys = _call_keys(prompts)
+        with _engine_rng():
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+                                        [self._sampling_params(params, key) for key in keys], use_tqdm=False)
         return [self._completions(output, params) for output in outputs]
 
     def generate_chained(self, prompts: Sequence[Sequence[int]], first: SamplingParams, follow_up: FollowUp,
@@ -125,46 +143,55 @@ class VLLMGeneration(GenerationBackend):
         self._check_prompts(prompts)
         self._wake()
         engine = self.llm.llm_engine
-        first_params, second_params = self._sampling_params(first), self._sampling_params(second)
+        # Two call seeds, drawn as the unstreamed path (two generate calls) draws them. A refinement's key mixes the
+        # second call seed with its draft group's key: known when its request is submitted, whatever the order in
+        # which drafts finish, and the same on every rank.
+        first_keys = _call_keys(prompts)
+        second_seed = int(torch.randint(0, 2**62, (1,)).item())
         pending: dict[str, tuple[int, int]] = {}  # request id -> (stage, prompt index)
         drafts: dict[int, list[Completion]] = {}
         second_prompts: dict[int, list[int]] = {}
         refinements: dict[int, list[Completion]] = {}
 
-        def submit(stage: int, index: int, prompt: Sequence[int], params) -> None:
+        def submit(stage: int, index: int, prompt: Sequence[int], params: SamplingParams) -> None:
             self._request_counter += 1
             request_id = f"s{stage}-{index}-{self._request_counter}"
-            engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
+            key = (first_keys[index] if stage == 1 else
+                   _prompt_keys((second_seed + first_keys[index]) % 2**62, [prompt])[0])
+            engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)),
+                               self._sampling_params(params, key))
             pending[request_id] = (stage, index)
 
-        try:
-            for index, prompt in enumerate(prompts):
-                submit(1, index, prompt, first_params)
-            while pending:
-                for output in engine.step():
-                    if not output.finished or output.request_id not in pending:
-                        continue
-                    stage, index = pending.pop(output.request_id)
-                    if stage == 1:
-                        drafts[index] = self._completions(output, first)
-                        follow = list(follow_up(index, drafts[index]))
-                        self._check_prompts([follow], what=f"stage-2 prompt of prompt {index}")
-                        second_prompts[index] = follow
-                        submit(2, index, follow, second_params)
-                    else:
-                        refinements[index] = self._completions(output, second)
-        finally:
-            if pending:  # an error (e.g. in follow_up) must not leave requests running in the shared engine
-                engine.abort_request(list(pending))
+        with _engine_rng():
+            try:
+                for index, prompt in enumerate(prompts):
+                    submit(1, index, prompt, first)
+                while pending:
+                    for output in engine.step():
+                        if not output.finished or output.request_id not in pending:
+                            continue
+                        stage, index = pending.pop(output.request_id)
+                        if stage == 1:
+                            drafts[index] = self._completions(output, first)
+                            follow = list(follow_up(index, drafts[index]))
+                            self._check_prompts([follow], what=f"stage-2 prompt of prompt {index}")
+                            second_prompts[index] = follow
+                            submit(2, index, follow, second)
+                        else:
+                            refinements[index] = self._completions(output, second)
+            finally:
+                if pending:  # an error (e.g. in follow_up) must not leave requests running in the shared engine
+                    engine.abort_request(list(pending))
         order = range(len(prompts))
         return [drafts[i] for i in order], [second_prompts[i] for i in order], [refinements[i] for i in order]
 
-    def _sampling_params(self, params: SamplingParams):
+    def _sampling_params(self, params: SamplingParams, key: int | None = None):
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         greedy = params.temperature == 0
         return VLLMSamplingParams(
+            seed=None if greedy else key,  # vLLM gives the n samples of a request seeds key, key + 1, ...
             n=1 if greedy else params.n,  # greedy samples would all be equal: decode once, copy (as HF does)
             temperature=params.temperature,
             top_p=1.0 if greedy else params.top_p,
@@ -238,10 +265,79 @@ class VLLMGeneration(GenerationBackend):
         if llm is not None:
             engine_core = getattr(llm.llm_engine, "engine_core", None)
             if engine_core is not None and hasattr(engine_core, "shutdown"):
-                engine_core.shutdown()
+                with _keep_default_group(self._trainer_group):
+                    engine_core.shutdown()
             self.llm = None
         if self._owned_dir:
             shutil.rmtree(self.model_dir, ignore_errors=True)
+
+
+@contextmanager
+def _keep_default_group(keep: bool) -> Iterator[None]:
+    """While the engine shuts down, refuse to destroy the default process group when ``keep`` (the trainer made it).
+
+    vLLM 0.32.0 (checked in its source): ``init_distributed_environment`` reuses an already initialised default group
+    (``if not torch.distributed.is_initialized(): init_process_group(...)``) and builds its own groups from it with
+    ``new_group``; but ``EngineCore.shutdown`` → ``cleanup_dist_env_and_memory`` → ``destroy_distributed_environment``
+    ends with ``torch.distributed.destroy_process_group()`` — the default group, whoever created it. Destroying vLLM's
+    own sub-groups (``destroy_model_parallel``, ``_WORLD.destroy()``) is left to vLLM. When no group existed before
+    the engine (one process, HF policy), vLLM created a one-rank group for itself and may destroy it.
+    """
+    if not keep:
+        yield
+        return
+    import torch.distributed as dist
+
+    original = dist.destroy_process_group
+
+    def destroy(group=None):
+        if group is None or group is dist.GroupMember.WORLD:
+            return  # the trainer's default group: the trainer destroys it when it is done
+        original(group)
+
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = original
+
+
+def write_model_folder(model: torch.nn.Module, directory: Path) -> None:
+    """``config.json`` + ``model.safetensors``: what vLLM needs to start, written on *every* rank.
+
+    transformers 5.19's ``save_pretrained`` writes only on global rank 0 once a process group exists
+    (``distributed/mixin.py: should_save_on_this_rank``), which left the other ranks' engine folders empty. Tied
+    tensors are stored once under their first name (the input embedding), as ``save_pretrained`` does; vLLM ties
+    the head itself from ``tie_word_embeddings``.
+    """
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(directory)
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+@contextmanager
+def _engine_rng() -> Iterator[None]:
+    """Run the engine on a fork of torch's global RNG. vLLM 0.32.0's sampler draws exponential noise for every row of
+    the batch from the global generator (seeded rows then redraw from their own), so the trainer's RNG would advance
+    by an amount that depends on how many requests this rank ran — and a 2-rank run would stop matching a 1-rank
+    run from the second call on. The call seeds are drawn outside, once per call, as the HF backend draws them."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _call_keys(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """The HF backend's per-prompt keys for one call (one draw from torch's global RNG, as every rank draws)."""
+    call_seed = int(torch.randint(0, 2**62, (1,)).item())
+    return _prompt_keys(call_seed, prompts)
 
 
 def weight_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -287,7 +383,7 @@ def build_vllm_generation(config, model: torch.nn.Module) -> VLLMGeneration:
     settings = config.generation.vllm
     directory = Path(tempfile.mkdtemp(prefix="nemo-igrpo-vllm-"))
     try:
-        model.save_pretrained(directory)
+        write_model_folder(model, directory)
     except Exception:
         shutil.rmtree(directory, ignore_errors=True)
         raise
