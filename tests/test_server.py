@@ -57,14 +57,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, request):
-    """(url, process, model) of a running server whose model has the tiny training architecture."""
-    config = load_config(REPO / "conf" / "quickstart.yaml", TINY_TRAIN)
-    tokenizer = load_tokenizer(config.model)
-    torch.manual_seed(123)  # a model the trainer never builds: every test syncs the weights it means
-    model = load_model(config.model, tokenizer)
-    folder = tmp_path_factory.mktemp("served")
+def start_server(model, folder: Path, request) -> tuple[str, subprocess.Popen]:
+    """Serve ``model`` (saved into ``folder``) with ``nemo-igrpo serve`` on a free port until the requesting scope
+    ends (SIGTERM in a finalizer); returns (URL, process) once healthy."""
     model.save_pretrained(folder)
     port = _free_port()
     env = {**os.environ, "NEMO_IGRPO_SERVER_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
@@ -98,6 +93,16 @@ def server(tmp_path_factory, request):
             time.sleep(1)
     else:
         pytest.fail("the server did not become healthy")
+    return url, process
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    """(url, process, config) of a running server whose model has the tiny training architecture."""
+    config = load_config(REPO / "conf" / "quickstart.yaml", TINY_TRAIN)
+    tokenizer = load_tokenizer(config.model)
+    torch.manual_seed(123)  # a model the trainer never builds: every test syncs the weights it means
+    url, process = start_server(load_model(config.model, tokenizer), tmp_path_factory.mktemp("served"), request)
     return url, process, config
 
 
