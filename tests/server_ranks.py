@@ -47,6 +47,9 @@ def worker(rank: int, world: int, port: int, url: str, token: str, weights: str,
         result["held"] = client._rpc("nemo_igrpo_weights_version")
 
         params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8)
+        torch.manual_seed(5)  # the per-call seed comes from torch's global RNG, equal on every rank
+        batch = [[4, 4, 2, 9], [7, 1]] if rank == 0 else [[4, 4, 2, 9]]  # a prompt alone, or batched with another
+        result["keyed"] = [c.token_ids for c in client.generate(batch, params)[0]]
         mine = [[1 + rank, 2, 3, 4], [5, 6 + rank, 7]]  # this rank's data-parallel shard
         result["own"] = (mine, client.generate(mine, params))
 

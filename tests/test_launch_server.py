@@ -7,6 +7,7 @@ One ``nemo-igrpo serve`` starts for the module (the tiny shape of tests/tiny_rec
   equal to the trainer to 1e-5, ``train/mismatch/*`` ≈ 0 after every sync; plus, read from the server's access
   log, one weight push per sync whatever the number of ranks, and one request per prompt and stage whatever the
   layout (data-parallel ranks send their own shards; tensor/pipeline peers do not repeat their leader's requests);
+  and for hf DP=2, a 1-process run of 3 straight steps samples exactly what the 2 ranks (resumed) sampled;
 * recipes (conf/recipes/*.yaml shrunk by tests/tiny_recipes.py): one step with the recipe's backends, algorithm and
   (scaled) layout; Nemotron-H on Megatron is refused with its message.
 """
@@ -38,13 +39,14 @@ ENV = {"NEMO_IGRPO_SERVER_TOKEN": TOKEN}
 PROMPTS_PER_STEP = 4  # launch_harness.BASE
 
 MEGATRON = "policy.backend=megatron"
-CELLS = {  # name → (overrides, processes)
-    "hf DP=2": (["policy.backend=hf"], 2),
-    "megatron TP=1 (1 process)": ([MEGATRON], 1),
-    "megatron DP=2 + distributed optimizer": ([MEGATRON, "policy.megatron.use_distributed_optimizer=true"], 2),
-    "megatron TP=2 + SP": ([MEGATRON, "policy.megatron.tensor_model_parallel_size=2",
-                            "policy.megatron.sequence_parallel=true"], 2),
-    "megatron PP=2": ([MEGATRON, "policy.megatron.pipeline_model_parallel_size=2"], 2),
+CELLS = {  # id → (matrix row, overrides, processes)
+    "hf-dp2": ("hf DP=2", ["policy.backend=hf"], 2),
+    "megatron-tp1": ("megatron TP=1, 1 process", [MEGATRON], 1),
+    "megatron-dp2": ("megatron DP=2 + distributed optimizer",
+                     [MEGATRON, "policy.megatron.use_distributed_optimizer=true"], 2),
+    "megatron-tp2-sp": ("megatron TP=2 + SP", [MEGATRON, "policy.megatron.tensor_model_parallel_size=2",
+                                               "policy.megatron.sequence_parallel=true"], 2),
+    "megatron-pp2": ("megatron PP=2", [MEGATRON, "policy.megatron.pipeline_model_parallel_size=2"], 2),
 }
 
 
@@ -73,17 +75,39 @@ def server(tmp_path_factory, request) -> Server:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CELLS)
 def test_server_cell(name, server, tmp_path):
-    overrides, nproc = CELLS[name]
+    row, overrides, nproc = CELLS[name]
     pushes, requests = server.counts()
     result = run_cell(tmp_path, [*SHAPE, *overrides, "generation.backend=server", f"generation.server.url={server.url}"],
                       nproc=nproc, env=ENV)
     check_cell(result)
-    report(f"{name} + server", result)
+    report(f"{row} + server", result)
     pushes, requests = (after - before for after, before in zip(server.counts(), (pushes, requests)))
     # Launch 1: start-up push + 2 steps; launch 2: start-up push + the checkpoint's weights on resume + 1 step.
     assert pushes == 6
     # Streamed stages: one drafts and one refinements request per prompt, each prompt sent by one rank only.
     assert requests == 3 * PROMPTS_PER_STEP * 2
+    if name == "hf-dp2":
+        _one_rank_reproduces(result, [*SHAPE, *overrides, "generation.backend=server",
+                                      f"generation.server.url={server.url}"], tmp_path / "one")
+
+
+def _one_rank_reproduces(two, overrides: list[str], tmp_path: Path) -> None:
+    """Seeded requests (per-prompt keys from the trainer's RNG): one process, 3 steps straight, samples what the
+    2-rank run (2 steps, then resumed) sampled — same rewards and lengths, losses up to float summation order."""
+    tmp_path.mkdir()
+    run_dir = tmp_path / "run"
+    result = _run_once(tmp_path, [*BASE, *overrides, "trainer.max_steps=3", "trainer.resume=none",
+                                  f"trainer.output_dir={run_dir}"], 1)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    one = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in one] == [1, 2, 3]
+    assert len({r["reward/refinement_mean"] for r in one}) > 1  # the reward varies: equal rewards mean something
+    for a, b in zip(one, two.records):
+        # Sampled text: identical, so rewards, lengths and counts agree up to the mean-of-rank-means rounding.
+        exact = [k for k in a if k.startswith(("reward/", "batch/", "response_length/"))]
+        assert {k: b[k] for k in exact} == pytest.approx({k: a[k] for k in exact}, rel=1e-6, abs=1e-9), a["step"]
+        # Losses: the same samples, summed in another order over 2 ranks (float32 rounding only).
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4, abs=1e-5), a["step"]
 
 
 def _run_once(tmp_path: Path, overrides: list[str], nproc: int):

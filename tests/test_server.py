@@ -225,9 +225,9 @@ def test_serve_refuses_to_start_without_a_token(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_two_ranks_share_one_server(server, tmp_path):
-    """Two gloo ranks, one server: one push per sync (rank 0), the same weights label on both ranks, each rank's own
-    requests sampled from the pushed weights, peers (Megatron TP/PP) given identical samples, a restart detected
-    on every rank, a refused push failing every rank."""
+    """Two gloo ranks, one server: one push per sync (rank 0), the same weights label on both ranks, a prompt's
+    samples independent of rank and batch, each rank's own requests sampled from the pushed weights, peers
+    (Megatron TP/PP) given identical samples, a restart detected on every rank, a refused push failing every rank."""
     import torch.multiprocessing as mp
 
     import server_ranks
@@ -248,7 +248,9 @@ def test_two_ranks_share_one_server(server, tmp_path):
         assert _max_error(model, rows, flat) < TOLERANCE
         assert _max_error(other, rows, flat) > 0.05
     tokens = lambda groups: [[c.token_ids for c in g] for g in groups]  # noqa: E731
-    # 8 tokens sampled at T=1 from a random model: equal only because one request served both peers
+    # per-prompt sampling keys: a prompt samples the same completions on either rank, batched or alone
+    assert ranks[0]["keyed"] == ranks[1]["keyed"] and ranks[0]["keyed"][0] != ranks[0]["keyed"][1]
+    # 8 tokens at T=1 from a random model: equal because one request served both peers (keys alone would too)
     assert tokens(ranks[0]["peers"]) == tokens(ranks[1]["peers"])
     (drafts0, stage2_0, refined0), (drafts1, stage2_1, refined1) = ranks[0]["chained"], ranks[1]["chained"]
     assert tokens(drafts0) == tokens(drafts1) and stage2_0 == stage2_1 and tokens(refined0) == tokens(refined1)

@@ -36,6 +36,7 @@ Several trainer ranks, one server (torchrun / srun; every rank builds its own cl
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import logging
@@ -56,6 +57,7 @@ import torch
 
 from nemo_igrpo import distributed
 from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
+from nemo_igrpo.generation.hf import _prompt_keys
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +176,18 @@ class ServerGeneration(GenerationBackend):
     # ------------------------------------------------------------------------------------------ generation
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        return self._from_leader(lambda: self._generate_checked(prompts, params))
+        keys = _prompt_keys(_call_seed(), prompts)  # drawn on every rank: peers' RNG streams stay equal
+        return self._from_leader(lambda: self._generate_checked(prompts, params, keys))
 
-    def _generate_checked(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        completions = self._generate(prompts, params)
+    def _generate_checked(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                          keys: Sequence[int]) -> list[list[Completion]]:
+        completions = self._generate(prompts, params, keys)
         self._check_weights()
         return completions
 
-    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                  keys: Sequence[int]) -> list[list[Completion]]:
+        """One request per prompt, seeded with its key (vLLM gives completion j the seed key + j)."""
         if params.n == 0 or params.max_new_tokens == 0 or not prompts:
             return [[Completion([], [], "length") for _ in range(params.n)] for _ in prompts]
         for index, prompt in enumerate(prompts):
@@ -191,7 +197,6 @@ class ServerGeneration(GenerationBackend):
         per_prompt = 1 if greedy else params.n
         body = {
             "model": self.model_name(),
-            "prompt": [list(p) for p in prompts],
             "n": per_prompt,
             "temperature": params.temperature,
             "top_p": 1.0 if greedy else params.top_p,
@@ -204,51 +209,61 @@ class ServerGeneration(GenerationBackend):
             "return_tokens_as_token_ids": True,  # no tokenizer on the server: log-prob entries named by id
             "skip_special_tokens": False,
         }
-        try:
-            answer = self._request("POST", "/v1/completions", body)
-        except ServerRequestError as error:
-            if "max_model_len" in str(error) or "maximum context length" in str(error):
-                lengths = ", ".join(f"prompt {i}: {len(p)} tokens" for i, p in enumerate(prompts))
-                raise ValueError(f"a prompt is too long for the generation server's max model length ({lengths}): "
-                                 f"{error}") from None
-            raise
-        groups: list[list[Completion]] = [[] for _ in prompts]
-        for choice in sorted(answer["choices"], key=lambda c: c["index"]):
-            groups[choice["index"] // per_prompt].append(_completion(choice))
-        if greedy:
-            groups = [[Completion(list(g[0].token_ids), list(g[0].logprobs), g[0].finish_reason)
-                       for _ in range(params.n)] for g in groups]
-        return groups
+
+        def one(index: int) -> list[Completion]:
+            try:
+                answer = self._request("POST", "/v1/completions",
+                                       {**body, "prompt": [list(prompts[index])], "seed": keys[index]})
+            except ServerRequestError as error:
+                if "max_model_len" in str(error) or "maximum context length" in str(error):
+                    raise ValueError(f"prompt {index} ({len(prompts[index])} tokens) is too long for the generation "
+                                     f"server's max model length: {error}") from None
+                raise
+            group = [_completion(c) for c in sorted(answer["choices"], key=lambda c: c["index"])]
+            if greedy:
+                group = [Completion(list(group[0].token_ids), list(group[0].logprobs), group[0].finish_reason)
+                         for _ in range(params.n)]
+            return group
+
+        if len(prompts) == 1:
+            return [one(0)]
+        with ThreadPoolExecutor(max_workers=min(len(prompts), self.max_concurrency)) as pool:
+            return list(pool.map(one, range(len(prompts))))
 
     def generate_chained(self, prompts: Sequence[Sequence[int]], first: SamplingParams, follow_up: FollowUp,
                          second: SamplingParams):
+        seeds = _call_seed(), _call_seed()  # on every rank, before anything can fail or differ
         if self._peers is None:
-            return self._chained(prompts, first, follow_up, second)
+            return self._chained(prompts, first, follow_up, second, seeds)
         order: list[int] = []
 
         def recorded(index: int, drafts: list[Completion]):
             order.append(index)
             return follow_up(index, drafts)
 
-        result, order = self._from_leader(lambda: (self._chained(prompts, first, recorded, second), order))
+        result, order = self._from_leader(lambda: (self._chained(prompts, first, recorded, second, seeds), order))
         if distributed.rank(self._peers) != 0:
             drafts = result[0]
             for index in order:  # the leader's scoring side effects, in its order; its Stage-2 prompts are kept
                 follow_up(index, drafts[index])
         return result
 
-    def _chained(self, prompts, first: SamplingParams, follow_up: FollowUp, second: SamplingParams):
+    def _chained(self, prompts, first: SamplingParams, follow_up: FollowUp, second: SamplingParams,
+                 seeds: tuple[int, int]):
+        # A Stage-2 request's key comes from its problem's Stage-1 key: the same whichever rank or order it runs in.
+        keys = _prompt_keys(seeds[0], prompts)
+        second_keys = [_derived_key(seeds[1], key) for key in keys]
         if not self.stream_refinements or first.n == 0 or len(prompts) < 2:
-            drafts = self._generate_checked(prompts, first) if first.n > 0 else [[] for _ in prompts]
+            drafts = self._generate_checked(prompts, first, keys) if first.n > 0 else [[] for _ in prompts]
             second_prompts = [list(follow_up(i, d)) for i, d in enumerate(drafts)]
-            return drafts, second_prompts, self._generate_checked(second_prompts, second)
+            return drafts, second_prompts, self._generate_checked(second_prompts, second, second_keys)
         lock = threading.Lock()  # follow_up scores drafts and updates shared counters: one prompt at a time
 
         def one_prompt(index: int):
-            drafts = self._generate([prompts[index]], first)[0]
+            drafts = self._generate([prompts[index]], first, [keys[index]])[0]
             with lock:
                 refinement_prompt = list(follow_up(index, drafts))
-            return drafts, refinement_prompt, self._generate([refinement_prompt], second)[0]
+            return drafts, refinement_prompt, self._generate([refinement_prompt], second, [second_keys[index]])[0]
 
         with ThreadPoolExecutor(max_workers=min(len(prompts), self.max_concurrency)) as pool:
             results = list(pool.map(one_prompt, range(len(prompts))))
@@ -381,6 +396,16 @@ def _unpack(outcome: tuple):
         return outcome[1]
     _, name, message = outcome
     raise _ERRORS.get(name, RuntimeError)(f"{message} (raised on the rank that talks to the server)")
+
+
+def _call_seed() -> int:
+    """One draw from torch's global RNG per call, as the HF backend: every rank draws alike, checkpoints restore it."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _derived_key(seed: int, key: int) -> int:
+    digest = hashlib.blake2b(seed.to_bytes(8, "little") + key.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 4  # room for vLLM's + j per completion within int64
 
 
 def _global_rank(group, rank: int) -> int:
