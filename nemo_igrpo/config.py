@@ -165,6 +165,7 @@ class MegatronConfig:
     fp8: str = "none"
     fp8_recipe: str = "delayed"
     async_save: bool = False
+    make_vocab_size_divisible_by: int = 1
 
 
 @dataclass
@@ -369,7 +370,8 @@ def validate(config: Config) -> None:
                 "policy.micro_batch_size", "policy.logprob_chunk_size", "trainer.prompts_per_step",
                 "trainer.keep_last", "algorithm.ppo_epochs", "algorithm.max_sampling_rounds",
                 "eval.samples_per_problem", "data.max_prompt_tokens",
-                "generation.vllm.tensor_parallel_size", "generation.vllm.weight_bucket_mb"]
+                "generation.vllm.tensor_parallel_size", "generation.vllm.weight_bucket_mb",
+                "policy.megatron.make_vocab_size_divisible_by"]
     for key in positive:
         if _get(config, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {_get(config, key)}")

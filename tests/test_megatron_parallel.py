@@ -31,11 +31,11 @@ OPTIM = {"lr": 1e-3, "weight_decay": 0.01, "betas": (0.9, 0.999), "max_grad_norm
 # ---------------------------------------------------------------------------------------------- worker side
 
 
-def hf_model(seed: int = 0):
+def hf_model(seed: int = 0, **overrides):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(**SHAPE))
+    return Qwen2ForCausalLM(Qwen2Config(**{**SHAPE, **overrides}))
 
 
 def rollout_batch():
@@ -64,7 +64,8 @@ def loss_fn_for(batch):
 def megatron_settings(**overrides):
     values = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "context_parallel_size": 1,
                   "sequence_parallel": False, "use_distributed_optimizer": True, "recompute": "none",
-                  "transformer_impl": "auto", "fp8": "none", "fp8_recipe": "delayed", "async_save": False}
+                  "transformer_impl": "auto", "fp8": "none", "fp8_recipe": "delayed", "async_save": False,
+                  "make_vocab_size_divisible_by": 1}
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -76,7 +77,50 @@ LAYOUTS = {
 }
 
 
+# An odd vocabulary (the quickstart char tokenizer's 101) with an untied head: TP=2 pads it to 102 rows, or to
+# 16 × ⌈101/16⌉ = 112 with make_vocab_size_divisible_by=8 (TP rank 1 then holds 45 real and 11 padding rows); the
+# padding must be invisible.
+ODD = {"vocab_size": 101, "tie_word_embeddings": False}
+
+
+def odd_batch():
+    batch = rollout_batch()
+    batch.input_ids[0, 10] = ODD["vocab_size"] - 1  # the last real token is scored too
+    return batch
+
+
+def odd_vocab_worker(out: Path) -> None:
+    """TP=2 (+SP) on an odd vocabulary: log-probs, entropy, loss, gradients, export (compared with HF in pytest)."""
+    import megatron_cpu_patch
+    import torch.distributed as dist
+
+    megatron_cpu_patch.apply()
+    from nemo_igrpo.policy.megatron.policy import MegatronPolicy
+
+    torch.set_num_threads(1)
+    batch = odd_batch()
+    result = {}
+    for divisible_by in (1, 8):
+        policy = MegatronPolicy(hf_model(**ODD), megatron=megatron_settings(
+            tensor_model_parallel_size=2, sequence_parallel=True, make_vocab_size_divisible_by=divisible_by),
+            bf16=False, micro_batch_size=2, use_reference=False, seed=0, **OPTIM)
+        stats = policy.compute_logprobs(batch)
+        if batch.ref_logprobs is None:  # the reference is the initial policy (kl_coef > 0 in loss_fn_for)
+            batch.ref_logprobs = stats.logprobs.clone()
+        loss, _ = policy.accumulate_gradients(batch, loss_fn_for(batch))
+        result[divisible_by] = {"logprobs": stats.logprobs, "entropy": stats.entropy, "loss": loss,
+                                "grads": policy.gradients_as_hf(),
+                                "rows": policy.unwrapped.embedding.word_embeddings.weight.shape[0],
+                                "weights": {n: t.clone() for n, t in policy.export_weights()}}
+        policy.save_pretrained(out / f"odd_pretrained_{divisible_by}")
+    if dist.get_rank() == 0:
+        torch.save(result, out / "odd.pt")
+    dist.barrier()
+
+
 def worker(mode: str, out: Path) -> None:
+    if mode == "odd":
+        return odd_vocab_worker(out)
     import megatron_cpu_patch
     import torch.distributed as dist
 
@@ -246,6 +290,45 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1(runs):
 
 def test_save_pretrained_loads_in_transformers_with_identical_logits(runs):
     assert runs["tp1"]["pretrained_diff"] < 1e-6
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory):
+    out = tmp_path_factory.mktemp("odd_vocab")
+    launch("odd", 2, out)
+    return out, torch.load(out / "odd.pt", weights_only=False)
+
+
+def test_an_odd_vocabulary_is_padded_at_tp2_and_the_padding_is_invisible(odd):
+    from helpers import make_policy
+
+    out, runs = odd
+    batch = odd_batch()
+    batch.ref_logprobs = runs[1]["logprobs"]  # the initial policy's, as in the workers (HF's equal them to 1e-5)
+    hf_policy = make_policy(hf_model(**ODD), temperature=OPTIM["temperature"], micro_batch_size=2)
+    stats = hf_policy.compute_logprobs(batch)
+    hf_policy.optimizer.zero_grad()
+    loss, _ = hf_policy._accumulate_gradients(batch, loss_fn_for(batch))
+    hf = {"logprobs": stats.logprobs, "entropy": stats.entropy, "loss": loss,
+          "grads": {n: p.grad.clone() for n, p in hf_policy.model.named_parameters()},
+          "weights": dict(hf_model(**ODD).state_dict())}
+    scale = max(g.abs().max().item() for g in hf["grads"].values())
+    for divisible_by, rows in ((1, 51), (8, 56)):  # per TP rank: 102 / 2 and 112 / 2
+        got = runs[divisible_by]
+        assert got["rows"] == rows
+        # Same tolerances as the TP=2 ↔ HF checks above (fp32, the same math summed in another order).
+        assert (got["logprobs"] - hf["logprobs"]).abs().max() < 1e-5
+        assert (got["entropy"] - hf["entropy"]).abs().max() < 1e-5
+        assert got["loss"] == pytest.approx(hf["loss"], rel=1e-5)
+        assert max_diff(got["grads"], hf["grads"]) < 1e-5 * scale  # no gradient leaks into padding rows
+        # Export (weight sync, save_pretrained) strips the padding: exactly the HF shapes and values.
+        assert max_diff(got["weights"], hf["weights"]) == 0.0
+        from safetensors.torch import load_file
+
+        saved = load_file(out / f"odd_pretrained_{divisible_by}" / "model.safetensors")
+        assert saved["model.embed_tokens.weight"].shape == (101, SHAPE["hidden_size"])
+        assert saved["lm_head.weight"].shape == (101, SHAPE["hidden_size"])
+    assert scale > 0 and hf["logprobs"].abs().sum() > 1
 
 
 if __name__ == "__main__":

@@ -149,6 +149,20 @@ def gpt_model_kwargs(hf_config: Any) -> dict[str, Any]:
     }
 
 
+def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 1) -> int:
+    """Megatron's rule: the embedding / output rows are padded to a multiple of ``divisible_by × TP`` so that every
+    tensor-parallel rank holds an equal vocab slice. The padded rows are zero, masked out of every softmax (see
+    ``policy.vocab_parallel_stats``) so they are never scored or trained, and stripped on the way back to HF."""
+    multiple = max(1, int(divisible_by)) * max(1, int(tp_size))
+    return -(-int(vocab_size) // multiple) * multiple
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] >= rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])], dim=0)
+
+
 # ---------------------------------------------------------------------------------------------- HF → Megatron
 
 
@@ -174,9 +188,11 @@ def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, gro
 
 
 def hf_to_mcore(hf_state: Mapping[str, torch.Tensor], hf_config: Any, tp_rank: int = 0,
-                tp_size: int = 1) -> dict[str, torch.Tensor]:
+                tp_size: int = 1, padded_vocab: int | None = None) -> dict[str, torch.Tensor]:
     """The GPTModel (local spec) state dict of TP rank ``tp_rank`` of ``tp_size``, all layers, global indices.
 
+    ``padded_vocab``: rows of the embedding / output layer in the Megatron model (zero rows appended to the HF
+    vocabulary, see :func:`padded_vocab_size`); None = the HF vocabulary size.
     Accepts keys with or without the ``model.`` prefix. Raises naming the missing/unexpected HF key.
     """
     kwargs = gpt_config_kwargs(hf_config)
@@ -194,12 +210,17 @@ def hf_to_mcore(hf_state: Mapping[str, torch.Tensor], hf_config: Any, tp_rank: i
         used.add(name)
         return state[name]
 
+    rows = padded_vocab or 0
+
+    def vocab_split(name: str, what: str) -> torch.Tensor:
+        return _split(_pad_rows(take(name), rows), 0, tp_rank, tp_size, what)
+
     out: dict[str, torch.Tensor] = {
-        "embedding.word_embeddings.weight": _split(take("embed_tokens.weight"), 0, tp_rank, tp_size, "embedding"),
+        "embedding.word_embeddings.weight": vocab_split("embed_tokens.weight", "embedding"),
         "decoder.final_layernorm.weight": take("norm.weight").clone(),
     }
     if not tied:
-        out["output_layer.weight"] = _split(take("lm_head.weight"), 0, tp_rank, tp_size, "lm_head")
+        out["output_layer.weight"] = vocab_split("lm_head.weight", "lm_head")
     elif "lm_head.weight" in state:
         used.add("lm_head.weight")  # a tied copy, saved by some exporters
     for i in range(kwargs["num_layers"]):
@@ -236,13 +257,15 @@ def mcore_to_hf(tp_shards: Sequence[Mapping[str, torch.Tensor]], hf_config: Any,
                 partial: bool = False) -> dict[str, torch.Tensor]:
     """Full HF-named tensors from the local-spec state dicts of every TP rank (in rank order, global layer indices).
 
-    ``_extra_state`` entries are ignored; TE-spec names are accepted too (see :func:`to_local_names`).
+    ``_extra_state`` entries are ignored; TE-spec names are accepted too (see :func:`to_local_names`). Vocabulary
+    padding rows (:func:`padded_vocab_size`) are stripped: the result always has the HF ``vocab_size`` rows.
     ``partial=True`` converts whatever the shards hold (one pipeline stage, one layer) instead of requiring all.
     With tied embeddings ``lm_head.weight`` is emitted with the embedding (an output-layer copy is skipped).
     """
     kwargs = gpt_config_kwargs(hf_config)
     heads, groups, dim = kwargs["num_attention_heads"], kwargs["num_query_groups"], kwargs["kv_channels"]
     tied = gpt_model_kwargs(hf_config)["share_embeddings_and_output_weights"]
+    vocab = gpt_model_kwargs(hf_config)["vocab_size"]
     shards = [to_local_names(s) for s in tp_shards]
     size = len(shards)
     if not size:
@@ -273,13 +296,13 @@ def mcore_to_hf(tp_shards: Sequence[Mapping[str, torch.Tensor]], hf_config: Any,
     present = shards[0]
     out: dict[str, torch.Tensor] = {}
     if not partial or "embedding.word_embeddings.weight" in present:
-        out["model.embed_tokens.weight"] = cat("embedding.word_embeddings.weight", 0)
+        out["model.embed_tokens.weight"] = cat("embedding.word_embeddings.weight", 0)[:vocab]
         if tied:
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
     if not partial or "decoder.final_layernorm.weight" in present:
         out["model.norm.weight"] = first("decoder.final_layernorm.weight")
     if not tied and (not partial or "output_layer.weight" in present):
-        out["lm_head.weight"] = cat("output_layer.weight", 0)
+        out["lm_head.weight"] = cat("output_layer.weight", 0)[:vocab]
     layers = range(kwargs["num_layers"])
     if partial:
         layers = sorted({int(m.group(1)) for k in present if (m := re.match(r"^decoder\.layers\.(\d+)\.", k))})

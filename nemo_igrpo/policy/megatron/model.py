@@ -11,6 +11,7 @@ from nemo_igrpo.policy.megatron.convert import (
     gpt_config_kwargs,
     gpt_model_kwargs,
     hf_to_mcore,
+    padded_vocab_size,
     shift_layers,
     to_te_names,
 )
@@ -50,7 +51,13 @@ def transformer_config(hf_config: Any, sizes: ParallelSizes, megatron: Any, bf16
     )
 
 
-def build_model(hf_config: Any, config: Any, impl: str):
+def model_vocab_size(hf_config: Any, config: Any, divisible_by: int = 1) -> int:
+    """Rows of the Megatron embedding / output layer: the HF vocabulary padded for the TP size."""
+    return padded_vocab_size(gpt_model_kwargs(hf_config)["vocab_size"], config.tensor_model_parallel_size,
+                             divisible_by)
+
+
+def build_model(hf_config: Any, config: Any, impl: str, vocab_divisible_by: int = 1):
     """This pipeline stage's GPTModel (unwrapped, not yet holding the HF weights)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -61,7 +68,7 @@ def build_model(hf_config: Any, config: Any, impl: str):
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True,  # logits stay split over the vocab: log-probs are computed vocab-parallel
-        **gpt_model_kwargs(hf_config),
+        **{**gpt_model_kwargs(hf_config), "vocab_size": model_vocab_size(hf_config, config, vocab_divisible_by)},
     )
     return model
 
@@ -74,7 +81,7 @@ def stage_state_from_hf(model: torch.nn.Module, hf_state: Mapping[str, torch.Ten
 
     tp_rank, tp_size = (parallel_state.get_tensor_model_parallel_rank(),
                         parallel_state.get_tensor_model_parallel_world_size())
-    full = hf_to_mcore(hf_state, hf_config, tp_rank, tp_size)
+    full = hf_to_mcore(hf_state, hf_config, tp_rank, tp_size, padded_vocab=model.vocab_size)
     if "output_layer.weight" not in full:  # tied: the last stage's output layer starts as a copy of the embedding
         full["output_layer.weight"] = full["embedding.word_embeddings.weight"]
     if impl == "transformer_engine":

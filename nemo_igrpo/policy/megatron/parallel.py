@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from nemo_igrpo.config import ConfigError
-from nemo_igrpo.policy.megatron.convert import gpt_config_kwargs, gpt_model_kwargs
+from nemo_igrpo.policy.megatron.convert import gpt_config_kwargs
 
 KEY = "policy.megatron"
 
@@ -38,18 +38,16 @@ def validate_sizes(megatron: Any, world_size: int, hf_config: Any, impl: str) ->
         raise ConfigError(f"{KEY}: tensor_model_parallel_size × pipeline_model_parallel_size × context_parallel_size "
                          f"= {tp}×{pp}×{cp} = {model_parallel} does not divide the world size {world_size}")
     shape = gpt_config_kwargs(hf_config)
-    vocab = gpt_model_kwargs(hf_config)["vocab_size"]
     checks = (
         ("tensor_model_parallel_size", tp, "num_attention_heads", shape["num_attention_heads"]),
         ("tensor_model_parallel_size", tp, "num_key_value_heads", shape["num_query_groups"]),
         ("tensor_model_parallel_size", tp, "intermediate_size", shape["ffn_hidden_size"]),
-        # No vocab padding: padded rows would take probability mass unless masked, so the vocab must split evenly.
-        ("tensor_model_parallel_size", tp, "vocab_size", vocab),
         ("pipeline_model_parallel_size", pp, "num_hidden_layers", shape["num_layers"]),
     )
     for key, size, field, value in checks:
         if value % size:
             raise ConfigError(f"{KEY}.{key}={size} does not divide the model's {field}={value}")
+    # Any vocabulary works at any TP: it is padded (convert.padded_vocab_size), not required to divide.
     if cp > 1:
         if impl != "transformer_engine":
             raise ConfigError(f"{KEY}.context_parallel_size={cp} needs Transformer Engine (megatron-core only supports "

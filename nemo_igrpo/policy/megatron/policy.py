@@ -27,8 +27,11 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 def vocab_parallel_stats(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
-                         temperature: float) -> TokenStats:
+                         temperature: float, vocab_size: int | None = None) -> TokenStats:
     """Log-probs and entropy [B, L] from vocab-split logits [B, L, V/TP], never gathering the vocab.
+
+    ``vocab_size``: the real vocabulary; columns at or beyond it are Megatron's padding rows and are excluded from
+    the softmax (probability 0, no gradient), so log-probs and entropy are those of the unpadded model.
 
     Position t scores token t with the logits of position t−1 (the alignment of ``algorithms.batch``); values are 0
     where ``mask`` is 0. Cross-rank sums go through ``reduce_from_tensor_model_parallel_region`` (all-reduce forward,
@@ -42,12 +45,19 @@ def vocab_parallel_stats(logits: torch.Tensor, input_ids: torch.Tensor, mask: to
     targets = input_ids[:, 1:]
     width = z.shape[-1]
     start = parallel_state.get_tensor_model_parallel_rank() * width
+    valid = None  # padded vocab columns on this rank, if any
+    if vocab_size is not None and start + width > vocab_size:
+        valid = torch.arange(start, start + width, device=z.device) < vocab_size
+        # a finite stand-in (not -inf): where() then gives padding exactly 0 probability and 0 gradient, no NaN
+        z = torch.where(valid, z, 0.0)
     with torch.no_grad():  # the max cancels out of every formula; it only keeps exp() finite
-        top = z.max(dim=-1).values
+        top = (z if valid is None else z.masked_fill(~valid, -torch.inf)).max(dim=-1).values
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(top, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
     shifted = z - top.unsqueeze(-1)
     exp = shifted.exp()
+    if valid is not None:
+        exp = torch.where(valid, exp, 0.0)
     sum_exp = reduce_from_tensor_model_parallel_region(exp.sum(dim=-1))
     local = targets - start
     here = (local >= 0) & (local < width)
@@ -117,7 +127,9 @@ class MegatronPolicy(PolicyBackend):
 
         self.config = model_lib.transformer_config(self.hf_config, self.sizes, megatron, bf16, self.on_gpu)
         with torch.random.fork_rng(devices=[]):
-            module = model_lib.build_model(self.hf_config, self.config, self.impl)
+            module = model_lib.build_model(self.hf_config, self.config, self.impl,
+                                           int(getattr(megatron, "make_vocab_size_divisible_by", 1)))
+        self.vocab_size = convert.gpt_model_kwargs(self.hf_config)["vocab_size"]  # real rows; the rest is padding
         hf_state = {k: v.detach().cpu() for k, v in hf_model.state_dict().items()}
         model_lib.load_hf_weights(module, hf_state, self.hf_config, self.impl)
         del hf_state
@@ -210,7 +222,8 @@ class MegatronPolicy(PolicyBackend):
             output = model(ids, positions, None)
 
             def loss_func(logits):
-                stats = vocab_parallel_stats(logits, ids, part.loss_mask.to(device), self.temperature)
+                stats = vocab_parallel_stats(logits, ids, part.loss_mask.to(device), self.temperature,
+                                             self.vocab_size)
                 value = loss(stats, part.to(device))
                 if value is None:
                     value = logits.new_zeros(())
