@@ -97,7 +97,7 @@ def _one_rank_reproduces(two, overrides: list[str], tmp_path: Path) -> None:
     tmp_path.mkdir()
     run_dir = tmp_path / "run"
     result = _run_once(tmp_path, [*BASE, *overrides, "trainer.max_steps=3", "trainer.resume=none",
-                                  f"trainer.output_dir={run_dir}"], 1)
+                                  f"trainer.output_dir={run_dir}"], 1, megatron=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     one = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in one] == [1, 2, 3]
@@ -110,12 +110,13 @@ def _one_rank_reproduces(two, overrides: list[str], tmp_path: Path) -> None:
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4, abs=1e-5), a["step"]
 
 
-def _run_once(tmp_path: Path, overrides: list[str], nproc: int):
-    """One launch of the CLI (torchrun when nproc > 1) through the harness's entry (Megatron CPU patch, reward)."""
+def _run_once(tmp_path: Path, overrides: list[str], nproc: int, megatron: bool):
+    """One launch of the CLI (torchrun when nproc > 1) through the harness's entry (reward; the Megatron CPU patch
+    when ``megatron``)."""
     from test_distributed import _free_port
 
     wrapper = tmp_path / "harness_entry.py"
-    wrapper.write_text(_WRAPPER.format(tests=str(Path(__file__).parent), megatron=MEGATRON in overrides,
+    wrapper.write_text(_WRAPPER.format(tests=str(Path(__file__).parent), megatron=megatron,
                                        fixed=[[1, 2, 3, 4, 5, 6]], prompt=3, entry=str(tmp_path / "entry.py")))
     launch = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                                     f"--master-port={_free_port()}"]
@@ -126,35 +127,49 @@ def _supported(path: Path) -> bool:
     return "nemotron_h" not in path.stem
 
 
+def _shrunk_groups() -> list[list[Path]]:
+    """Recipes grouped by their shrunk config (everything but the output folder): recipes that differ only in what
+    the shrink replaces (model, data) would run the very same thing, so each group runs once."""
+    from nemo_igrpo.config import to_yaml
+
+    groups: dict[str, list[Path]] = {}
+    for path in filter(_supported, RECIPES):
+        # the test reward is registered in the launched processes only; every recipe gets the same one
+        kept = [o for o in shrink(path, "URL").overrides if not o.startswith("reward.components=")]
+        groups.setdefault(to_yaml(load_config(path, [*kept, "trainer.output_dir=run"])), []).append(path)
+    return list(groups.values())
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", [p for p in RECIPES if _supported(p)], ids=lambda p: p.stem)
-def test_recipe_runs_one_step(path, server, tmp_path):
-    shrunk = shrink(path, server.url)
+@pytest.mark.parametrize("paths", _shrunk_groups(), ids=lambda paths: "+".join(p.stem for p in paths))
+def test_recipe_runs_one_step(paths, server, tmp_path):
+    shrunk = shrink(paths[0], server.url)
     run_dir = tmp_path / "run"
-    result = _run_once(tmp_path, [f"--config={path}", *shrunk.overrides, f"trainer.output_dir={run_dir}"],
-                       shrunk.nproc)
+    result = _run_once(tmp_path, [f"--config={paths[0]}", *shrunk.overrides, f"trainer.output_dir={run_dir}"],
+                       shrunk.nproc, megatron=load_config(paths[0]).policy.backend == "megatron")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-
-    recipe, ran = load_config(path), yaml.safe_load((run_dir / "config.yaml").read_text())
-    # The recipe's algorithm and backends are what ran; its layout, scaled to 2 processes.
-    assert ran["algorithm"] == yaml.safe_load(_section(recipe, "algorithm"))
-    assert (ran["policy"]["backend"], ran["generation"]["backend"]) == (recipe.policy.backend,
-                                                                        recipe.generation.backend)
-    megatron = ran["policy"]["megatron"]
-    assert (megatron["tensor_model_parallel_size"], megatron["pipeline_model_parallel_size"]) == (
-        shrunk.tensor_parallel, shrunk.pipeline_parallel)
-    assert megatron["sequence_parallel"] == (recipe.policy.megatron.sequence_parallel and shrunk.tensor_parallel > 1)
-    assert megatron["use_distributed_optimizer"] == recipe.policy.megatron.use_distributed_optimizer
-    assert ran["policy"]["micro_batch_size"] == recipe.policy.micro_batch_size
-
+    ran = yaml.safe_load((run_dir / "config.yaml").read_text())
     (record,) = read_metrics(run_dir / "metrics.jsonl")
-    refinements = recipe.algorithm.num_refinements
     assert record["step"] == 1 and record["train/skipped"] == 0.0
-    assert record["batch/sequences"] == 2 * shrunk.data_parallel * refinements  # 2 prompts per DP rank × G
-    assert record["rollouts_per_prompt/drafts"] == recipe.algorithm.num_drafts
     assert abs(record["train/mismatch/token_prob_error"] - 1.0) <= MISMATCH_TOLERANCE
     assert abs(record["train/mismatch/seq_kl"]) <= SEQ_KL_TOLERANCE
     assert (run_dir / "final" / "config.json").is_file()
+
+    for path in paths:  # what ran is each member's recipe: algorithm and backends as written, layout scaled
+        recipe = load_config(path)
+        assert ran["algorithm"] == yaml.safe_load(_section(recipe, "algorithm")), path.stem
+        assert (ran["policy"]["backend"], ran["generation"]["backend"]) == (recipe.policy.backend,
+                                                                            recipe.generation.backend)
+        megatron = ran["policy"]["megatron"]
+        assert (megatron["tensor_model_parallel_size"], megatron["pipeline_model_parallel_size"]) == (
+            shrunk.tensor_parallel, shrunk.pipeline_parallel)
+        assert megatron["sequence_parallel"] == (recipe.policy.megatron.sequence_parallel
+                                                 and shrunk.tensor_parallel > 1)
+        assert megatron["use_distributed_optimizer"] == recipe.policy.megatron.use_distributed_optimizer
+        assert ran["policy"]["micro_batch_size"] == recipe.policy.micro_batch_size
+        refinements = recipe.algorithm.num_refinements
+        assert record["batch/sequences"] == 2 * shrunk.data_parallel * refinements  # 2 prompts per DP rank × G
+        assert record["rollouts_per_prompt/drafts"] == recipe.algorithm.num_drafts
 
 
 def _section(config, name: str) -> str:
@@ -182,7 +197,7 @@ def test_nemotron_h_on_megatron_is_refused_with_its_message(path, tmp_path):
     overrides = [o for o in shrunk.overrides if not o.startswith(("model.path=", "model.tokenizer="))]
     result = _run_once(tmp_path, [f"--config={path}", *overrides, f"model.path={folder}",
                                   "model.tokenizer=builtin:tiny-llama", f"trainer.output_dir={tmp_path / 'run'}"],
-                       shrunk.nproc)
+                       shrunk.nproc, megatron=True)
     assert result.returncode != 0
     output = " ".join((result.stdout + result.stderr).split())  # however the console wrapped it
     assert "policy.backend=megatron: model_type 'nemotron_h' has no built-in HF↔Megatron mapping" in output, \

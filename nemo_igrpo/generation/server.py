@@ -25,13 +25,14 @@ Several trainer ranks, one server (torchrun / srun; every rank builds its own cl
   samples from the old weights), then rank 0 sends; its outcome — the new weights label, or the error — is broadcast,
   so every rank checks the same label afterwards and a failed push fails every rank with the same error.
 * Requests are sharded like the data: each data-parallel rank sends only its own prompts. Ranks that train on the
-  same rows (Megatron's tensor/pipeline peers, :meth:`set_rollout_peers`) must see the same samples, and the server
-  does not sample reproducibly (no per-request seeds on vLLM-CPU): the first rank of such a group sends the
-  requests and broadcasts the answers; the others replay ``follow_up`` in the leader's order, so their scoring
-  side effects (reward counters, tie-break draws) match.
-* Sampling is not rank-independent: which samples a prompt gets depends on what else the engine is batching, so a
-  2-rank run does not reproduce the 1-rank run's rewards (the HF backend's per-prompt sampling keys do). What holds:
-  every sample comes from the weights of the last sync (the ``train/mismatch/*`` metrics stay ≈ 0 on every rank).
+  same rows (Megatron's tensor/pipeline peers, :meth:`set_rollout_peers`) must see the same samples; rather than
+  send the same requests twice (seeded, they would sample alike, but at twice the cost and with rounding left to
+  chance on GPUs), the first rank of such a group sends them and broadcasts the answers; the others replay
+  ``follow_up`` in the leader's order, so their scoring side effects (reward counters, tie-break draws) match.
+* Sampling is rank-independent: every request carries a seed, the prompt's key (the HF backend's per-prompt keys,
+  from a per-call seed drawn from torch's global RNG on every rank), so a prompt samples the same completions
+  whichever rank sends it and whatever the engine batches it with, and a resumed run continues exactly (the
+  checkpoint restores the RNG). On CPU this needs chunked prefill off, which ``nemo-igrpo serve`` does.
 """
 
 from __future__ import annotations
