@@ -171,11 +171,12 @@ def all_gather_objects(obj: Any, group=None) -> list[Any]:
     return gathered
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
+def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
+    """``obj`` of global rank ``src`` on every rank of ``group`` (default: all ranks)."""
     if not dist.is_initialized():
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
 
 

@@ -7,7 +7,8 @@ It runs ``python -m vllm.entrypoints.openai.api_server`` as its child, in a proc
   ``/v1``; :func:`require_token`, added as ASGI middleware, guards every other path except ``/health`` — the dev
   endpoints above included, which vLLM itself leaves open;
 * token ids in and out (``--skip-tokenizer-init``), processed (post-temperature) log-probs, no sampling defaults
-  from the model folder's generation_config.json, and a bind address that defaults to 127.0.0.1.
+  from the model folder's generation_config.json, and a bind address that defaults to 127.0.0.1;
+* on CPU, no chunked prefill (the client's seeded requests need it off there, see :func:`vllm_command`).
 Other vLLM options go through ``--vllm-args='...'`` unchanged.
 
 SIGTERM/SIGINT to ``nemo-igrpo serve`` are passed to vLLM, which lets in-flight requests finish for up to
@@ -85,6 +86,11 @@ def vllm_command(args: argparse.Namespace, on_cpu: bool) -> list[str]:
         # On CPU vLLM reads --gpu-memory-utilization as a share of host memory to reserve; a fixed KV cache is safer.
         if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and not any(a.startswith("--kv-cache-memory") for a in extra):
             command += ["--kv-cache-memory-bytes", str(_CPU_KV_CACHE_BYTES)]
+        # The client seeds every request (per-prompt sampling keys). vllm-cpu 0.32.0 crashes on a seeded request whose
+        # prefill is split into chunks (v1/worker/gpu_model_runner.py rewinds the request's torch.Generator offset,
+        # which CPU generators do not have); unchunked, a prompt is prefilled in one step.
+        if not any("chunked-prefill" in a for a in extra):
+            command.append("--no-enable-chunked-prefill")
     else:
         command += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     return command + extra

@@ -103,6 +103,7 @@ def _train(config: Config, console: Console) -> TrainResult:
     group = policy.data_parallel_group
     _check_divisible(config, distributed.world_size(group))
     generator = build_generation(config, model, tokenizer.pad_token_id)
+    generator.set_rollout_peers(policy.model_parallel_group)  # TP/PP peers must train on identical samples
     sampler = PromptSampler(train_set, seed=config.trainer.seed)
     state = TrainState()
     if resume_from is not None:

@@ -61,14 +61,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, request):
-    """(url, process, model) of a running server whose model has the tiny training architecture."""
-    config = load_config(REPO / "conf" / "quickstart.yaml", TINY_TRAIN)
-    tokenizer = load_tokenizer(config.model)
-    torch.manual_seed(123)  # a model the trainer never builds: every test syncs the weights it means
-    model = load_model(config.model, tokenizer)
-    folder = tmp_path_factory.mktemp("served")
+def start_server(model, folder: Path, request) -> tuple[str, subprocess.Popen]:
+    """Serve ``model`` (saved into ``folder``) with ``nemo-igrpo serve`` on a free port until the requesting scope
+    ends (SIGTERM in a finalizer); returns (URL, process) once healthy."""
     model.save_pretrained(folder)
     port = _free_port()
     env = {**os.environ, "NEMO_IGRPO_SERVER_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
@@ -92,6 +87,16 @@ def server(tmp_path_factory, request):
     url = f"http://127.0.0.1:{port}"
     # ≈25 s idle; far longer when other jobs share the two cores
     wait_until_healthy(url, process, timeout_s=600, log=folder / "server.log")
+    return url, process
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    """(url, process, config) of a running server whose model has the tiny training architecture."""
+    config = load_config(REPO / "conf" / "quickstart.yaml", TINY_TRAIN)
+    tokenizer = load_tokenizer(config.model)
+    torch.manual_seed(123)  # a model the trainer never builds: every test syncs the weights it means
+    url, process = start_server(load_model(config.model, tokenizer), tmp_path_factory.mktemp("served"), request)
     return url, process, config
 
 
@@ -210,6 +215,47 @@ def test_serve_refuses_to_start_without_a_token(tmp_path, monkeypatch):
     monkeypatch.delenv("NEMO_IGRPO_SERVER_TOKEN", raising=False)
     (tmp_path / "config.json").write_text("{}")
     assert main(["serve", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_two_ranks_share_one_server(server, tmp_path):
+    """Two gloo ranks, one server: one push per sync (rank 0), the same weights label on both ranks, a prompt's
+    samples independent of rank and batch, each rank's own requests sampled from the pushed weights, peers
+    (Megatron TP/PP) given identical samples, a restart detected on every rank, a refused push failing every rank."""
+    import torch.multiprocessing as mp
+
+    import server_ranks
+
+    model, other = _tiny_model(server, 0), _tiny_model(server, 1)
+    torch.save(dict(model.state_dict()), tmp_path / "weights.pt")
+    mp.start_processes(server_ranks.worker, args=(2, _free_port(), server[0], TOKEN, str(tmp_path / "weights.pt"),
+                                                  str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+    assert ranks[0]["sent"] and ranks[1]["sent"] == []  # only rank 0 sends
+    assert sum(ranks[0]["sent"]) == len(model.state_dict())
+    assert ranks[0]["version"] == ranks[1]["version"] and ranks[0]["held"] == [ranks[0]["version"]]
+    for result in ranks:  # each rank's own shard, sampled from the pushed weights
+        prompts, groups = result["own"]
+        rows = [p for p, g in zip(prompts, groups) for _ in g]
+        flat = [c for g in groups for c in g]
+        assert _max_error(model, rows, flat) < TOLERANCE
+        assert _max_error(other, rows, flat) > 0.05
+    tokens = lambda groups: [[c.token_ids for c in g] for g in groups]  # noqa: E731
+    # per-prompt sampling keys: a prompt samples the same completions on either rank, batched or alone
+    assert ranks[0]["keyed"] == ranks[1]["keyed"] and ranks[0]["keyed"][0] != ranks[0]["keyed"][1]
+    # 8 tokens at T=1 from a random model: equal because one request served both peers (keys alone would too)
+    assert tokens(ranks[0]["peers"]) == tokens(ranks[1]["peers"])
+    (drafts0, stage2_0, refined0), (drafts1, stage2_1, refined1) = ranks[0]["chained"], ranks[1]["chained"]
+    assert tokens(drafts0) == tokens(drafts1) and stage2_0 == stage2_1 and tokens(refined0) == tokens(refined1)
+    assert ranks[0]["follow_up_calls"] == ranks[1]["follow_up_calls"] == [0, 1]  # the peer replayed the scoring
+    for result in ranks:
+        for key in ("restarted_peers", "restarted_alone"):
+            name, message = result[key]
+            assert name == "ServerRestartedError" and "restarted and lost the trained weights" in message
+        name, message = result["bad_push"]
+        assert name == "ServerRequestError" and "refused the token" in message
+        assert result["healed"] == ("ok", 2)
 
 
 @register_reward("test_kill_server")

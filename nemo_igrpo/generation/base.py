@@ -61,5 +61,13 @@ class GenerationBackend(ABC):
         second_prompts = [list(follow_up(i, d)) for i, d in enumerate(drafts)]
         return drafts, second_prompts, self.generate(second_prompts, second)
 
+    def set_rollout_peers(self, group) -> None:
+        """``group``: the other ranks that train on this rank's rollouts (Megatron's tensor/pipeline peers), or None.
+
+        Peers must receive identical samples. The default does nothing: a backend whose samples are a function of
+        the weights, the prompt and the trainer's RNG (HF generation's per-prompt keys) gives peers the same ones.
+        A backend that cannot (the generation server) lets one peer sample and shares the result.
+        """
+
     def close(self) -> None:
         """Release engine resources (processes, memory)."""

@@ -17,10 +17,27 @@ Weight sync after each optimizer step (``generation.server.weight_sync``):
 Streaming Stage 2 (``generation.vllm.stream_refinements``): one thread per prompt sends its drafts request and, as
 soon as it returns, its refinements request; the server batches whatever is in flight. ``follow_up`` (scoring and
 selection) runs under a lock, one prompt at a time.
+
+Several trainer ranks, one server (torchrun / srun; every rank builds its own client):
+* Weights are pushed once per sync, by global rank 0 only. Every rank calls :meth:`update_weights` with the same
+  export (replicas agree after the all-reduced step; Megatron's export gathers TP/PP shards into full HF tensors on
+  every rank, with collectives inside the iterator, so every rank drains it). A barrier first (no rank still
+  samples from the old weights), then rank 0 sends; its outcome — the new weights label, or the error — is broadcast,
+  so every rank checks the same label afterwards and a failed push fails every rank with the same error.
+* Requests are sharded like the data: each data-parallel rank sends only its own prompts. Ranks that train on the
+  same rows (Megatron's tensor/pipeline peers, :meth:`set_rollout_peers`) must see the same samples; rather than
+  send the same requests twice (seeded, they would sample alike, but at twice the cost and with rounding left to
+  chance on GPUs), the first rank of such a group sends them and broadcasts the answers; the others replay
+  ``follow_up`` in the leader's order, so their scoring side effects (reward counters, tie-break draws) match.
+* Sampling is rank-independent: every request carries a seed, the prompt's key (the HF backend's per-prompt keys,
+  from a per-call seed drawn from torch's global RNG on every rank), so a prompt samples the same completions
+  whichever rank sends it and whatever the engine batches it with, and a resumed run continues exactly (the
+  checkpoint restores the RNG). On CPU this needs chunked prefill off, which ``nemo-igrpo serve`` does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import logging
@@ -32,14 +49,16 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
+from nemo_igrpo import distributed
 from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
+from nemo_igrpo.generation.hf import _prompt_keys
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +105,26 @@ class ServerGeneration(GenerationBackend):
         self._model_name: str | None = None
         self._nccl = None
         self._weights_version: str | None = None  # set after each sync; a restarted server has lost it
+        self._peers = None  # ranks sharing this rank's rollouts (Megatron TP/PP peers); None: this rank alone
+
+    def set_rollout_peers(self, group) -> None:
+        self._peers = group if group is not None and distributed.world_size(group) > 1 else None
+
+    def _from_leader(self, compute):
+        """``compute()`` on the first rank of the peer group, its result (or its error) on every peer."""
+        if self._peers is None:
+            return compute()
+        leader = distributed.rank(self._peers) == 0
+        outcome = caught = None
+        if leader:
+            try:
+                outcome = ("ok", compute())
+            except Exception as error:  # noqa: BLE001  (re-raised below, on every peer)
+                outcome, caught = _failure(error), error
+        outcome = distributed.broadcast_object(outcome, src=_global_rank(self._peers, 0), group=self._peers)
+        if caught is not None:
+            raise caught
+        return _unpack(outcome)
 
     # ------------------------------------------------------------------------------------------ HTTP
 
@@ -138,11 +177,18 @@ class ServerGeneration(GenerationBackend):
     # ------------------------------------------------------------------------------------------ generation
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        completions = self._generate(prompts, params)
+        keys = _prompt_keys(_call_seed(), prompts)  # drawn on every rank: peers' RNG streams stay equal
+        return self._from_leader(lambda: self._generate_checked(prompts, params, keys))
+
+    def _generate_checked(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                          keys: Sequence[int]) -> list[list[Completion]]:
+        completions = self._generate(prompts, params, keys)
         self._check_weights()
         return completions
 
-    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+    def _generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                  keys: Sequence[int]) -> list[list[Completion]]:
+        """One request per prompt, seeded with its key (vLLM gives completion j the seed key + j)."""
         if params.n == 0 or params.max_new_tokens == 0 or not prompts:
             return [[Completion([], [], "length") for _ in range(params.n)] for _ in prompts]
         for index, prompt in enumerate(prompts):
@@ -152,7 +198,6 @@ class ServerGeneration(GenerationBackend):
         per_prompt = 1 if greedy else params.n
         body = {
             "model": self.model_name(),
-            "prompt": [list(p) for p in prompts],
             "n": per_prompt,
             "temperature": params.temperature,
             "top_p": 1.0 if greedy else params.top_p,
@@ -165,33 +210,61 @@ class ServerGeneration(GenerationBackend):
             "return_tokens_as_token_ids": True,  # no tokenizer on the server: log-prob entries named by id
             "skip_special_tokens": False,
         }
-        try:
-            answer = self._request("POST", "/v1/completions", body)
-        except ServerRequestError as error:
-            if "max_model_len" in str(error) or "maximum context length" in str(error):
-                lengths = ", ".join(f"prompt {i}: {len(p)} tokens" for i, p in enumerate(prompts))
-                raise ValueError(f"a prompt is too long for the generation server's max model length ({lengths}): "
-                                 f"{error}") from None
-            raise
-        groups: list[list[Completion]] = [[] for _ in prompts]
-        for choice in sorted(answer["choices"], key=lambda c: c["index"]):
-            groups[choice["index"] // per_prompt].append(_completion(choice))
-        if greedy:
-            groups = [[Completion(list(g[0].token_ids), list(g[0].logprobs), g[0].finish_reason)
-                       for _ in range(params.n)] for g in groups]
-        return groups
+
+        def one(index: int) -> list[Completion]:
+            try:
+                answer = self._request("POST", "/v1/completions",
+                                       {**body, "prompt": [list(prompts[index])], "seed": keys[index]})
+            except ServerRequestError as error:
+                if "max_model_len" in str(error) or "maximum context length" in str(error):
+                    raise ValueError(f"prompt {index} ({len(prompts[index])} tokens) is too long for the generation "
+                                     f"server's max model length: {error}") from None
+                raise
+            group = [_completion(c) for c in sorted(answer["choices"], key=lambda c: c["index"])]
+            if greedy:
+                group = [Completion(list(group[0].token_ids), list(group[0].logprobs), group[0].finish_reason)
+                         for _ in range(params.n)]
+            return group
+
+        if len(prompts) == 1:
+            return [one(0)]
+        with ThreadPoolExecutor(max_workers=min(len(prompts), self.max_concurrency)) as pool:
+            return list(pool.map(one, range(len(prompts))))
 
     def generate_chained(self, prompts: Sequence[Sequence[int]], first: SamplingParams, follow_up: FollowUp,
                          second: SamplingParams):
+        seeds = _call_seed(), _call_seed()  # on every rank, before anything can fail or differ
+        if self._peers is None:
+            return self._chained(prompts, first, follow_up, second, seeds)
+        order: list[int] = []
+
+        def recorded(index: int, drafts: list[Completion]):
+            order.append(index)
+            return follow_up(index, drafts)
+
+        result, order = self._from_leader(lambda: (self._chained(prompts, first, recorded, second, seeds), order))
+        if distributed.rank(self._peers) != 0:
+            drafts = result[0]
+            for index in order:  # the leader's scoring side effects, in its order; its Stage-2 prompts are kept
+                follow_up(index, drafts[index])
+        return result
+
+    def _chained(self, prompts, first: SamplingParams, follow_up: FollowUp, second: SamplingParams,
+                 seeds: tuple[int, int]):
+        # A Stage-2 request's key comes from its problem's Stage-1 key: the same whichever rank or order it runs in.
+        keys = _prompt_keys(seeds[0], prompts)
+        second_keys = [_derived_key(seeds[1], key) for key in keys]
         if not self.stream_refinements or first.n == 0 or len(prompts) < 2:
-            return super().generate_chained(prompts, first, follow_up, second)
+            drafts = self._generate_checked(prompts, first, keys) if first.n > 0 else [[] for _ in prompts]
+            second_prompts = [list(follow_up(i, d)) for i, d in enumerate(drafts)]
+            return drafts, second_prompts, self._generate_checked(second_prompts, second, second_keys)
         lock = threading.Lock()  # follow_up scores drafts and updates shared counters: one prompt at a time
 
         def one_prompt(index: int):
-            drafts = self._generate([prompts[index]], first)[0]
+            drafts = self._generate([prompts[index]], first, [keys[index]])[0]
             with lock:
                 refinement_prompt = list(follow_up(index, drafts))
-            return drafts, refinement_prompt, self._generate([refinement_prompt], second)[0]
+            return drafts, refinement_prompt, self._generate([refinement_prompt], second, [second_keys[index]])[0]
 
         with ThreadPoolExecutor(max_workers=min(len(prompts), self.max_concurrency)) as pool:
             results = list(pool.map(one_prompt, range(len(prompts))))
@@ -202,12 +275,30 @@ class ServerGeneration(GenerationBackend):
 
     @torch.no_grad()
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        from nemo_igrpo.generation.vllm import weight_buckets
-
+        """Called on every rank with the same weights; global rank 0 alone sends them (see the module docstring)."""
+        weights = iter(weights)
         if self.weight_sync == "none":
             for _ in weights:  # the iterator may be a generator holding resources: drain it
                 pass
             return
+        distributed.barrier()  # every rank is done sampling from the old weights
+        outcome = caught = None
+        if distributed.is_main():
+            try:
+                outcome = ("ok", self._push(weights))
+            except Exception as error:  # noqa: BLE001  (re-raised below, on every rank)
+                outcome, caught = _failure(error), error
+        for _ in weights:  # the rest (everything, off rank 0): a Megatron export's collectives need every rank
+            pass
+        outcome = distributed.broadcast_object(outcome)
+        if caught is not None:
+            raise caught
+        self._weights_version = _unpack(outcome)
+
+    def _push(self, weights: Iterator[tuple[str, torch.Tensor]]) -> str:
+        """Send the weights to the server; returns the label its workers now hold."""
+        from nemo_igrpo.generation.vllm import weight_buckets
+
         if self.weight_sync == "shm":
             for bucket in weight_buckets(weights, self.bucket_bytes):
                 self._send_shm(bucket)
@@ -218,7 +309,7 @@ class ServerGeneration(GenerationBackend):
         self._request("POST", "/reset_prefix_cache")  # cached KV blocks were computed with the old weights
         version = uuid.uuid4().hex
         self._rpc("nemo_igrpo_set_weights_version", version)
-        self._weights_version = version
+        return version
 
     def _check_weights(self) -> None:
         """Refuse samples from a server that restarted since the last sync (checked after generating, so a restart
@@ -290,6 +381,38 @@ class ServerGeneration(GenerationBackend):
             communicator = PyNcclCommunicator(group, device=torch.cuda.current_device())
             joined.result()
         return communicator
+
+
+_ERRORS = {cls.__name__: cls for cls in (ServerUnavailableError, ServerRestartedError, ServerRequestError,
+                                          ValueError, PermissionError)}
+
+
+def _failure(error: Exception) -> tuple:
+    return ("error", type(error).__name__, str(error))
+
+
+def _unpack(outcome: tuple):
+    """The value of an ("ok", value) outcome; raises the error of an ("error", type name, message) one."""
+    if outcome[0] == "ok":
+        return outcome[1]
+    _, name, message = outcome
+    raise _ERRORS.get(name, RuntimeError)(f"{message} (raised on the rank that talks to the server)")
+
+
+def _call_seed() -> int:
+    """One draw from torch's global RNG per call, as the HF backend: every rank draws alike, checkpoints restore it."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def _derived_key(seed: int, key: int) -> int:
+    digest = hashlib.blake2b(seed.to_bytes(8, "little") + key.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 4  # room for vLLM's + j per completion within int64
+
+
+def _global_rank(group, rank: int) -> int:
+    import torch.distributed as dist
+
+    return dist.get_global_rank(group, rank)
 
 
 def _completion(choice: dict) -> Completion:

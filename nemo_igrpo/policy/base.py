@@ -38,6 +38,12 @@ class PolicyBackend(ABC):
         """
         return None
 
+    @property
+    def model_parallel_group(self):
+        """The ranks holding other shards of this rank's model copy (same data-parallel rank, hence the same
+        rollouts), or None when this rank holds the whole model."""
+        return None
+
     @abstractmethod
     def compute_logprobs(self, batch: RolloutBatch, reference: bool = False) -> TokenStats:
         """Log-probs and entropy without gradient; ``reference=True`` scores under the frozen reference policy."""

@@ -173,6 +173,13 @@ class MegatronPolicy(PolicyBackend):
         return parallel_state.get_data_parallel_group()
 
     @property
+    def model_parallel_group(self):
+        from megatron.core import parallel_state
+
+        # megatron-core 0.16.1: the 'tp-pp' ranks (context-parallel peers are not in it; CP needs Transformer Engine)
+        return parallel_state.get_model_parallel_group() if self.sizes.tp * self.sizes.pp > 1 else None
+
+    @property
     def unwrapped(self) -> torch.nn.Module:
         module = self.model.module
         return getattr(module, "module", module)  # Float16Module → GPTModel
