@@ -22,7 +22,9 @@ from torch import nn
 
 from nemo_igrpo.algorithms.batch import RolloutBatch
 from nemo_igrpo.policy.base import LossFn, PolicyBackend, TokenStats
+from nemo_igrpo.policy import packing
 from nemo_igrpo.policy.logprobs import check_head_matches_forward, token_logprobs_and_entropy
+from nemo_igrpo.policy.microbatch import micro_batches, row_lengths, token_budget_groups
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -82,6 +84,8 @@ class HFPolicy(PolicyBackend):
         autocast_dtype: str | None,
         device: torch.device | str = "cpu",
         data_parallel_group: Any = "auto",
+        max_tokens_per_micro_batch: int | None = None,
+        sequence_packing: bool = False,
     ) -> None:
         self.device = torch.device(device)
         # "auto": the whole world when this process is one of several (HF replicas are pure data parallelism).
@@ -90,6 +94,10 @@ class HFPolicy(PolicyBackend):
         self._group = data_parallel_group
         self.model = model.to(self.device)
         self.micro_batch_size = micro_batch_size
+        self.max_tokens = max_tokens_per_micro_batch  # None: row micro-batches (see policy.microbatch)
+        if sequence_packing and max_tokens_per_micro_batch is None:
+            raise ValueError(f"{packing.KEY}=true needs policy.max_tokens_per_micro_batch (the packed row length)")
+        self.sequence_packing = sequence_packing
         self.logprob_chunk_size = logprob_chunk_size
         # Greedy rollouts (temperature 0) are scored as HFGeneration reports them: untempered.
         self.temperature = temperature if temperature > 0 else 1.0
@@ -98,6 +106,8 @@ class HFPolicy(PolicyBackend):
 
         check_head_matches_forward(self.model)
         disable_dropout(self.model)
+        if sequence_packing:
+            packing.check_packing_supported(self.model)
         self._broadcast_from_first_rank()
         # The reference is the policy *as constructed* (the initial checkpoint), so `load` never touches it.
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if use_reference else None
@@ -164,14 +174,20 @@ class HFPolicy(PolicyBackend):
         model = self._scoring_model(reference)
         logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
         entropy = torch.zeros_like(logprobs)
-        start = 0
-        for micro_batch in batch.split(self.micro_batch_size):
+        for index, micro_batch in self._micro_batches(batch):
             stats = self._stats(model, micro_batch.to(self.device))
-            rows, width = stats.logprobs.shape
-            logprobs[start : start + rows, :width] = stats.logprobs
-            entropy[start : start + rows, :width] = stats.entropy
-            start += rows
+            width = stats.logprobs.shape[1]
+            index = index.to(logprobs.device)
+            logprobs[index, :width] = stats.logprobs.to(logprobs.device)
+            entropy[index, :width] = stats.entropy.to(logprobs.device)
         return TokenStats(logprobs, entropy)
+
+    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[torch.Tensor, RolloutBatch]]:
+        """(rows of ``batch``, micro-batch): by rows, by a token budget, or packed bins of the budget."""
+        if not self.sequence_packing:
+            return micro_batches(batch, self.micro_batch_size, self.max_tokens)
+        groups = token_budget_groups(row_lengths(batch), self.max_tokens, packed=True)
+        return [(index, batch.select(index).trim()) for index in map(torch.tensor, groups)]
 
     def _scoring_model(self, reference: bool) -> nn.Module:
         if not reference:
@@ -182,6 +198,8 @@ class HFPolicy(PolicyBackend):
 
     def _stats(self, model: nn.Module, batch: RolloutBatch) -> TokenStats:
         """Token stats of the completion tokens of a batch already on the device."""
+        if self.sequence_packing:
+            return self._packed_stats(model, batch)
         with self._autocast():
             return token_logprobs_and_entropy(
                 model,
@@ -191,6 +209,16 @@ class HFPolicy(PolicyBackend):
                 temperature=self.temperature,
                 chunk_size=self.logprob_chunk_size,
             )
+
+    def _packed_stats(self, model: nn.Module, batch: RolloutBatch) -> TokenStats:
+        """The micro-batch as one packed row, scored, then laid back out as [B, L] for the loss."""
+        packed = packing.pack(batch.input_ids, batch.attention_mask, batch.loss_mask)
+        with self._autocast():
+            stats = token_logprobs_and_entropy(model, packed.input_ids, None, packed.loss_mask,
+                                               temperature=self.temperature, chunk_size=self.logprob_chunk_size,
+                                               position_ids=packed.position_ids)
+        shape = batch.input_ids.shape
+        return TokenStats(packing.unpack(stats.logprobs, packed, shape), packing.unpack(stats.entropy, packed, shape))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -231,7 +259,7 @@ class HFPolicy(PolicyBackend):
         """Forward/backward per micro-batch; losses and metrics are step-normalised already, so they just sum."""
         total_loss = 0.0
         totals: dict[str, float] = {}
-        for micro_batch in batch.split(self.micro_batch_size):
+        for _, micro_batch in self._micro_batches(batch):
             micro_batch = micro_batch.to(self.device)
             loss, metrics = loss_fn(self._stats(self.model, micro_batch), micro_batch)
             if loss.requires_grad:  # a micro-batch without completion tokens has nothing to differentiate
