@@ -58,6 +58,8 @@ def _megatron_policy(config: Config, model: torch.nn.Module, optim: OptimConfig,
         **_training_arguments(config, optim, total_steps),
         bf16=config.policy.precision == "bf16",
         seed=config.trainer.seed,
+        max_tokens_per_micro_batch=config.policy.max_tokens_per_micro_batch,
+        sequence_packing=config.policy.sequence_packing,
     )
 
 
