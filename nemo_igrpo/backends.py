@@ -46,6 +46,7 @@ def _hf_policy(config: Config, model: torch.nn.Module, optim: OptimConfig, total
         gradient_checkpointing=config.policy.gradient_checkpointing,
         autocast_dtype="bfloat16" if config.policy.precision == "bf16" else None,
         device=resolve_device(config.policy.device),
+        lora=config.policy.lora,
     )
 
 
@@ -58,8 +59,6 @@ def _megatron_policy(config: Config, model: torch.nn.Module, optim: OptimConfig,
         **_training_arguments(config, optim, total_steps),
         bf16=config.policy.precision == "bf16",
         seed=config.trainer.seed,
-        max_tokens_per_micro_batch=config.policy.max_tokens_per_micro_batch,
-        sequence_packing=config.policy.sequence_packing,
     )
 
 

@@ -168,6 +168,14 @@ class MegatronConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0  # 0: full fine-tuning
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
 class PolicyConfig:
     backend: str = "hf"
     micro_batch_size: int = 16
@@ -178,6 +186,7 @@ class PolicyConfig:
     precision: str = "fp32"
     device: str = "auto"
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -341,6 +350,12 @@ def _check_micro_batching(policy: PolicyConfig) -> None:
                           f"got {policy.max_tokens_per_micro_batch}")
     if policy.sequence_packing and policy.max_tokens_per_micro_batch is None:
         raise ConfigError("policy.sequence_packing: needs policy.max_tokens_per_micro_batch (the packed row length)")
+    lora = policy.lora
+    if lora.rank < 0 or not 0 <= lora.dropout < 1 or not lora.target_modules:
+        raise ConfigError(f"policy.lora: rank must be >= 0, dropout in [0, 1), target_modules non-empty; got {lora}")
+    if lora.rank > 0 and policy.backend == "megatron":
+        raise ConfigError("policy.lora.rank > 0: LoRA is only supported with policy.backend=hf; set policy.lora.rank=0 "
+                          "for Megatron")
 
 
 def validate(config: Config) -> None:

@@ -22,12 +22,14 @@ from torch import nn
 
 from nemo_igrpo.algorithms.batch import RolloutBatch
 from nemo_igrpo.policy.base import LossFn, PolicyBackend, TokenStats
+from nemo_igrpo.policy import lora as lora_lib
 from nemo_igrpo.policy import packing
 from nemo_igrpo.policy.logprobs import check_head_matches_forward, token_logprobs_and_entropy
 from nemo_igrpo.policy.microbatch import micro_batches, row_lengths, token_budget_groups
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+ADAPTER_FILE = "adapter.safetensors"  # with LoRA: the checkpoint holds the adapters, not the frozen base
 _BUCKET_BYTES = 64 * 2**20
 
 
@@ -86,6 +88,7 @@ class HFPolicy(PolicyBackend):
         data_parallel_group: Any = "auto",
         max_tokens_per_micro_batch: int | None = None,
         sequence_packing: bool = False,
+        lora: Any = None,
     ) -> None:
         self.device = torch.device(device)
         # "auto": the whole world when this process is one of several (HF replicas are pure data parallelism).
@@ -108,9 +111,17 @@ class HFPolicy(PolicyBackend):
         disable_dropout(self.model)
         if sequence_packing:
             packing.check_packing_supported(self.model)
+        # LoRA (``policy.lora``, rank > 0): adapters injected in place after dropout is zeroed, so lora.dropout stays.
+        self.peft_model = None
+        if lora is not None and lora.rank > 0:
+            self.peft_model = lora_lib.apply_lora(self.model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+            self.model = self.peft_model.get_base_model()
         self._broadcast_from_first_rank()
-        # The reference is the policy *as constructed* (the initial checkpoint), so `load` never touches it.
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if use_reference else None
+        # The reference is the policy *as constructed* (the initial checkpoint), so `load` never touches it. With
+        # LoRA it is the same model with the adapters disabled.
+        self.use_reference = use_reference
+        self.reference = (copy.deepcopy(self.model).eval().requires_grad_(False)
+                          if use_reference and self.peft_model is None else None)
 
         # Training mode always (also when only scoring): HF gradient checkpointing and fused training kernels
         # (e.g. Mamba2's) switch on `module.training`, and π_old must be computed by the same code path as π.
@@ -172,6 +183,11 @@ class HFPolicy(PolicyBackend):
     @torch.no_grad()
     def compute_logprobs(self, batch: RolloutBatch, reference: bool = False) -> TokenStats:
         model = self._scoring_model(reference)
+        adapters_off = reference and self.peft_model is not None
+        with self.peft_model.disable_adapter() if adapters_off else contextlib.nullcontext():
+            return self._score(model, batch)
+
+    def _score(self, model: nn.Module, batch: RolloutBatch) -> TokenStats:
         logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
         entropy = torch.zeros_like(logprobs)
         for index, micro_batch in self._micro_batches(batch):
@@ -192,6 +208,8 @@ class HFPolicy(PolicyBackend):
     def _scoring_model(self, reference: bool) -> nn.Module:
         if not reference:
             return self.model
+        if self.use_reference and self.peft_model is not None:
+            return self.model  # scored with the adapters disabled
         if self.reference is None:
             raise RuntimeError("no reference policy: HFPolicy was built with use_reference=False")
         return self.reference
@@ -272,6 +290,9 @@ class HFPolicy(PolicyBackend):
     # ------------------------------------------------------------------ weights and state
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.peft_model is not None:  # the generator gets merged weights under the base model's names
+            yield from lora_lib.merged_weights(self.peft_model)
+            return
         for name, tensor in self.model.state_dict().items():
             yield name, tensor.detach()
 
@@ -279,8 +300,12 @@ class HFPolicy(PolicyBackend):
         if not self._is_writer():  # replicas are identical: rank 0's copy is the checkpoint
             return
         directory = Path(directory)
-        # save_model (unlike save_file) de-duplicates tied tensors such as embed_tokens / lm_head.
-        safetensors.torch.save_model(self.model, str(directory / WEIGHTS_FILE))
+        if self.peft_model is not None:
+            adapters = {n: t.contiguous() for n, t in lora_lib.adapter_state(self.peft_model).items()}
+            safetensors.torch.save_file(adapters, str(directory / ADAPTER_FILE))
+        else:
+            # save_model (unlike save_file) de-duplicates tied tensors such as embed_tokens / lm_head.
+            safetensors.torch.save_model(self.model, str(directory / WEIGHTS_FILE))
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
             directory / OPTIMIZER_FILE,
@@ -288,11 +313,20 @@ class HFPolicy(PolicyBackend):
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
-        safetensors.torch.load_model(self.model, str(directory / WEIGHTS_FILE), device=str(self.device))
+        if self.peft_model is not None:
+            adapters = safetensors.torch.load_file(str(directory / ADAPTER_FILE), device=str(self.device))
+            expected = set(lora_lib.adapter_state(self.peft_model))
+            if set(adapters) != expected:
+                raise ValueError(f"{directory / ADAPTER_FILE}: adapters do not match {lora_lib.KEY} (missing "
+                                 f"{sorted(expected - set(adapters))[:3]}, unexpected {sorted(set(adapters) - expected)[:3]})")
+            self.model.load_state_dict(adapters, strict=False)
+        else:
+            safetensors.torch.load_model(self.model, str(directory / WEIGHTS_FILE), device=str(self.device))
         state = torch.load(directory / OPTIMIZER_FILE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def save_pretrained(self, directory: Path) -> None:
         if self._is_writer():
-            self.model.save_pretrained(directory)
+            model = self.model if self.peft_model is None else lora_lib.merged_model(self.peft_model)
+            model.save_pretrained(directory)  # with LoRA: a plain, merged model
