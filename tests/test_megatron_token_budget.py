@@ -145,7 +145,8 @@ def test_token_budget_equals_row_micro_batches(runs, mode):
     for key in ("loss", "grad_norm", "lr", "skipped", "policy_loss"):
         assert budget["step"][key] == pytest.approx(rows["step"][key], rel=1e-5, abs=1e-7), key
     for name, tensor in rows["weights"].items():
-        assert (budget["weights"][name] - tensor).abs().max() < 2e-6, name  # as test_megatron_parallel's step
+        # 1% of the lr (1e-3) that bounds a first Adam step: gradient sums in another order differ at 1e-7 relative
+        assert (budget["weights"][name] - tensor).abs().max() < 1e-5, name
 
 
 def test_layouts_agree(runs):

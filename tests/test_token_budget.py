@@ -169,3 +169,18 @@ def test_config_keys_are_checked():
         load_config(overrides=["policy.sequence_packing=true"])
     with pytest.raises(ConfigError, match=r"policy\.max_tokens_per_micro_batch: must be >= 1"):
         load_config(overrides=["policy.max_tokens_per_micro_batch=0"])
+
+
+def test_benchmark_lengths_are_long_tailed_like_reasoning_traces():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_packing.py"
+    spec = importlib.util.spec_from_file_location("bench_packing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lengths = bench.skewed_lengths(64, 1000)
+    assert len(lengths) == 64 and max(lengths) == 1000 and lengths.count(1000) >= 3
+    median = sorted(lengths)[32]
+    assert 70 <= median <= 150  # about 10% of the maximum
+    assert lengths != sorted(lengths)  # rollout order, not sorted
