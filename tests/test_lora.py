@@ -135,3 +135,16 @@ def test_vllm_engine_scores_like_the_trainer_after_a_lora_sync():
     trainer = policy.compute_logprobs(rollout).logprobs[0, 1:]
     torch.testing.assert_close(after, trainer, atol=TOLERANCE, rtol=0)  # fp32 on both sides (see test_vllm)
     assert (after - before).abs().max() > 1e-2  # the adapters changed what the engine computes
+
+
+def test_warm_start_adapters_fold_into_the_model_that_rl_adapts_afresh():
+    """warm_start trains adapters on the caller's model, then merges them in place (peft works in place)."""
+    model = tiny_llama(seed=3)
+    warm = make_policy(model, lora=LORA, lr=5e-2)
+    warm.train_step(batch(), pg_loss)
+    scored = warm.compute_logprobs(batch()).logprobs
+    warm.peft_model.merge_and_unload()
+    assert not [n for n, _ in model.named_parameters() if "lora" in n]
+    rl = make_policy(model, lora=LORA, use_reference=True)  # fresh adapters (B = 0) on the warm-started weights
+    torch.testing.assert_close(rl.compute_logprobs(batch()).logprobs, scored, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rl.compute_logprobs(batch(), reference=True).logprobs, scored, atol=1e-5, rtol=0)
