@@ -57,8 +57,9 @@ def warm_start(config: Config, model: torch.nn.Module, examples: list[Example], 
         if step % max(ws.steps // 5, 1) == 0 or step == ws.steps:
             console.print(f"  warm start {step}/{ws.steps}: nll {metrics['loss']:.3f}")
     if getattr(policy, "peft_model", None) is not None:
-        # policy.lora: fold the warm-start adapters into ``model`` (in place), which RL then adapts afresh
-        policy.peft_model.merge_and_unload()
+        # policy.lora trained adapters on the policy's copy: fold them into ``model``, which RL then adapts afresh
+        with torch.no_grad():
+            model.load_state_dict(dict(policy.export_weights()))
 
 
 def _prompt(example: Example, pool: list[Example], template: PromptBuilder, refinement_fraction: float,

@@ -138,13 +138,48 @@ def test_vllm_engine_scores_like_the_trainer_after_a_lora_sync():
 
 
 def test_warm_start_adapters_fold_into_the_model_that_rl_adapts_afresh():
-    """warm_start trains adapters on the caller's model, then merges them in place (peft works in place)."""
+    """The policy adapts a copy (the caller's model stays plain); warm_start folds merged weights back into it."""
     model = tiny_llama(seed=3)
+    initial = {n: t.clone() for n, t in model.state_dict().items()}
     warm = make_policy(model, lora=LORA, lr=5e-2)
     warm.train_step(batch(), pg_loss)
     scored = warm.compute_logprobs(batch()).logprobs
-    warm.peft_model.merge_and_unload()
-    assert not [n for n, _ in model.named_parameters() if "lora" in n]
+    assert set(model.state_dict()) == set(initial)  # no adapter modules injected into the caller's model
+    assert all(torch.equal(t, initial[n]) for n, t in model.state_dict().items())
+    with torch.no_grad():
+        model.load_state_dict(dict(warm.export_weights()))  # what warm_start does
     rl = make_policy(model, lora=LORA, use_reference=True)  # fresh adapters (B = 0) on the warm-started weights
     torch.testing.assert_close(rl.compute_logprobs(batch()).logprobs, scored, atol=1e-5, rtol=0)
     torch.testing.assert_close(rl.compute_logprobs(batch(), reference=True).logprobs, scored, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_training_with_token_budget_packing_and_lora(tmp_path):
+    """Through train(): budget + packing takes the row run's steps; a LoRA run writes a merged final/ and exports."""
+    from test_training import tiny_config
+
+    from nemo_igrpo.export import export
+    from nemo_igrpo.export.source import ExportError
+    from nemo_igrpo.tracking import read_metrics
+    from nemo_igrpo.trainer import train
+
+    steps = ["trainer.max_steps=2", "trainer.save_every=1", "trainer.eval_every=0", "warm_start.steps=0",
+             "reward.components={test_alternating: 1.0}", "algorithm.kl_coef=0.01"]
+    train(tiny_config(tmp_path / "rows", *steps))
+    train(tiny_config(tmp_path / "packed", *steps, "policy.max_tokens_per_micro_batch=96",
+                      "policy.sequence_packing=true"))
+    rows, packed = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("rows", "packed"))
+    for a, b in zip(rows, packed):
+        for key in ("train/loss", "train/grad_norm", "train/kl", "train/entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key  # float32 model
+    assert rows[0]["train/grad_norm"] > 0.1
+
+    train(tiny_config(tmp_path / "lora", *steps, "policy.lora.rank=4", "optim.lr=1e-2"))
+    lora = read_metrics(tmp_path / "lora" / "metrics.jsonl")
+    assert lora[1]["train/kl"] > 0  # the adapters moved the policy away from the reference (adapters off)
+    with safetensors.safe_open(str(tmp_path / "lora" / "final" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k]
+    export(tmp_path / "lora", "hf", tmp_path / "exported")
+    assert (tmp_path / "exported" / "config.json").is_file()
+    with pytest.raises(ExportError, match="LoRA checkpoint holds the adapters only"):
+        export(tmp_path / "lora" / "checkpoints" / "step_000002", "hf", tmp_path / "from_checkpoint")

@@ -114,7 +114,10 @@ class HFPolicy(PolicyBackend):
         # LoRA (``policy.lora``, rank > 0): adapters injected in place after dropout is zeroed, so lora.dropout stays.
         self.peft_model = None
         if lora is not None and lora.rank > 0:
-            self.peft_model = lora_lib.apply_lora(self.model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+            # On a copy: PEFT rewrites modules in place, and the caller's model must stay a plain HF model (the
+            # trainer builds the generator from it after the policy).
+            self.peft_model = lora_lib.apply_lora(copy.deepcopy(self.model), lora.rank, lora.alpha, lora.dropout,
+                                                  lora.target_modules)
             self.model = self.peft_model.get_base_model()
         self._broadcast_from_first_rank()
         # The reference is the policy *as constructed* (the initial checkpoint), so `load` never touches it. With
