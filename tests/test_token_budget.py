@@ -58,7 +58,7 @@ def test_token_budget_groups_cover_every_row_within_the_budget():
         for g in groups:
             cost = sum(lengths[i] for i in g) if packed else len(g) * max(lengths[i] for i in g)
             assert cost <= BUDGET or len(g) == 1
-    # padded: the two long rows apart (2 × 43 > 48), short rows share micro-batches (lengths 43, 8, 7, 6, 40, 12, 3, 9, 13, 5)
+    # lengths 43, 8, 7, 6, 40, 12, 3, 9, 13, 5; padded: the two long rows apart (2 × 43 > 48), short rows together
     assert token_budget_groups(lengths, BUDGET) == [[0], [4], [8, 5, 7], [1, 2, 3, 9, 6]]  # 3 × 13, 5 × 8 tokens
     assert token_budget_groups([100, 5], BUDGET) == [[0], [1]]  # longer than the budget: alone
 

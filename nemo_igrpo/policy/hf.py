@@ -21,9 +21,9 @@ import torch.distributed as dist
 from torch import nn
 
 from nemo_igrpo.algorithms.batch import RolloutBatch
-from nemo_igrpo.policy.base import LossFn, PolicyBackend, TokenStats
 from nemo_igrpo.policy import lora as lora_lib
 from nemo_igrpo.policy import packing
+from nemo_igrpo.policy.base import LossFn, PolicyBackend, TokenStats
 from nemo_igrpo.policy.logprobs import check_head_matches_forward, token_logprobs_and_entropy
 from nemo_igrpo.policy.microbatch import micro_batches, row_lengths, token_budget_groups
 
@@ -320,8 +320,9 @@ class HFPolicy(PolicyBackend):
             adapters = safetensors.torch.load_file(str(directory / ADAPTER_FILE), device=str(self.device))
             expected = set(lora_lib.adapter_state(self.peft_model))
             if set(adapters) != expected:
+                missing, unexpected = sorted(expected - set(adapters))[:3], sorted(set(adapters) - expected)[:3]
                 raise ValueError(f"{directory / ADAPTER_FILE}: adapters do not match {lora_lib.KEY} (missing "
-                                 f"{sorted(expected - set(adapters))[:3]}, unexpected {sorted(set(adapters) - expected)[:3]})")
+                                 f"{missing}, unexpected {unexpected})")
             self.model.load_state_dict(adapters, strict=False)
         else:
             safetensors.torch.load_model(self.model, str(directory / WEIGHTS_FILE), device=str(self.device))

@@ -1,9 +1,9 @@
 """LoRA adapters (PEFT) for the HF policy backend.
 
 PEFT injects its ``lora.Linear`` wrappers into the causal LM in place (HFPolicy hands it a copy, so the caller's model
-stays plain for the generator; the frozen copy costs one more set of weights, no gradients or optimizer state), so
-the policy keeps scoring the inner ``*ForCausalLM`` (its body and head, as ``policy.logprobs`` expects) and holds the ``PeftModel`` beside it for
-``disable_adapter()`` (the reference policy: the base model, no second copy) and merging.
+stays plain for the generator; the frozen copy costs one more set of weights, no gradients or optimizer state). The
+policy keeps scoring the inner ``*ForCausalLM`` (its body and head, as ``policy.logprobs`` expects) and holds the
+``PeftModel`` beside it for ``disable_adapter()`` (the reference policy: the base model, no second copy) and merging.
 
 The generator always receives merged weights under the base model's names (W + scale·B·A, computed without touching
 W, so the trained base stays bit-identical); ``final/`` is a merged plain HF model. Checkpoints hold the adapters only.
