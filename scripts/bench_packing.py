@@ -145,7 +145,8 @@ def run_lora(shape: str, mode: str, batch, args) -> dict:
 
     lora = SimpleNamespace(rank=args.lora_rank, alpha=2.0 * args.lora_rank, dropout=0.0,
                            target_modules=["all-linear"]) if mode != "full" else None
-    policy = make_policy(shape, args.max_length, lora=lora, micro_batch_size=args.micro_batch_size)
+    policy = make_policy(shape, args.max_length, lora=lora, micro_batch_size=args.micro_batch_size,
+                         gradient_checkpointing=args.lora_gradient_checkpointing)
     trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     tracker = _tracker()()
     with tracker:
@@ -163,6 +164,10 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=0, help="policy.max_tokens_per_micro_batch (0: 4 × max length)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lora-sequences", type=int, default=8, help="sequences in the LoRA-vs-full memory batch")
+    parser.add_argument("--lora-gradient-checkpointing", action="store_true",
+                        help="recompute activations in both LoRA and full runs (leaves weights + optimizer memory)")
+    parser.add_argument("--modes", nargs="*", default=["padded", "budget", "packed"],
+                        choices=["padded", "budget", "packed"], help="none: only the LoRA-vs-full comparison")
     parser.add_argument("--timing", choices=["separate", "tracked"], default="separate",
                         help="separate: time a run without the memory tracker, then measure memory in a second run")
     parser.add_argument("--output", type=Path, default=Path("bench_packing.json"))
@@ -176,7 +181,7 @@ def main() -> None:
     rows, lora_rows = [], []
     for shape in args.shapes:
         batch = build_batch(lengths, SHAPES[shape]["vocab_size"], args.prompt)
-        results = [run_mode(shape, mode, batch, args) for mode in ("padded", "budget", "packed")]
+        results = [run_mode(shape, mode, batch, args) for mode in args.modes]
         for r in results:
             r["speedup"] = r["tokens_per_s"] / results[0]["tokens_per_s"]
             r["memory_ratio"] = r["peak_bytes"] / results[0]["peak_bytes"]
@@ -193,7 +198,8 @@ def main() -> None:
              f"padded = {args.micro_batch_size} rows per micro-batch, budget = "
              f"{args.budget or 4 * args.max_length} tokens, fp32, CPU ({os.cpu_count()} cores), timing {args.timing}")
     table = render_table(rows, title)
-    lora_title = f"LoRA vs full fine-tuning: peak training memory of one update, {args.lora_sequences} sequences"
+    lora_title = (f"LoRA vs full fine-tuning: peak training memory of one update, {args.lora_sequences} sequences"
+                  + (", gradient checkpointing" if args.lora_gradient_checkpointing else ""))
     lora_table = render_lora_table(lora_rows, lora_title)
     print(table + "\n\n" + lora_table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
