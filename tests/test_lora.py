@@ -174,7 +174,8 @@ def test_training_with_token_budget_packing_and_lora(tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key  # float32 model
     assert rows[0]["train/grad_norm"] > 0.1
 
-    train(tiny_config(tmp_path / "lora", *steps, "policy.lora.rank=4", "optim.lr=1e-2"))
+    # with a warm start: its adapters are folded into the model that RL then adapts afresh
+    train(tiny_config(tmp_path / "lora", *steps, "policy.lora.rank=4", "optim.lr=1e-2", "warm_start.steps=2"))
     lora = read_metrics(tmp_path / "lora" / "metrics.jsonl")
     assert lora[1]["train/kl"] > 0  # the adapters moved the policy away from the reference (adapters off)
     with safetensors.safe_open(str(tmp_path / "lora" / "final" / "model.safetensors"), "pt") as f:
