@@ -29,6 +29,8 @@ def _training_arguments(config: Config, optim: OptimConfig, total_steps: int) ->
         total_steps=total_steps,
         min_lr_ratio=optim.min_lr_ratio,
         micro_batch_size=config.policy.micro_batch_size,
+        max_tokens_per_micro_batch=config.policy.max_tokens_per_micro_batch,
+        sequence_packing=config.policy.sequence_packing,
         temperature=config.generation.temperature,
         use_reference=config.algorithm.kl_coef > 0,
     )
@@ -44,6 +46,7 @@ def _hf_policy(config: Config, model: torch.nn.Module, optim: OptimConfig, total
         gradient_checkpointing=config.policy.gradient_checkpointing,
         autocast_dtype="bfloat16" if config.policy.precision == "bf16" else None,
         device=resolve_device(config.policy.device),
+        lora=config.policy.lora,
     )
 
 

@@ -172,14 +172,25 @@ class MegatronConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0  # 0: full fine-tuning
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
 class PolicyConfig:
     backend: str = "hf"
     micro_batch_size: int = 16
+    max_tokens_per_micro_batch: int | None = None  # None: micro-batches of micro_batch_size rows
+    sequence_packing: bool = False
     logprob_chunk_size: int = 2048
     gradient_checkpointing: bool = False
     precision: str = "fp32"
     device: str = "auto"
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -337,6 +348,20 @@ def _merge(base: DictConfig, data: dict, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {key}: {_first_line(error)}") from None
 
 
+def _check_micro_batching(policy: PolicyConfig) -> None:
+    if policy.max_tokens_per_micro_batch is not None and policy.max_tokens_per_micro_batch < 1:
+        raise ConfigError(f"policy.max_tokens_per_micro_batch: must be >= 1 (or null), "
+                          f"got {policy.max_tokens_per_micro_batch}")
+    if policy.sequence_packing and policy.max_tokens_per_micro_batch is None:
+        raise ConfigError("policy.sequence_packing: needs policy.max_tokens_per_micro_batch (the packed row length)")
+    lora = policy.lora
+    if lora.rank < 0 or not 0 <= lora.dropout < 1 or not lora.target_modules:
+        raise ConfigError(f"policy.lora: rank must be >= 0, dropout in [0, 1), target_modules non-empty; got {lora}")
+    if lora.rank > 0 and policy.backend == "megatron":
+        raise ConfigError("policy.lora.rank > 0: LoRA is only supported with policy.backend=hf; set policy.lora.rank=0 "
+                          "for Megatron")
+
+
 def validate(config: Config) -> None:
     """Value checks the type system cannot express; each error names its key."""
     from nemo_igrpo.rewards import REWARDS  # registered rewards, including any a user registered before loading
@@ -382,6 +407,7 @@ def validate(config: Config) -> None:
                 "trainer.eval_every", "trainer.save_every", "warm_start.steps", "algorithm.kl_coef"]:
         if _get(config, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(config, key)}")
+    _check_micro_batching(config.policy)
     if config.algorithm.num_refinements < 2:
         raise ConfigError("algorithm.num_refinements: a group needs at least 2 samples for a relative advantage")
     if not 0 < config.generation.top_p <= 1 or not 0 < config.eval.top_p <= 1:

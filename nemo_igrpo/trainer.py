@@ -41,6 +41,7 @@ from nemo_igrpo.evaluation.run import EvalResult, evaluate
 from nemo_igrpo.generation.base import GenerationBackend, SamplingParams
 from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
 from nemo_igrpo.policy.base import PolicyBackend
+from nemo_igrpo.policy.microbatch import balance_across_ranks
 from nemo_igrpo.progress import TrainingProgress
 from nemo_igrpo.rewards import build_training_reward
 from nemo_igrpo.tracking import MetricsLogger, build_loggers
@@ -196,6 +197,8 @@ def train_step(config: Config, policy: PolicyBackend, generator: GenerationBacke
         batch, metrics = rollout(source.draw, source.per_rank, generator, reward, template, decode, settings,
                                  pad_token_id, timings=timer.seconds)
     source.synchronize()
+    if config.policy.max_tokens_per_micro_batch is not None:  # long-tailed lengths: equal tokens per DP rank
+        batch = balance_across_ranks(batch, group)
     if algorithm.kl_coef > 0:
         with timer("reference_logprobs"):
             batch.ref_logprobs = policy.compute_logprobs(batch, reference=True).logprobs

@@ -56,6 +56,10 @@ def warm_start(config: Config, model: torch.nn.Module, examples: list[Example], 
         metrics = policy.train_step(batch, _nll(float(loss_mask.sum())))
         if step % max(ws.steps // 5, 1) == 0 or step == ws.steps:
             console.print(f"  warm start {step}/{ws.steps}: nll {metrics['loss']:.3f}")
+    if getattr(policy, "peft_model", None) is not None:
+        # policy.lora trained adapters on the policy's copy: fold them into ``model``, which RL then adapts afresh
+        with torch.no_grad():
+            model.load_state_dict(dict(policy.export_weights()))
 
 
 def _prompt(example: Example, pool: list[Example], template: PromptBuilder, refinement_fraction: float,

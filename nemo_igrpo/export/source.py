@@ -78,6 +78,9 @@ def _from_checkpoint(checkpoint: Path) -> SourceModel:
     tokenizer = _run_tokenizer(run_dir, model_config)
     hf_config = _hf_config(model_config, tokenizer)
     policy = checkpoint / "policy"
+    if (policy / "adapter.safetensors").is_file():  # nemo_igrpo.policy.hf.ADAPTER_FILE (policy.lora)
+        raise ExportError(f"{checkpoint}: a LoRA checkpoint holds the adapters only; export the run's final/ (the "
+                          "merged model), or resume the run and let it finish")
     if (policy / HF_WEIGHTS).is_file():  # the HF backend's save()
         dtype = _stored_dtype(policy) or torch.float32
         model = _empty_model(hf_config, dtype)

@@ -21,11 +21,15 @@ import torch.distributed as dist
 from torch import nn
 
 from nemo_igrpo.algorithms.batch import RolloutBatch
+from nemo_igrpo.policy import lora as lora_lib
+from nemo_igrpo.policy import packing
 from nemo_igrpo.policy.base import LossFn, PolicyBackend, TokenStats
 from nemo_igrpo.policy.logprobs import check_head_matches_forward, token_logprobs_and_entropy
+from nemo_igrpo.policy.microbatch import micro_batches, row_lengths, token_budget_groups
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+ADAPTER_FILE = "adapter.safetensors"  # with LoRA: the checkpoint holds the adapters, not the frozen base
 _BUCKET_BYTES = 64 * 2**20
 
 
@@ -82,6 +86,9 @@ class HFPolicy(PolicyBackend):
         autocast_dtype: str | None,
         device: torch.device | str = "cpu",
         data_parallel_group: Any = "auto",
+        max_tokens_per_micro_batch: int | None = None,
+        sequence_packing: bool = False,
+        lora: Any = None,
     ) -> None:
         self.device = torch.device(device)
         # "auto": the whole world when this process is one of several (HF replicas are pure data parallelism).
@@ -90,6 +97,10 @@ class HFPolicy(PolicyBackend):
         self._group = data_parallel_group
         self.model = model.to(self.device)
         self.micro_batch_size = micro_batch_size
+        self.max_tokens = max_tokens_per_micro_batch  # None: row micro-batches (see policy.microbatch)
+        if sequence_packing and max_tokens_per_micro_batch is None:
+            raise ValueError(f"{packing.KEY}=true needs policy.max_tokens_per_micro_batch (the packed row length)")
+        self.sequence_packing = sequence_packing
         self.logprob_chunk_size = logprob_chunk_size
         # Greedy rollouts (temperature 0) are scored as HFGeneration reports them: untempered.
         self.temperature = temperature if temperature > 0 else 1.0
@@ -98,9 +109,22 @@ class HFPolicy(PolicyBackend):
 
         check_head_matches_forward(self.model)
         disable_dropout(self.model)
+        if sequence_packing:
+            packing.check_packing_supported(self.model)
+        # LoRA (``policy.lora``, rank > 0): adapters injected in place after dropout is zeroed, so lora.dropout stays.
+        self.peft_model = None
+        if lora is not None and lora.rank > 0:
+            # On a copy: PEFT rewrites modules in place, and the caller's model must stay a plain HF model (the
+            # trainer builds the generator from it after the policy).
+            self.peft_model = lora_lib.apply_lora(copy.deepcopy(self.model), lora.rank, lora.alpha, lora.dropout,
+                                                  lora.target_modules)
+            self.model = self.peft_model.get_base_model()
         self._broadcast_from_first_rank()
-        # The reference is the policy *as constructed* (the initial checkpoint), so `load` never touches it.
-        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if use_reference else None
+        # The reference is the policy *as constructed* (the initial checkpoint), so `load` never touches it. With
+        # LoRA it is the same model with the adapters disabled.
+        self.use_reference = use_reference
+        self.reference = (copy.deepcopy(self.model).eval().requires_grad_(False)
+                          if use_reference and self.peft_model is None else None)
 
         # Training mode always (also when only scoring): HF gradient checkpointing and fused training kernels
         # (e.g. Mamba2's) switch on `module.training`, and π_old must be computed by the same code path as π.
@@ -162,26 +186,41 @@ class HFPolicy(PolicyBackend):
     @torch.no_grad()
     def compute_logprobs(self, batch: RolloutBatch, reference: bool = False) -> TokenStats:
         model = self._scoring_model(reference)
+        adapters_off = reference and self.peft_model is not None
+        with self.peft_model.disable_adapter() if adapters_off else contextlib.nullcontext():
+            return self._score(model, batch)
+
+    def _score(self, model: nn.Module, batch: RolloutBatch) -> TokenStats:
         logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
         entropy = torch.zeros_like(logprobs)
-        start = 0
-        for micro_batch in batch.split(self.micro_batch_size):
+        for index, micro_batch in self._micro_batches(batch):
             stats = self._stats(model, micro_batch.to(self.device))
-            rows, width = stats.logprobs.shape
-            logprobs[start : start + rows, :width] = stats.logprobs
-            entropy[start : start + rows, :width] = stats.entropy
-            start += rows
+            width = stats.logprobs.shape[1]
+            index = index.to(logprobs.device)
+            logprobs[index, :width] = stats.logprobs.to(logprobs.device)
+            entropy[index, :width] = stats.entropy.to(logprobs.device)
         return TokenStats(logprobs, entropy)
+
+    def _micro_batches(self, batch: RolloutBatch) -> list[tuple[torch.Tensor, RolloutBatch]]:
+        """(rows of ``batch``, micro-batch): by rows, by a token budget, or packed bins of the budget."""
+        if not self.sequence_packing:
+            return micro_batches(batch, self.micro_batch_size, self.max_tokens)
+        groups = token_budget_groups(row_lengths(batch), self.max_tokens, packed=True)
+        return [(index, batch.select(index).trim()) for index in map(torch.tensor, groups)]
 
     def _scoring_model(self, reference: bool) -> nn.Module:
         if not reference:
             return self.model
+        if self.use_reference and self.peft_model is not None:
+            return self.model  # scored with the adapters disabled
         if self.reference is None:
             raise RuntimeError("no reference policy: HFPolicy was built with use_reference=False")
         return self.reference
 
     def _stats(self, model: nn.Module, batch: RolloutBatch) -> TokenStats:
         """Token stats of the completion tokens of a batch already on the device."""
+        if self.sequence_packing:
+            return self._packed_stats(model, batch)
         with self._autocast():
             return token_logprobs_and_entropy(
                 model,
@@ -191,6 +230,16 @@ class HFPolicy(PolicyBackend):
                 temperature=self.temperature,
                 chunk_size=self.logprob_chunk_size,
             )
+
+    def _packed_stats(self, model: nn.Module, batch: RolloutBatch) -> TokenStats:
+        """The micro-batch as one packed row, scored, then laid back out as [B, L] for the loss."""
+        packed = packing.pack(batch.input_ids, batch.attention_mask, batch.loss_mask)
+        with self._autocast():
+            stats = token_logprobs_and_entropy(model, packed.input_ids, None, packed.loss_mask,
+                                               temperature=self.temperature, chunk_size=self.logprob_chunk_size,
+                                               position_ids=packed.position_ids)
+        shape = batch.input_ids.shape
+        return TokenStats(packing.unpack(stats.logprobs, packed, shape), packing.unpack(stats.entropy, packed, shape))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -231,7 +280,7 @@ class HFPolicy(PolicyBackend):
         """Forward/backward per micro-batch; losses and metrics are step-normalised already, so they just sum."""
         total_loss = 0.0
         totals: dict[str, float] = {}
-        for micro_batch in batch.split(self.micro_batch_size):
+        for _, micro_batch in self._micro_batches(batch):
             micro_batch = micro_batch.to(self.device)
             loss, metrics = loss_fn(self._stats(self.model, micro_batch), micro_batch)
             if loss.requires_grad:  # a micro-batch without completion tokens has nothing to differentiate
@@ -244,6 +293,9 @@ class HFPolicy(PolicyBackend):
     # ------------------------------------------------------------------ weights and state
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.peft_model is not None:  # the generator gets merged weights under the base model's names
+            yield from lora_lib.merged_weights(self.peft_model)
+            return
         for name, tensor in self.model.state_dict().items():
             yield name, tensor.detach()
 
@@ -251,8 +303,12 @@ class HFPolicy(PolicyBackend):
         if not self._is_writer():  # replicas are identical: rank 0's copy is the checkpoint
             return
         directory = Path(directory)
-        # save_model (unlike save_file) de-duplicates tied tensors such as embed_tokens / lm_head.
-        safetensors.torch.save_model(self.model, str(directory / WEIGHTS_FILE))
+        if self.peft_model is not None:
+            adapters = {n: t.contiguous() for n, t in lora_lib.adapter_state(self.peft_model).items()}
+            safetensors.torch.save_file(adapters, str(directory / ADAPTER_FILE))
+        else:
+            # save_model (unlike save_file) de-duplicates tied tensors such as embed_tokens / lm_head.
+            safetensors.torch.save_model(self.model, str(directory / WEIGHTS_FILE))
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
             directory / OPTIMIZER_FILE,
@@ -260,11 +316,21 @@ class HFPolicy(PolicyBackend):
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
-        safetensors.torch.load_model(self.model, str(directory / WEIGHTS_FILE), device=str(self.device))
+        if self.peft_model is not None:
+            adapters = safetensors.torch.load_file(str(directory / ADAPTER_FILE), device=str(self.device))
+            expected = set(lora_lib.adapter_state(self.peft_model))
+            if set(adapters) != expected:
+                missing, unexpected = sorted(expected - set(adapters))[:3], sorted(set(adapters) - expected)[:3]
+                raise ValueError(f"{directory / ADAPTER_FILE}: adapters do not match {lora_lib.KEY} (missing "
+                                 f"{missing}, unexpected {unexpected})")
+            self.model.load_state_dict(adapters, strict=False)
+        else:
+            safetensors.torch.load_model(self.model, str(directory / WEIGHTS_FILE), device=str(self.device))
         state = torch.load(directory / OPTIMIZER_FILE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def save_pretrained(self, directory: Path) -> None:
         if self._is_writer():
-            self.model.save_pretrained(directory)
+            model = self.model if self.peft_model is None else lora_lib.merged_model(self.peft_model)
+            model.save_pretrained(directory)  # with LoRA: a plain, merged model

@@ -31,17 +31,19 @@ def token_logprobs_and_entropy(
     positions_mask: torch.Tensor,
     temperature: float,
     chunk_size: int,
+    position_ids: torch.Tensor | None = None,
 ) -> TokenStats:
     """Log p(token t | tokens < t) and the predictive entropy at every position t where ``positions_mask`` is 1.
 
     ``model`` is a Hugging Face causal LM; ``input_ids``/``attention_mask``/``positions_mask`` are [B, L] and
     right-padded. The distribution is softmax(logits / ``temperature``). Returns float32 [B, L] tensors that are 0
     where ``positions_mask`` is 0 (and at position 0, which nothing predicts). Differentiable when grad is enabled.
+    Packed rows (see ``policy.packing``) pass ``attention_mask=None`` and ``position_ids`` restarting per sequence.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
     softcap = final_logit_softcap(model)
-    hidden = final_hidden_states(model, input_ids, attention_mask)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
 
     # Position 0 has no predecessor, so only columns 1.. can be scored.
     rows, cols = positions_mask[:, 1:].nonzero(as_tuple=True)
@@ -63,7 +65,8 @@ def token_logprobs_and_entropy(
     )
 
 
-def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The last hidden states [B, L, H] that the causal LM would feed to its output head.
 
     ``model.base_model`` (``getattr(model, model.base_model_prefix)``) is the body that ``*ForCausalLM.forward``
@@ -73,7 +76,8 @@ def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mas
     body = model.base_model
     if body is model:
         raise TypeError(f"{type(model).__name__} has no separate base model; expected a *ForCausalLM with a head")
-    outputs = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    outputs = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     return outputs[0]
 
 

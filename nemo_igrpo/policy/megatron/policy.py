@@ -22,6 +22,7 @@ from nemo_igrpo.policy.base import LossFn, PolicyBackend, TokenStats
 from nemo_igrpo.policy.hf import warmup_cosine
 from nemo_igrpo.policy.megatron import convert
 from nemo_igrpo.policy.megatron.checkpoint import META_FILE, check_meta, model_meta
+from nemo_igrpo.policy.microbatch import row_lengths, token_budget_groups
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -91,6 +92,8 @@ class MegatronPolicy(PolicyBackend):
         use_reference: bool,
         bf16: bool,
         seed: int = 0,
+        max_tokens_per_micro_batch: int | None = None,
+        sequence_packing: bool = False,
     ) -> None:
         import torch.distributed as dist
         from megatron.core import parallel_state
@@ -108,6 +111,7 @@ class MegatronPolicy(PolicyBackend):
                              "checkpoints yet; set it to false")
         self.hf_config = hf_model.config
         convert.check_supported(self.hf_config)  # before any process group or memory
+        _check_packing(sequence_packing, megatron.transformer_impl)
         self.impl = resolve_impl(megatron.transformer_impl)
         parallel.ensure_process_group()
         self.sizes = parallel.validate_sizes(megatron, dist.get_world_size(), self.hf_config, self.impl)
@@ -119,6 +123,7 @@ class MegatronPolicy(PolicyBackend):
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         self.hf_dtype = next(hf_model.parameters()).dtype
         self.micro_batch_size = micro_batch_size
+        self.max_tokens = max_tokens_per_micro_batch  # None: row micro-batches (see policy.microbatch)
         self.temperature = temperature if temperature > 0 else 1.0  # greedy rollouts are scored untempered
         self.max_grad_norm = math.inf if max_grad_norm is None else float(max_grad_norm)
         self.base_lr = lr
@@ -126,6 +131,10 @@ class MegatronPolicy(PolicyBackend):
         self.step = 0  # training steps taken (the LR schedule's clock)
 
         self.config = model_lib.transformer_config(self.hf_config, self.sizes, megatron, bf16, self.on_gpu)
+        if self.max_tokens is not None and self.sizes.pp > 1:
+            # Token-budget micro-batches differ in rows and length: pipeline stages exchange each one's shape first.
+            # Set after construction: __post_init__ would demand the MoE all-to-all dispatcher, unused by dense models.
+            self.config.variable_seq_lengths = True
         with torch.random.fork_rng(devices=[]):
             module = model_lib.build_model(self.hf_config, self.config, self.impl,
                                            int(getattr(megatron, "make_vocab_size_divisible_by", 1)))
@@ -192,21 +201,27 @@ class MegatronPolicy(PolicyBackend):
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
 
-    def _micro_batches(self, batch: RolloutBatch) -> list[RolloutBatch]:
-        """Micro-batches of exactly ``micro_batch_size`` rows (padding rows have an empty loss mask).
+    def _micro_batches(self, batch: RolloutBatch) -> tuple[list[torch.Tensor], list[RolloutBatch]]:
+        """(rows of ``batch`` in each micro-batch, the micro-batches); a micro-batch may end in padding rows.
 
-        With pipeline parallelism every micro-batch shares one shape (the P2P buffers are fixed); otherwise each is
-        trimmed to its own longest row. Lengths are rounded up to the TP size when sequence parallel splits them.
-        Right padding never changes the scores of real tokens under causal attention.
+        Row micro-batches have exactly ``micro_batch_size`` rows (padding rows have an empty loss mask); with
+        pipeline parallelism they share one shape (the P2P buffers are fixed), otherwise each is trimmed to its own
+        longest row. Token-budget micro-batches (``policy.microbatch``) each have their own rows and length (stages
+        exchange shapes). Lengths are rounded up to the TP size when sequence parallel splits them. Right padding
+        never changes the scores of real tokens under causal attention.
         """
+        multiple = self.sizes.tp if self.sizes.sequence_parallel else 1
+        if self.max_tokens is not None and batch.size:  # (an empty batch still runs one padding row below)
+            groups = [torch.tensor(g) for g in token_budget_groups(row_lengths(batch), self.max_tokens)]
+            return groups, [_pad_length(batch.select(g).trim(), multiple) for g in groups]
         size = self.micro_batch_size
         rows = math.ceil(max(batch.size, 1) / size) * size
+        groups = [torch.arange(i, min(i + size, batch.size)) for i in range(0, rows, size)]
         batch = _pad_rows(batch, rows)
-        multiple = self.sizes.tp if self.sizes.sequence_parallel else 1
         if self.sizes.pp > 1:
             batch = _pad_length(batch.trim(), multiple)
-            return [batch.select(slice(i, i + size)) for i in range(0, rows, size)]
-        return [_pad_length(part, multiple) for part in batch.split(size)]
+            return groups, [batch.select(slice(i, i + size)) for i in range(0, rows, size)]
+        return groups, [_pad_length(part, multiple) for part in batch.split(size)]
 
     def _run(self, parts: list[RolloutBatch], loss: Callable[[TokenStats, RolloutBatch], torch.Tensor | None],
              forward_only: bool) -> None:
@@ -233,7 +248,7 @@ class MegatronPolicy(PolicyBackend):
 
         get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterator, model=[self.model], num_microbatches=len(parts),
-            seq_length=parts[0].input_ids.shape[1], micro_batch_size=self.micro_batch_size,
+            seq_length=parts[0].input_ids.shape[1], micro_batch_size=parts[0].input_ids.shape[0],
             forward_only=forward_only)
 
     def _broadcast_from_last_stage(self, obj: Any) -> Any:
@@ -253,7 +268,7 @@ class MegatronPolicy(PolicyBackend):
     def compute_logprobs(self, batch: RolloutBatch, reference: bool = False) -> TokenStats:
         if reference and self.reference is None:
             raise RuntimeError("no reference policy: MegatronPolicy was built with use_reference=False")
-        parts = self._micro_batches(batch)
+        groups, parts = self._micro_batches(batch)
         results: list[TokenStats] = []
 
         def keep(stats: TokenStats, part: RolloutBatch) -> None:
@@ -267,15 +282,11 @@ class MegatronPolicy(PolicyBackend):
         results = self._broadcast_from_last_stage(results)
         logprobs = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
         entropy = torch.zeros_like(logprobs)
-        start = 0
-        for stats in results:
-            rows = min(stats.logprobs.shape[0], batch.size - start)
+        for index, stats in zip(groups, results):
+            rows = len(index)  # the rest are padding rows
             width = min(stats.logprobs.shape[1], logprobs.shape[1])
-            if rows <= 0:
-                break
-            logprobs[start:start + rows, :width] = stats.logprobs[:rows, :width]
-            entropy[start:start + rows, :width] = stats.entropy[:rows, :width]
-            start += rows
+            logprobs[index, :width] = stats.logprobs[:rows, :width]
+            entropy[index, :width] = stats.entropy[:rows, :width]
         device = batch.input_ids.device
         return TokenStats(logprobs.to(device), entropy.to(device))
 
@@ -310,7 +321,7 @@ class MegatronPolicy(PolicyBackend):
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        parts = self._micro_batches(batch)
+        _, parts = self._micro_batches(batch)
         totals: dict[str, float] = {}
         loss_sum = [0.0]
         scale = len(parts) * self.sizes.dp
@@ -505,6 +516,22 @@ class MegatronPolicy(PolicyBackend):
         self.step = int(loaded["step"])
         self._set_lr()
 
+
+
+def _check_packing(sequence_packing: bool, transformer_impl: str) -> None:
+    """Packed (THD) sequences need Transformer Engine's varlen attention; not wired up in this backend yet."""
+    from nemo_igrpo.config import ConfigError
+    from nemo_igrpo.policy.megatron.spec import resolve_impl
+
+    if not sequence_packing:
+        return
+    if resolve_impl(transformer_impl) != "transformer_engine":
+        raise ConfigError("policy.sequence_packing=true with policy.backend=megatron needs Transformer Engine (packed "
+                          "THD sequences), which is not importable here; set policy.sequence_packing=false "
+                          "(policy.max_tokens_per_micro_batch still batches by tokens)")
+    raise ConfigError("policy.sequence_packing=true with policy.backend=megatron: packed THD sequences are not "
+                      "implemented yet; set policy.sequence_packing=false (policy.max_tokens_per_micro_batch still "
+                      "batches by tokens)")
 
 
 def _padding_row_hook(padding_idx: int):
