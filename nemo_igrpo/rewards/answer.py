@@ -55,12 +55,86 @@ def extract_answer_tag(text: str) -> str | None:
 
 
 def extract_final_answer(text: str) -> str | None:
-    """The last boxed answer, else the last ``<answer>`` tag's content, else None.
+    """The final answer under the ``boxed_or_tag`` rule: see ``extract_answer``."""
+    return extract_answer(text, "boxed_or_tag")
 
-    Boxed wins because a tagged answer usually wraps a boxed one (``<answer>so \\boxed{5}</answer>``).
+
+# One token of the box scan: a box opening, an escaped (literal) brace, or a structural brace.
+_BOX_TOKEN = re.compile(r"\\boxed\s*\{|\\[{}]|[{}]")
+# What may stand between boxes that together state one answer ("\boxed{1}, \boxed{2}", "\boxed{k=45} \quad
+# \text{and} \quad \boxed{n=2}", "$y_1 = \boxed{3}$ and $y_2 = \boxed{-1}$"): punctuation, math delimiters and
+# spacing, "and"/"or", "for part (a)", and a short label such as "y_2 =". Anything else ("but actually", a
+# sentence) means the earlier box was an intermediate or abandoned result, and only the last box counts.
+# (Bounded by _MAX_CONNECTOR_CHARS, so backtracking between the overlapping alternatives stays cheap.)
+_JOIN_WORDS = r"and|or|for|part|parts|respectively|\([a-z]\)"
+_BOX_CONNECTOR = re.compile(
+    r"(?:\s|[,;:&$]|\\[,;:! \\()\[\]]|\\|\\q?quad\b|\\(?:text|textrm|textbf|mbox)\s*\{(?:\s|,|"
+    + _JOIN_WORDS
+    + r")*\}|\b(?:"
+    + _JOIN_WORDS
+    + r")\b|[A-Za-z](?:_\{?\w{1,3}\}?)?\s*=)*"
+)
+# ...and at least one of these must be there: boxes merely next to each other ("$$\boxed{20}$$ \boxed{143}") are a
+# restatement or a correction, not a list.
+_JOIN_MARK = re.compile(r"[,;&=]|\b(?:and|or)\b")
+_MAX_CONNECTOR_CHARS = 80
+
+
+def extract_boxed_answer(text: str) -> str | None:
+    """The final boxed answer: the last top-level ``\\boxed{...}``, joined with ``", "`` to the boxes right before
+    it that only connectors separate (``\\boxed{1} and \\boxed{2}`` is the answer ``1, 2``; ``\\boxed{41}, but
+    actually \\boxed{42}`` is ``42``). None if there is no box or the last one never closes. One linear scan."""
+    boxes: list[tuple[int, int, int]] = []  # (position of "\\boxed", content start, content end), top level only
+    stack: list[int] = []  # per open brace: content start if it opened a box, else -1
+    boxes_open = 0
+    last_open = -1  # position of the last "\\boxed{" seen, closed or not
+    for token in _BOX_TOKEN.finditer(text):
+        symbol = token.group()
+        if len(symbol) == 2:  # escaped brace: content, not structure
+            continue
+        if symbol == "{":
+            stack.append(-1)
+        elif symbol == "}":
+            if not stack:
+                continue
+            start = stack.pop()
+            if start >= 0:
+                boxes_open -= 1
+                if boxes_open == 0:
+                    boxes.append((text.rfind("\\boxed", 0, start), start, token.start()))
+        else:  # a box opening
+            if boxes_open == 0:
+                last_open = token.start()
+            stack.append(token.end())
+            boxes_open += 1
+    if not boxes or boxes[-1][0] != last_open:
+        return None
+    parts = [boxes[-1]]
+    for box in reversed(boxes[:-1]):
+        gap = text[box[2] + 1 : parts[-1][0]]
+        if len(gap) > _MAX_CONNECTOR_CHARS or not _BOX_CONNECTOR.fullmatch(gap) or not _JOIN_MARK.search(gap):
+            break
+        parts.append(box)
+    return ", ".join(text[start:end] for _, start, end in reversed(parts))
+
+
+def extract_answer(text: str, mode: str) -> str | None:
+    """The completion's final answer, following the paper's ``<think>…</think><answer>…</answer>`` template.
+
+    When the completion has an ``<answer>`` block, only that block is read: a box in the ``<think>`` part is
+    scratch work. ``boxed``: the final boxed answer (of the answer block if there is one). ``answer_tag``: the
+    answer block. ``boxed_or_tag``: the final boxed answer inside the answer block, else the block itself, else
+    the final boxed answer anywhere (a completion that ignores the template).
     """
-    boxed = extract_boxed(text)
-    return boxed if boxed is not None else extract_answer_tag(text)
+    tag = extract_answer_tag(text)
+    if mode == "answer_tag":
+        return tag
+    if tag is not None:
+        boxed = extract_boxed_answer(tag)
+        if boxed is not None or mode == "boxed":
+            return boxed
+        return tag
+    return extract_boxed_answer(text)
 
 
 # LaTeX sizing and spacing commands that never change the value. The lookahead keeps "\leftarrow" intact.
