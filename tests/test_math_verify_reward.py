@@ -201,7 +201,7 @@ def test_hostile_outputs_score_zero_within_the_deadline():
     children_before = set(multiprocessing.active_children())  # the module's shared reward has its own workers
     reward = MathVerifyReward(num_workers=2, timeout_s=timeout_s)
     try:
-        reward(["\\boxed{1}"], ["1"])  # start the workers outside the timed region
+        reward.start()  # start the workers outside the timed region
         start = time.perf_counter()
         output = reward(hostile + [control], ["2"] * len(hostile) + ["0.5"])
         elapsed = time.perf_counter() - start
@@ -219,9 +219,9 @@ def test_a_grade_past_the_hard_deadline_is_a_counted_timeout():
     # the pool first; the next item is graded by the replacement worker.
     reward = MathVerifyReward(num_workers=1, timeout_s=0.5)
     try:
-        reward(["\\boxed{1}"], ["1"])
+        reward.start()
         slow = "\\boxed{" + "{" * 300 + "1" + "}" * 300 + "}"
-        output = reward([slow, "\\boxed{2}"], ["1", "2"])
+        output = reward([slow, "\\boxed{2x}"], ["1", "x+x"])
     finally:
         reward.close()
     assert output.scores == [0.0, 1.0]
@@ -237,8 +237,10 @@ def test_pool_is_started_lazily_and_reused(reward):
         assert output.counters == {"no_answer": 1, "fallback_extraction": 0, "too_long": 0, "timeouts": 0,
                                    "crashes": 0, "errors": 0}
         fresh(["\\boxed{1}"], ["1"])
+        assert fresh._pool is None  # decided without sympy (quick_verdict): still no processes
+        fresh(["\\boxed{x+1}"], ["1+x"])
         pool = fresh._pool
-        fresh(["\\boxed{2}"], ["2"])
+        fresh(["\\boxed{2x}"], ["x+x"])
         assert fresh._pool is pool and pool is not None
     finally:
         fresh.close()
@@ -386,12 +388,28 @@ def test_identical_pairs_are_graded_once(reward):
     pool.map = counting_map
     try:
         # A GRPO group: eight completions, three distinct final answers; a second problem with the same answer.
-        group = ["so \\boxed{5}"] * 4 + ["hence \\boxed{5}", "so \\boxed{6}", "so \\boxed{6}", "so \\boxed{5.0}"]
-        output = reward(group + ["so \\boxed{5}"], ["5"] * 8 + ["6"])
+        # (Expressions: plain numbers never reach the pool, see test_quick_verdicts_skip_the_pool.)
+        right, wrong, other = "(x+1)^2", "(x-1)^2", "x^2+1+2x"
+        group = [f"so \\boxed{{{right}}}"] * 4 + [f"hence \\boxed{{{right}}}", f"so \\boxed{{{wrong}}}",
+                                                  f"so \\boxed{{{wrong}}}", f"so \\boxed{{{other}}}"]
+        output = reward(group + [f"so \\boxed{{{right}}}"], ["x^2+2x+1"] * 8 + ["x^2-2x+1"])
     finally:
         del pool.map
     assert output.scores == [1.0] * 5 + [0.0, 0.0, 1.0, 0.0]
-    assert sizes == [4]  # (5, "5"), (6, "5"), (5.0, "5"), (5, "6")
+    assert sizes == [4]  # (right, gold 1), (wrong, gold 1), (other, gold 1), (right, gold 2)
+
+
+def test_quick_verdicts_skip_the_pool():
+    # Equal normal forms, plain numbers and lists of plain numbers are decided without sympy (and without a
+    # worker): milliseconds to tens of milliseconds saved per answer.
+    fresh = MathVerifyReward(num_workers=1)
+    try:
+        output = fresh(["\\boxed{1,000}", "\\boxed{0.5}", "\\boxed{-7}", "\\boxed{\\{3, 2, 1\\}}", "\\boxed{(2, 1)}"],
+                       ["1000", "\\frac{1}{2}", "7", "\\{1,2,3\\}", "(1,2)"])
+        assert fresh._pool is None
+    finally:
+        fresh.close()
+    assert output.scores == [1.0, 1.0, 0.0, 1.0, 0.0]
 
 
 def test_defaults_come_from_the_config():

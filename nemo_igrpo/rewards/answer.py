@@ -144,6 +144,8 @@ _FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
 _FRAC_SHORT = re.compile(r"\\[dt]?frac(\d)(\d)")  # "\frac12"
 _MAX_FRAC_PASSES = 8  # deeper nesting is not a final answer worth normalising (and would cost quadratic time)
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+# Only a whole number has thousands separators: in "(170,171)" the comma separates two numbers.
+_GROUPED_NUMBER = re.compile(r"[+-]?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d*)?")  # not "0,111": a decimal comma
 _ATOMIC = re.compile(r"-?[\w.]+")
 
 
@@ -152,19 +154,23 @@ def normalize_answer(answer: str) -> str:
     no thousands separators, no trailing period."""
     text = _NOISE.sub("", answer)
     text = re.sub(r"\s+", "", text)
-    text = _FRAC_SHORT.sub(r"\1/\2", text)
+    text = _FRAC_SHORT.sub(_frac_as_division, text)
     for _ in range(_MAX_FRAC_PASSES):
         text, replaced = _FRAC.subn(_frac_as_division, text)
         if not replaced:
             break
-    text = _THOUSANDS.sub("", text)
+    if _GROUPED_NUMBER.fullmatch(text.removesuffix(".")):
+        text = _THOUSANDS.sub("", text)
     return text.removesuffix(".")
 
 
 def _frac_as_division(match: re.Match[str]) -> str:
-    """``a/b``, parenthesising compound parts so that ``\\frac{1+x}{2}`` does not become ``1+x/2``."""
+    """``a/b``, parenthesising compound parts so that ``\\frac{1+x}{2}`` does not become ``1+x/2``, and the whole
+    after a digit: ``918\\frac{1}{2}`` is a mixed number (918 + 1/2), not 9181/2."""
     numerator, denominator = (_group(part) for part in match.groups())
-    return f"{numerator}/{denominator}"
+    start = match.start()
+    after_digit = start > 0 and match.string[start - 1].isdigit()
+    return f"({numerator}/{denominator})" if after_digit else f"{numerator}/{denominator}"
 
 
 def _group(part: str) -> str:
@@ -202,3 +208,102 @@ def answers_match(pred: str | None, gold: str) -> bool:
         return True
     pred_value, gold_value = parse_rational(pred_norm), parse_rational(gold_norm)
     return pred_value is not None and pred_value == gold_value
+
+
+# ------------------------------------------------------------------------------------- quick verdicts
+# Most answers are numbers or short lists of numbers; math-verify spends milliseconds on a number and tens of
+# milliseconds on a list (its LaTeX parser), so these are decided here, where the verdict is certain, and the
+# rest is left to math-verify.
+
+_INTEGER = re.compile(r"[+-]?\d+")
+# A written difference this large (relative) is never erased by math-verify's 6-decimal float comparison.
+_CLEARLY_DIFFERENT = Fraction(1, 10_000)
+_INFINITY = re.compile(r"[+-]?(?:\\infty|∞|inf)")
+# Brackets of a list: "(…)", "[…]", "{…}" (after normalize_answer "\{" is still "\{"), or none at all.
+_LIST = re.compile(r"(\\\{|[(\[{]?)(.*?)(\\\}|[)\]}]?)")
+_SET_BRACKETS = {("", ""), ("\\{", "\\}"), ("{", "}")}
+_MAX_LIST_ITEMS = 20
+
+
+def _number(text: str) -> Fraction | float | None:
+    """A plain rational (``3``, ``-0.25``, ``1/4`` in normal form) or ±infinity, else None."""
+    if _INFINITY.fullmatch(text):
+        return float("-inf") if text.startswith("-") else float("inf")
+    return parse_rational(text)
+
+
+def _numbers_verdict(pred: str, gold: str) -> bool | None:
+    """True/False when both are plain numbers whose equality is certain, else None."""
+    a, b = _number(pred), _number(gold)
+    if a is None or b is None:
+        return None
+    if a == b:
+        return True
+    if isinstance(a, float) or isinstance(b, float):  # an infinity against anything else
+        return False
+    if _INTEGER.fullmatch(pred) and _INTEGER.fullmatch(gold):
+        return False
+    if abs(a - b) > _CLEARLY_DIFFERENT * max(1, abs(a), abs(b)):
+        return False
+    return None  # e.g. 1/3 vs 0.333333: math-verify's rounding decides
+
+
+def _list_of_numbers(text: str) -> tuple[str, str, list[Fraction | float]] | None:
+    match = _LIST.fullmatch(text)
+    if match is None:
+        return None
+    opening, body, closing = match.groups()
+    items = body.split(",")
+    if not 2 <= len(items) <= _MAX_LIST_ITEMS:
+        return None
+    numbers = [_number(item) for item in items]
+    if any(number is None for number in numbers):
+        return None
+    return opening, closing, numbers  # type: ignore[return-value]
+
+
+def _lists_verdict(pred: str, gold: str) -> bool | None:
+    """True/False for two lists of plain numbers with the same brackets where the verdict is certain: sets
+    (braces or none) compare as sets, tuples and intervals element by element; anything else is None."""
+    a, b = _list_of_numbers(pred), _list_of_numbers(gold)
+    if a is None or b is None or len(a[2]) != len(b[2]):
+        return None
+    (a_open, a_close, a_items), (b_open, b_close, b_items) = a, b
+    if (a_open, a_close) in _SET_BRACKETS and (b_open, b_close) in _SET_BRACKETS:
+        if len(set(a_items)) != len(a_items) or len(set(b_items)) != len(b_items):
+            return None  # repeated elements: leave multiset questions to math-verify
+        pairs = list(zip(sorted(a_items), sorted(b_items)))
+    elif (a_open, a_close) == (b_open, b_close) and a_open in "([" and a_close in ")]" and a_open and a_close:
+        pairs = list(zip(a_items, b_items))
+    elif (len(a_items) == 2 and a_open in "([" and b_open in "([" and a_close in ")]" and b_close in ")]"
+          and a_open and b_open and a_close and b_close and a_items == b_items and a_items[0] != a_items[1]):
+        return False  # the same endpoints, opened or closed differently: different intervals
+    else:
+        return None
+    verdicts = [_numbers_verdict(_plain(x), _plain(y)) for x, y in pairs]
+    if all(verdict is True for verdict in verdicts):
+        return True
+    if any(verdict is False for verdict in verdicts):
+        return False
+    return None
+
+
+def _plain(number: Fraction | float) -> str:
+    """A number back in the normal form ``_numbers_verdict`` reads (integers stay integers)."""
+    if isinstance(number, float):
+        return "-\\infty" if number < 0 else "\\infty"
+    if number.denominator == 1:
+        return str(number.numerator)
+    return f"{number.numerator}/{number.denominator}"
+
+
+def quick_verdict(pred: str, gold: str) -> bool | None:
+    """Whether ``pred`` equals ``gold`` when that is certain without a computer-algebra system, else None: the same
+    normal form (``normalize_answer``), two plain numbers, or two lists of plain numbers. Linear in the input."""
+    pred_norm, gold_norm = normalize_answer(pred), normalize_answer(gold)
+    if not pred_norm or not gold_norm:
+        return None
+    if pred_norm == gold_norm:
+        return True
+    verdict = _numbers_verdict(pred_norm, gold_norm)
+    return verdict if verdict is not None else _lists_verdict(pred_norm, gold_norm)

@@ -180,6 +180,22 @@ class GradingPool(Generic[T, R]):
             raise
         return results, counters
 
+    def start(self) -> None:
+        """Start the workers and wait until every one is ready (``map`` otherwise starts them on first use)."""
+        if self._closed:
+            raise RuntimeError("GradingPool is closed")
+        no_items: deque[int] = deque()
+        try:
+            if not self._workers:
+                self._workers = [self._start_worker() for _ in range(self.num_workers)]
+            while not all(worker.ready for worker in self._workers):
+                wait(self._watched(), timeout=self._seconds_to_next_event(no_items))
+                for slot in range(len(self._workers)):
+                    self._service(slot, no_items, [], {"timeouts": 0, "crashes": 0, "errors": 0})
+        except BaseException:
+            self.close()
+            raise
+
     @property
     def closed(self) -> bool:
         return self._closed
