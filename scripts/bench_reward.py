@@ -85,15 +85,34 @@ def make_batch(n: int, group_size: int, seed: int = 0) -> tuple[list[str], list[
     return completions, golds
 
 
-def measure(reward: Reward, completions: list[str], golds: list[str]) -> dict[str, float]:
-    """Grade the batch once (after a warm-up call) and return throughput, mean accuracy and counters."""
+def worker_cpu_seconds(reward: Reward) -> float:
+    """User + system CPU seconds used so far by a pooled reward's worker processes (Linux /proc), else 0."""
+    pool = getattr(reward, "_pool", None)
+    total = 0.0
+    for worker in getattr(pool, "_workers", []):
+        fields = Path(f"/proc/{worker.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def measure(reward: Reward, completions: list[str], golds: list[str], workers: int) -> dict[str, float]:
+    """Grade the batch once (after a warm-up call) and return throughput, mean accuracy and counters.
+
+    On a shared machine the wall-clock rate depends on the other processes; the CPU seconds do not, so the
+    table also shows the rate the same work reaches on otherwise idle cores: the trainer-side CPU time plus the
+    workers' CPU time spread over ``workers`` cores (each worker is single-threaded)."""
     if isinstance(reward, MathVerifyReward):
         reward.start()  # starts and warms the workers (many answers never need them: they would start mid-run)
     reward(completions[:8], golds[:8])
+    workers_before, cpu_start = worker_cpu_seconds(reward), time.process_time()
     start = time.perf_counter()
     output = reward(completions, golds)
     seconds = time.perf_counter() - start
+    parent_cpu, worker_cpu = time.process_time() - cpu_start, worker_cpu_seconds(reward) - workers_before
     return {
+        "trainer_cpu_s": parent_cpu,
+        "workers_cpu_s": worker_cpu,
+        "idle_cores_rewards_per_s": len(completions) / (parent_cpu + worker_cpu / workers),
         "completions": len(completions),
         "seconds": seconds,
         "rewards_per_s": len(completions) / seconds,
@@ -110,6 +129,9 @@ COLUMNS = {
     "completions": "d",
     "seconds": ".2f",
     "rewards_per_s": ",.0f",
+    "trainer_cpu_s": ".2f",
+    "workers_cpu_s": ".2f",
+    "idle_cores_rewards_per_s": ",.0f",
     "accuracy": ".3f",
     "timeouts": "d",
     "crashes": "d",
@@ -122,7 +144,7 @@ def make_table(results: dict[str, dict[str, float]], title: str) -> Table:
     table = Table(title=f"reward throughput, {title}")
     table.add_column("reward")
     for column in COLUMNS:
-        table.add_column(column.replace("_per_", "/"), justify="right")
+        table.add_column(column.replace("_rewards_per_s", " rewards/s").replace("_per_", "/"), justify="right")
     for name, row in results.items():
         table.add_row(name, *(format(row[column], spec) for column, spec in COLUMNS.items()))
     return table
@@ -147,11 +169,11 @@ def main() -> None:
     for name, build in rewards.items():
         reward = build()
         try:
-            results[name] = measure(reward, completions, golds)
+            results[name] = measure(reward, completions, golds, args.workers)
         finally:
             reward.close()
 
-    Console(width=120).print(make_table(results, f"{args.completions} completions, {args.workers} math-verify workers"))
+    Console(width=160).print(make_table(results, f"{args.completions} completions, {args.workers} math-verify workers"))
 
     report = {
         "results": results,
@@ -160,6 +182,7 @@ def main() -> None:
         "timeout_s": args.timeout,
         "seed": args.seed,
         "cpu_count": os.cpu_count(),
+        "load_average_1min": os.getloadavg()[0],
         "python": platform.python_version(),
     }
     args.output.write_text(json.dumps(report, indent=2) + "\n")

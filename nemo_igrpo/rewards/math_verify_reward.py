@@ -119,43 +119,61 @@ def _parse_gold(gold: str, timeout_s: int) -> list:
     return _gold_cache[key]
 
 
-# Points at which _clearly_different evaluates expressions: irrational-looking, of both signs, away from the
+# Points at which _numeric_verdict evaluates expressions: irrational-looking, of both signs, away from the
 # integers where denominators tend to vanish.
 _PROBE_POINTS = ((0.7134, 1.3917, -0.5311), (-1.2573, 0.4429, 2.1786))
 _MAX_PROBE_SYMBOLS = 3
 
 
-def _clearly_different(gold: list, prediction: list) -> bool:
-    """True when gold and prediction are each one plain expression (no equation, relation, set or matrix) in the
-    same symbols whose values differ clearly at a probe point, i.e. when math-verify cannot find them equal.
+def _smooth_functions() -> tuple[type, ...]:
+    import sympy
 
-    For an unequal pair math-verify spends most of its time (≈14 ms for ``10\\sqrt{2}`` vs ``10\\sqrt{3}``) in
-    symbolic simplification; a numeric evaluation settles it in well under a millisecond. A relative difference of
-    1e-4 is far outside its 6-decimal float comparison; undefined or non-finite values prove nothing.
+    return (sympy.sin, sympy.cos, sympy.tan, sympy.cot, sympy.sec, sympy.csc, sympy.asin, sympy.acos, sympy.atan,
+            sympy.exp, sympy.log, sympy.sinh, sympy.cosh, sympy.tanh)
+
+
+_SMOOTH_FUNCTIONS: tuple[type, ...] = ()
+
+
+def _numeric_verdict(gold: list, prediction: list) -> bool | None:
+    """Settle a pair of plain expressions numerically, when that is certain enough; None leaves it to math-verify.
+
+    Applies when gold and prediction are each one plain expression (no equation, relation, set or matrix) in the
+    same at most three symbols. False: the values differ clearly (1e-4 relative, far outside math-verify's
+    6-decimal float comparison) at a probe point. True: they agree to 1e-12 at every probe point and are built
+    from arithmetic, powers and roots, the constants, trigonometric, exponential and logarithmic functions only
+    (two such expressions that agree at two irrational-looking points are the same expression; floor, ceiling,
+    absolute values and the like are excluded because they can agree at a point without being equal).
+    Undefined or non-finite values prove nothing. For such pairs math-verify spends most of its time (≈14 ms for
+    ``(x+10)^2`` vs ``x^2+20x+100``) in symbolic simplification; this takes well under a millisecond.
     """
     import sympy
 
     gold_exprs = [item for item in gold if isinstance(item, sympy.Expr)]
     prediction_exprs = [item for item in prediction if isinstance(item, sympy.Expr)]
     if len(gold_exprs) != 1 or len(prediction_exprs) != 1:
-        return False
+        return None
     (a,), (b,) = gold_exprs, prediction_exprs
     symbols = sorted(a.free_symbols | b.free_symbols, key=str)
     if a.free_symbols != b.free_symbols or len(symbols) > _MAX_PROBE_SYMBOLS:
-        return False
-    if any(isinstance(item, sympy.MatrixBase) for item in (a, b)):
-        return False
+        return None
+    if any(isinstance(item, sympy.MatrixBase) or item.has(sympy.Piecewise) for item in (a, b)):
+        return None
+    agreed = 0
     for point in _PROBE_POINTS:
         values = dict(zip(symbols, point))
         try:
-            x, y = complex(a.evalf(15, subs=values)), complex(b.evalf(15, subs=values))
+            x, y = complex(a.evalf(20, subs=values)), complex(b.evalf(20, subs=values))
         except (TypeError, ValueError, ArithmeticError):
             continue
         if not all(math.isfinite(part) for part in (x.real, x.imag, y.real, y.imag)):
             continue
-        if abs(x - y) > 1e-4 * max(1.0, abs(x), abs(y)):
-            return True
-    return False
+        scale = max(1.0, abs(x), abs(y))
+        if abs(x - y) > 1e-4 * scale:
+            return False
+        agreed += abs(x - y) <= 1e-12 * scale
+    smooth = all(isinstance(function, _SMOOTH_FUNCTIONS) for item in (a, b) for function in item.atoms(sympy.Function))
+    return True if agreed == len(_PROBE_POINTS) and smooth else None
 
 
 def grade(task: GradeTask) -> float:
@@ -174,6 +192,12 @@ def grade(task: GradeTask) -> float:
         prediction = parse(_PUNCTUATION_BEFORE_CLOSE.sub("", task.prediction), parsing_timeout=timeout)
     else:
         prediction = parse(as_math_mode(task.prediction), parsing_timeout=timeout)
+    global _SMOOTH_FUNCTIONS
+    if not _SMOOTH_FUNCTIONS:
+        _SMOOTH_FUNCTIONS = _smooth_functions()
+    numeric = _numeric_verdict(gold, prediction)
+    if numeric is not None:
+        return float(numeric)
     # allow_set_relation_comp: an interval gold accepts the equivalent inequality ("(0,\infty)" vs "x>0").
     if verify(gold, prediction, allow_set_relation_comp=True, timeout_seconds=timeout):
         return 1.0

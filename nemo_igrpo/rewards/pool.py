@@ -138,7 +138,7 @@ class GradingPool(Generic[T, R]):
         memory_limit_mb: int | None = None,
         startup_timeout_s: float = 60.0,
         max_items_per_message: int = 16,
-        steal_after_s: float = 0.25,
+        steal_after_s: float = 1.0,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -152,7 +152,8 @@ class GradingPool(Generic[T, R]):
         self.memory_limit_mb = memory_limit_mb
         self.startup_timeout_s = startup_timeout_s
         self.max_items_per_message = max(1, max_items_per_message)
-        # Far above a typical item (milliseconds), far below a deadline: only a stalled item triggers re-queuing.
+        # Far above a typical item (milliseconds, or a few hundred on a machine loaded 5x over), below a deadline: only
+        # a stalled item triggers re-queuing (a re-queued item may be graded twice, so a low value wastes work).
         self.steal_after_s = steal_after_s
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
