@@ -46,6 +46,7 @@ R = TypeVar("R")
 _READY = "ready"
 _OK = "ok"
 _ERROR = "error"
+_CRASH = "crash"  # the worker is about to exit (MemoryError): its teardown may outlast the item's deadline
 
 _JOIN_TIMEOUT_S = 5.0  # a SIGKILLed process is reaped within milliseconds; this only bounds a pathological case
 
@@ -75,7 +76,13 @@ def _worker_main(
             try:
                 reply = (_OK, fn(item))
             except MemoryError:
-                raise  # the heap may be unusable: exit and let the parent start a fresh worker
+                # The heap may be unusable: exit and let the parent start a fresh worker. Say so first, so that
+                # a slow teardown (a loaded machine) is not mistaken for a timeout.
+                try:
+                    conn.send((_CRASH, "MemoryError"))
+                except Exception:  # noqa: BLE001 - best effort; the parent still sees the exit
+                    pass
+                raise
             except Exception as exc:  # noqa: BLE001 - fn failing on one item must not take the worker down
                 # Only the type: formatting an exception about hostile input can itself be slow or huge.
                 reply = (_ERROR, type(exc).__name__)
@@ -309,6 +316,9 @@ class GradingPool(Generic[T, R]):
                 except (EOFError, OSError):
                     self._on_death(slot, todo, counters)
                     return
+                if isinstance(message, tuple) and message[0] == _CRASH:
+                    self._on_death(slot, todo, counters, announced=True)
+                    return
                 self._on_message(worker, message, results, counters)
         elif not worker.process.is_alive():
             self._on_death(slot, todo, counters)
@@ -338,9 +348,12 @@ class GradingPool(Generic[T, R]):
             logger.warning("grading item %d raised %s", index, value)
             counters["errors"] += 1
 
-    def _on_death(self, slot: int, todo: deque[int], counters: dict[str, int]) -> None:
+    def _on_death(self, slot: int, todo: deque[int], counters: dict[str, int], announced: bool = False) -> None:
+        """A worker died (or ``announced`` that it is exiting): count its item as a crash, re-queue the items
+        behind it, and start a replacement (``_replace`` kills a worker that is still tearing down)."""
         worker = self._workers[slot]
-        worker.process.join(_JOIN_TIMEOUT_S)
+        if not announced:
+            worker.process.join(_JOIN_TIMEOUT_S)
         if not worker.ready:
             # Nothing from the batch can cause this: fn has not run yet. Retrying would loop forever.
             raise RuntimeError(f"grading worker exited during start-up (exit code {worker.process.exitcode})")
