@@ -45,8 +45,8 @@ _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 _PUNCTUATION_BEFORE_CLOSE = re.compile(r"(?<![.,;])\s*[.,;]\s*(?=\$|\\\]|\\\))")
 _TRAILING_PUNCTUATION = re.compile(r"(?<![.,;])\s*[.,;]\s*$")
 
-# The fallback reads the end of the completion only: the final expression is there (in every case of the
-# verdict table, within the last 150 characters), and math-verify's regexes then cost the same for a
+# The fallback reads the end of the completion only: the final expression is there (as in the completions of the
+# verdict table), and math-verify's regexes then cost the same for a
 # 300-character and a 300,000-character completion.
 _FALLBACK_TAIL_CHARS = 600
 # A tail without a digit or a math delimiter has nothing math-verify could extract: not worth a worker round trip.
