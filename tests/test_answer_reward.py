@@ -4,6 +4,8 @@ import time
 
 import pytest
 
+from nemo_igrpo.rewards.answer import extract_answer
+
 from nemo_igrpo.rewards import (
     REWARDS,
     BoxedMatchReward,
@@ -13,6 +15,7 @@ from nemo_igrpo.rewards import (
     build_reward,
     extract_answer_tag,
     extract_boxed,
+    extract_boxed_answer,
     normalize_answer,
     register_reward,
 )
@@ -47,6 +50,53 @@ def test_extract_boxed_deep_nesting_and_long_inputs_are_fast():
     assert extract_boxed(long_text) == "{}" * 50_000
     assert extract_boxed(unbalanced) is None
     assert extract_boxed(many_boxes) == "1"
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("so \\boxed{42}.", "42"),
+        ("The solutions are \\boxed{(1, 2)}, \\boxed{(2, 1)}.", "(1, 2), (2, 1)"),
+        ("So $n$ is \\boxed{1} and \\boxed{2} and \\boxed{3}.", "1, 2, 3"),
+        ("$\\boxed{k = 45} \\quad\\text{and}\\quad \\boxed{n = 2}$", "k = 45, n = 2"),
+        ("$y_1 = \\boxed{3}$ and $y_2 = \\boxed{-1}$", "3, -1"),
+        ("$$\\boxed{(3, 3)} \\text{ for part (a) and } \\boxed{(1, 1)}$$", "(3, 3), (1, 1)"),
+        ("It is \\boxed{5} or \\boxed{6}.", "5, 6"),  # a hedge stays a hedge: the pair, not the last one
+        ("First I thought \\boxed{41}, but actually \\boxed{42}.", "42"),  # a correction: the last box
+        ("$$\\boxed{20}$$ \\boxed{143}", "143"),  # side by side without a connector: a restatement
+        ("$x = \\boxed{3}$. Substituting back and simplifying, $y = \\boxed{7}$.", "7"),  # an intermediate box
+        ("\\boxed{\\boxed{1}}", "\\boxed{1}"),  # nested: the outer box
+        ("\\boxed{1}, \\boxed{2", None),  # the last box never closes
+        ("no box", None),
+    ],
+)
+def test_extract_boxed_answer(text, expected):
+    assert extract_boxed_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "text", "expected"),
+    [
+        ("boxed_or_tag", "<think>\\boxed{3}</think><answer>5</answer>", "5"),  # the scratch box does not count
+        ("boxed_or_tag", "<think>no closing tag <answer>5</answer>", "5"),
+        ("boxed_or_tag", "<think>x</think><answer>so \\boxed{5}</answer>", "5"),
+        ("boxed_or_tag", "<think>\\boxed{5}</think>", "5"),  # no answer block: the box counts
+        ("boxed", "<think>\\boxed{3}</think><answer>5</answer>", None),
+        ("boxed", "\\boxed{1} and \\boxed{2}", "1, 2"),
+        ("answer_tag", "<think>\\boxed{3}</think><answer> 5 </answer>", "5"),
+    ],
+)
+def test_extract_answer_follows_the_template(mode, text, expected):
+    assert extract_answer(text, mode) == expected
+
+
+def test_extract_boxed_answer_is_linear():
+    many_boxes = "\\boxed{1}, " * 25_000
+    nested = "\\boxed{" * 20_000 + "}" * 20_000
+    start = time.perf_counter()
+    assert extract_boxed_answer(many_boxes) == ", ".join(["1"] * 25_000)
+    assert extract_boxed_answer(nested) == "\\boxed{" * 19_999 + "}" * 19_999
     assert time.perf_counter() - start < 1.0
 
 

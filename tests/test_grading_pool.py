@@ -41,6 +41,13 @@ def pid_unless_raise(item: str) -> int:
     return os.getpid()
 
 
+def pid_after_sleep(item: str) -> int:
+    """The worker's process id, after three seconds for "slow"."""
+    if item == "slow":
+        time.sleep(3.0)  # long enough for the other worker to finish its share even on a loaded machine
+    return os.getpid()
+
+
 def broken_initializer() -> None:
     raise RuntimeError("cannot set up")
 
@@ -102,6 +109,24 @@ def test_an_exception_is_an_error_and_keeps_the_worker():
     assert results[1] == -1  # the configured default
     assert results[0] == results[2] > 0  # the same worker served the item after the failing one
     assert counters == {"timeouts": 0, "crashes": 0, "errors": 1}
+
+
+def test_items_behind_a_slow_item_go_to_another_worker():
+    # Items travel several per message; the three sent behind "slow" are re-queued after steal_after_s and
+    # answered by the other worker, instead of waiting for it.
+    with GradingPool(pid_after_sleep, num_workers=2, timeout_s=10.0, steal_after_s=0.1) as pool:
+        pool.map(["warm"] * 4)  # start both workers outside the measurement
+        results, counters = pool.map(["slow", "a", "b", "c", "d", "e", "f", "g"])
+    assert counters == {"timeouts": 0, "crashes": 0, "errors": 0}
+    assert results[0] not in results[1:]  # nothing waited for the slow item's worker
+
+
+def test_start_waits_for_every_worker():
+    with GradingPool(behave, num_workers=2, timeout_s=TIMEOUT_S) as pool:
+        pool.start()
+        assert len(multiprocessing.active_children()) == 2
+        assert all(worker.ready for worker in pool._workers)
+        assert pool.map([1, 2]) == ([2.0, 4.0], {"timeouts": 0, "crashes": 0, "errors": 0})
 
 
 def test_close_kills_workers_and_is_idempotent():

@@ -3,8 +3,12 @@ model output (which must cost at most the deadline and never stall the batch).""
 
 from __future__ import annotations
 
+import json
+import logging
 import multiprocessing
+import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -125,7 +129,8 @@ def test_math_verify_verdicts(reward, gold, prediction, expected):
     output = reward([f"Let me work it out step by step... so \\boxed{{{prediction}}}"], [gold])
     assert output.scores == [float(expected)]
     assert output.components == {"accuracy": [float(expected)]}
-    assert output.counters == {"no_answer": 0, "too_long": 0, "timeouts": 0, "crashes": 0, "errors": 0}
+    assert output.counters == {"no_answer": 0, "fallback_extraction": 0, "too_long": 0, "timeouts": 0, "crashes": 0,
+                               "errors": 0}
 
 
 def test_the_table_is_large_and_has_both_verdicts():
@@ -139,26 +144,39 @@ def test_only_the_completion_is_scored_and_the_last_box_counts(reward):
     # math-verify would happily pick up a 42 that the completion merely quotes.
     completions = [
         "I agree with the draft.",  # no answer of its own
-        "The draft's answer, 42, looks right to me.",  # quotes the gold but states no final answer
+        # No box: the fallback reads the completion's own final expression, 42. The completion does state it
+        # (the accuracy component credits that); the format component withholds the template bonus.
+        "The draft's answer, 42, looks right to me.",
         "First I thought \\boxed{42}, but actually \\boxed{41}.",  # the last box is the answer
         "First I thought \\boxed{41}, but actually \\boxed{42}.",
-        "The answer is \\boxed{}.",  # an empty box is no answer
+        "The answer is \\boxed{}.",  # an empty box is an (empty) answer: no fallback
     ]
     output = reward(completions, ["42"] * len(completions))
-    assert output.scores == [0.0, 0.0, 0.0, 1.0, 0.0]
+    assert output.scores == [0.0, 1.0, 0.0, 1.0, 0.0]
     assert output.counters["no_answer"] == 3
+    assert output.counters["fallback_extraction"] == 1  # "I agree with the draft." has nothing to extract
 
 
 @pytest.mark.parametrize(
-    ("extract", "cases"),
+    ("extract", "fallback", "cases"),
     [
-        ("answer_tag", {"<answer>\\frac{1}{2}</answer>": 1.0, "<answer>$0.5$</answer>": 1.0, "so \\boxed{0.5}": 0.0}),
-        ("boxed", {"<answer>0.5</answer>": 0.0, "<answer>so \\boxed{0.5}</answer>": 1.0}),
-        ("boxed_or_tag", {"<answer>0.5</answer>": 1.0, "<answer>so \\boxed{0.5}</answer>": 1.0}),
+        ("answer_tag", False, {"<answer>\\frac{1}{2}</answer>": 1.0, "<answer>$0.5$</answer>": 1.0,
+                               "so \\boxed{0.5}": 0.0}),
+        ("boxed", False, {"<answer>0.5</answer>": 0.0, "<answer>so \\boxed{0.5}</answer>": 1.0}),
+        ("boxed_or_tag", False, {"<answer>0.5</answer>": 1.0, "<answer>so \\boxed{0.5}</answer>": 1.0}),
+        # The scratch work's box does not count once there is an answer block (the paper's template).
+        ("boxed_or_tag", False, {"<think>\\boxed{0.5}</think><answer>0.4</answer>": 0.0,
+                                 "<think>\\boxed{0.4}</think><answer>0.5</answer>": 1.0,
+                                 "<think>never closed <answer>0.5</answer>": 1.0}),
+        ("boxed", False, {"<think>\\boxed{0.5}</think><answer>0.4</answer>": 0.0}),
+        # With the fallback, what a mode does not read is still graded from math-verify's own extraction (of the
+        # answer block, when there is one).
+        ("answer_tag", True, {"so \\boxed{0.5}": 1.0}),
+        ("boxed", True, {"<answer>0.5</answer>": 1.0, "<think>\\boxed{0.5}</think><answer>0.4</answer>": 0.0}),
     ],
 )
-def test_extract_modes(extract, cases):
-    reward = MathVerifyReward(extract=extract, num_workers=1)
+def test_extract_modes(extract, fallback, cases):
+    reward = MathVerifyReward(extract=extract, num_workers=1, fallback=fallback)
     try:
         output = reward(list(cases), ["\\frac{1}{2}"] * len(cases))
     finally:
@@ -183,7 +201,7 @@ def test_hostile_outputs_score_zero_within_the_deadline():
     children_before = set(multiprocessing.active_children())  # the module's shared reward has its own workers
     reward = MathVerifyReward(num_workers=2, timeout_s=timeout_s)
     try:
-        reward(["\\boxed{1}"], ["1"])  # start the workers outside the timed region
+        reward.start()  # start the workers outside the timed region
         start = time.perf_counter()
         output = reward(hostile + [control], ["2"] * len(hostile) + ["0.5"])
         elapsed = time.perf_counter() - start
@@ -201,9 +219,9 @@ def test_a_grade_past_the_hard_deadline_is_a_counted_timeout():
     # the pool first; the next item is graded by the replacement worker.
     reward = MathVerifyReward(num_workers=1, timeout_s=0.5)
     try:
-        reward(["\\boxed{1}"], ["1"])
+        reward.start()
         slow = "\\boxed{" + "{" * 300 + "1" + "}" * 300 + "}"
-        output = reward([slow, "\\boxed{2}"], ["1", "2"])
+        output = reward([slow, "\\boxed{2x}"], ["1", "x+x"])
     finally:
         reward.close()
     assert output.scores == [0.0, 1.0]
@@ -216,10 +234,13 @@ def test_pool_is_started_lazily_and_reused(reward):
         output = fresh(["no answer here"], ["1"])
         assert fresh._pool is None  # nothing to grade: no processes
         # The same counters whether or not the pool ran, so that logged series stay aligned.
-        assert output.counters == {"no_answer": 1, "too_long": 0, "timeouts": 0, "crashes": 0, "errors": 0}
+        assert output.counters == {"no_answer": 1, "fallback_extraction": 0, "too_long": 0, "timeouts": 0,
+                                   "crashes": 0, "errors": 0}
         fresh(["\\boxed{1}"], ["1"])
+        assert fresh._pool is None  # decided without sympy (quick_verdict): still no processes
+        fresh(["\\boxed{x+1}"], ["1+x"])
         pool = fresh._pool
-        fresh(["\\boxed{2}"], ["2"])
+        fresh(["\\boxed{2x}"], ["x+x"])
         assert fresh._pool is pool and pool is not None
     finally:
         fresh.close()
@@ -252,3 +273,150 @@ def test_importing_the_rewards_does_not_import_sympy():
 
     code = "import sys, nemo_igrpo.rewards; print('sympy' in sys.modules or 'math_verify' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+# ------------------------------------------------------------------------------ third-party verdict table
+
+CASES = Path(__file__).parent / "data" / "grader_cases.jsonl"
+AGREEMENT_BAR = 0.95  # issue 15: the reward's verdict must match the source's on at least 95% of the table
+
+
+def load_cases() -> list[dict]:
+    return [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
+
+
+def as_completion(case: dict) -> str:
+    """What the reward grades: a "completion" case is graded as written; an "answer" case (a grader's unit test
+    on bare answers) is put in the paper's template."""
+    if case["form"] == "completion":
+        return case["prediction"]
+    return f"<think>Working it out.</think><answer>{case['prediction']}</answer>"
+
+
+def plain_math_verify(gold: str, prediction: str) -> bool:
+    """The baseline: math-verify with its default extraction on both raw strings."""
+    from math_verify import parse, verify
+
+    try:
+        return bool(verify(parse(gold), parse(prediction)))
+    except Exception:  # noqa: BLE001 - a baseline that raises has not found the answers equal
+        return False
+
+
+def agreement_table(cases: list[dict], ours: list[bool], plain: list[bool]) -> dict[str, list[int]]:
+    """source → [cases, ours agreeing, plain math-verify agreeing]."""
+    table: dict[str, list[int]] = {}
+    for case, mine, theirs in zip(cases, ours, plain):
+        source = case["source"]
+        row = table.setdefault(f"{source['project']}:{source['file']}", [0, 0, 0])
+        row[0] += 1
+        row[1] += mine == case["expected"]
+        row[2] += theirs == case["expected"]
+    return table
+
+
+def test_the_verdict_table_cites_its_sources():
+    cases = load_cases()
+    assert len(cases) >= 300
+    assert len({case["id"] for case in cases}) == len(cases)
+    for case in cases:
+        source = case["source"]
+        assert source["project"] and source["file"], case["id"]
+        # Third-party facts name the commit they were read at; this project's own cases live in this file.
+        assert re.fullmatch(r"[0-9a-f]{40}", source["commit"]) or source["project"] == "nemo-igrpo", case["id"]
+        assert isinstance(case["expected"], bool) and case["form"] in ("completion", "answer"), case["id"]
+    expected = [case["expected"] for case in cases]
+    assert 0.2 < sum(expected) / len(expected) < 0.9  # both verdicts well represented
+
+
+def test_agreement_with_third_party_verdicts():
+    """Agreement per source, ours vs plain math-verify (computed here, not pinned): at least AGREEMENT_BAR
+    overall, and never below plain math-verify on any source. ``-s`` prints the table (docs/rewards.md has it)."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    cases = load_cases()
+    # The table is about verdicts, not deadlines: a generous deadline keeps a loaded CI machine from turning a slow
+    # symbolic comparison (1.8 s for a sum with 8 processes on 2 cores) into a timeout and a wrong verdict.
+    reward = MathVerifyReward(num_workers=2, timeout_s=30.0)
+    try:
+        output = reward([as_completion(case) for case in cases], [case["gold"] for case in cases])
+    finally:
+        reward.close()
+    assert output.counters["timeouts"] == output.counters["crashes"] == output.counters["errors"] == 0
+    ours = [score == 1.0 for score in output.scores]
+    plain = [plain_math_verify(case["gold"], case["prediction"]) for case in cases]
+    table = agreement_table(cases, ours, plain)
+    lines = [f"{source:60s} {n:4d} {mine / n:7.1%} {theirs / n:7.1%}" for source, (n, mine, theirs) in table.items()]
+    total = [sum(row[i] for row in table.values()) for i in range(3)]
+    lines.append(f"{'all':60s} {total[0]:4d} {total[1] / total[0]:7.1%} {total[2] / total[0]:7.1%}")
+    report = "\n".join([f"{'source':60s} {'n':>4s} {'ours':>7s} {'plain':>7s}", *lines])
+    print(report)
+    assert total[1] >= AGREEMENT_BAR * total[0], report
+    for source, (_, mine, theirs) in table.items():
+        assert mine >= theirs, f"worse than plain math-verify on {source}\n{report}"
+
+
+def test_fallback_grades_the_accuracy_only():
+    # No box and no answer block: the accuracy component falls back to math-verify's extraction; the format
+    # component (the paper's template) still scores 0, and the fallback is counted.
+    from nemo_igrpo.rewards import FormatReward, WeightedReward
+
+    reward = WeightedReward({"math_verify": (MathVerifyReward(num_workers=1), 1.0), "format": (FormatReward(), 1.0)})
+    completions = [
+        "The base area is $15$ and the height is $8$, so the volume is $120$.",
+        "<think>base 15, height 8</think><answer>120</answer>",
+        "I cannot finish this.",
+    ]
+    try:
+        output = reward(completions, ["120"] * 3)
+    finally:
+        reward.close()
+    assert output.components == {"accuracy": [1.0, 1.0, 0.0], "format": [0.0, 1.0, 0.0]}
+    assert output.scores == [1.0, 2.0, 0.0]
+    assert output.counters["no_answer"] == 2
+    assert output.counters["fallback_extraction"] == 1
+
+
+def test_identical_pairs_are_graded_once(reward):
+    sizes: list[int] = []
+    pool = reward._get_pool()
+    original = pool.map
+
+    def counting_map(items):
+        sizes.append(len(items))
+        return original(items)
+
+    pool.map = counting_map
+    try:
+        # A GRPO group: eight completions, three distinct final answers; a second problem with the same answer.
+        # (Expressions: plain numbers never reach the pool, see test_quick_verdicts_skip_the_pool.)
+        right, wrong, other = "(x+1)^2", "(x-1)^2", "x^2+1+2x"
+        group = [f"so \\boxed{{{right}}}"] * 4 + [f"hence \\boxed{{{right}}}", f"so \\boxed{{{wrong}}}",
+                                                  f"so \\boxed{{{wrong}}}", f"so \\boxed{{{other}}}"]
+        output = reward(group + [f"so \\boxed{{{right}}}"], ["x^2+2x+1"] * 8 + ["x^2-2x+1"])
+    finally:
+        del pool.map
+    assert output.scores == [1.0] * 5 + [0.0, 0.0, 1.0, 0.0]
+    assert sizes == [4]  # (right, gold 1), (wrong, gold 1), (other, gold 1), (right, gold 2)
+
+
+def test_quick_verdicts_skip_the_pool():
+    # Equal normal forms, plain numbers and lists of plain numbers are decided without sympy (and without a
+    # worker): milliseconds to tens of milliseconds saved per answer.
+    fresh = MathVerifyReward(num_workers=1)
+    try:
+        output = fresh(["\\boxed{1,000}", "\\boxed{0.5}", "\\boxed{-7}", "\\boxed{\\{3, 2, 1\\}}", "\\boxed{(2, 1)}"],
+                       ["1000", "\\frac{1}{2}", "7", "\\{1,2,3\\}", "(1,2)"])
+        assert fresh._pool is None
+    finally:
+        fresh.close()
+    assert output.scores == [1.0, 1.0, 0.0, 1.0, 0.0]
+
+
+def test_defaults_come_from_the_config():
+    from nemo_igrpo.config import RewardConfig
+
+    reward = MathVerifyReward()
+    defaults = RewardConfig()
+    assert (reward.extract, reward.num_workers, reward.timeout_s) == (
+        defaults.extract, defaults.num_workers, defaults.timeout_s)
+    assert reward.extract == "boxed_or_tag"

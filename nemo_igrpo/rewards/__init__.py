@@ -9,8 +9,10 @@ from typing import Any
 
 from nemo_igrpo.rewards.answer import (
     answers_match,
+    extract_answer,
     extract_answer_tag,
     extract_boxed,
+    extract_boxed_answer,
     extract_final_answer,
     normalize_answer,
     parse_rational,
@@ -55,8 +57,10 @@ __all__ = [
     "FormatReward",
     "JudgeReward",
     "WeightedReward",
+    "extract_answer",
     "extract_answer_tag",
     "extract_boxed",
+    "extract_boxed_answer",
     "extract_final_answer",
     "normalize_answer",
     "parse_rational",

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Literal
 
-from nemo_igrpo.rewards.answer import answers_match, extract_answer_tag, extract_boxed, extract_final_answer
+from nemo_igrpo.rewards.answer import answers_match, extract_answer
 from nemo_igrpo.rewards.base import Reward, RewardOutput, register_reward
 
 ExtractMode = Literal["boxed", "answer_tag", "boxed_or_tag"]
 
+# Where the final answer is read (``extract_answer``): boxes in the <think> part never count once the completion
+# has an <answer> block, and boxes that together state one answer are read together.
 EXTRACTORS: dict[str, Callable[[str], str | None]] = {
-    "boxed": extract_boxed,
-    "answer_tag": extract_answer_tag,
-    "boxed_or_tag": extract_final_answer,
+    mode: partial(extract_answer, mode=mode) for mode in ("boxed", "answer_tag", "boxed_or_tag")
 }
 
 

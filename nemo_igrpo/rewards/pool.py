@@ -4,12 +4,16 @@ Grading model output with a symbolic-math library is untrusted work: an answer s
 keep a worker busy in C code that no Python-level timeout interrupts, and a parser bug can crash the interpreter.
 This pool therefore runs ``fn`` in separate processes and treats each of them as disposable:
 
-- each worker grades one item at a time, received over its own ``Pipe``;
+- each worker receives a few items per message over its own ``Pipe`` (one message per item would leave it idle
+  for a round trip after every item: grading a typical answer takes milliseconds) and answers them one by one;
 - the parent dispatches items and watches every pipe, process sentinel and deadline with one
   ``multiprocessing.connection.wait`` call, so it never blocks on a single worker;
+- each item has its own deadline, which starts when the worker reaches it (when the previous answer arrives);
 - a worker past its item's deadline is killed with SIGKILL and replaced; a worker that dies (segfault,
-  ``os._exit``, ``MemoryError``) is replaced; either way its item gets ``default`` and is counted, and the rest of
-  the batch goes on.
+  ``os._exit``, ``MemoryError``) is replaced; either way its item gets ``default`` and is counted, the items queued
+  behind it go back to the queue, and the rest of the batch goes on;
+- items queued behind an item that has stalled for ``steal_after_s`` go back to the queue for other workers, so
+  one slow item does not hold up the ones sent with it (a late answer to a re-queued item is dropped).
 
 Workers are started with the ``spawn`` method so they inherit no state (torch threads, CUDA, locks) from the
 trainer. Two consequences: ``fn`` (and ``initializer``) must be picklable by reference, i.e. module-level
@@ -21,13 +25,14 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import multiprocessing
 import resource
 import signal
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, TypeVar
@@ -37,10 +42,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Messages from a worker: the handshake after start-up, then one (status, value) reply per item.
+# Messages from a worker: the handshake after start-up, then one (status, value) reply per item, in order.
 _READY = "ready"
 _OK = "ok"
 _ERROR = "error"
+_CRASH = "crash"  # the worker is about to exit (MemoryError): its teardown may outlast the item's deadline
 
 _JOIN_TIMEOUT_S = 5.0  # a SIGKILLed process is reaped within milliseconds; this only bounds a pathological case
 
@@ -63,17 +69,24 @@ def _worker_main(
     conn.send(_READY)
     while True:
         try:
-            item = conn.recv()
+            items = conn.recv()
         except EOFError:  # the parent closed the pipe (or died): nothing left to do
             return
-        try:
-            reply = (_OK, fn(item))
-        except MemoryError:
-            raise  # the heap may be unusable: exit and let the parent start a fresh worker
-        except Exception as exc:  # noqa: BLE001 - fn failing on one item must not take the worker down
-            # Only the type: formatting an exception about hostile input can itself be slow or huge.
-            reply = (_ERROR, type(exc).__name__)
-        conn.send(reply)
+        for item in items:
+            try:
+                reply = (_OK, fn(item))
+            except MemoryError:
+                # The heap may be unusable: exit and let the parent start a fresh worker. Say so first, so that
+                # a slow teardown (a loaded machine) is not mistaken for a timeout.
+                try:
+                    conn.send((_CRASH, "MemoryError"))
+                except Exception:  # noqa: BLE001 - best effort; the parent still sees the exit
+                    pass
+                raise
+            except Exception as exc:  # noqa: BLE001 - fn failing on one item must not take the worker down
+                # Only the type: formatting an exception about hostile input can itself be slow or huge.
+                reply = (_ERROR, type(exc).__name__)
+            conn.send(reply)
 
 
 @dataclass
@@ -84,12 +97,30 @@ class _Worker:
     conn: Connection
     ready: bool = False  # the start-up handshake has arrived
     started_at: float = 0.0
-    index: int | None = None  # position in the current batch of the item being graded, if any
+    # Positions (in the current batch) of the items sent and not yet answered, in the worker's order; None marks
+    # an item that was re-queued for another worker, whose late answer is dropped.
+    pending: deque[int | None] = field(default_factory=deque)
+    head_since: float = 0.0  # when the worker reached the first pending item
     deadline: float = 0.0  # monotonic time by which that item must be answered
 
     @property
     def busy(self) -> bool:
-        return self.index is not None
+        return bool(self.pending)
+
+    @property
+    def index(self) -> int | None:
+        """Position of the item being graded (None if idle or if that item was re-queued)."""
+        return self.pending[0] if self.pending else None
+
+    def start_next(self, now: float, timeout_s: float) -> None:
+        self.head_since, self.deadline = now, now + timeout_s
+
+    def take_queued(self) -> list[int]:
+        """Hand back the items behind the one being graded (they are marked so that late answers are dropped)."""
+        queued = [index for index in list(self.pending)[1:] if index is not None]
+        for position in range(1, len(self.pending)):
+            self.pending[position] = None
+        return queued
 
 
 class GradingPool(Generic[T, R]):
@@ -113,6 +144,8 @@ class GradingPool(Generic[T, R]):
         initializer: Callable[[], None] | None = None,
         memory_limit_mb: int | None = None,
         startup_timeout_s: float = 60.0,
+        max_items_per_message: int = 16,
+        steal_after_s: float = 1.0,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -125,6 +158,10 @@ class GradingPool(Generic[T, R]):
         self.initializer = initializer
         self.memory_limit_mb = memory_limit_mb
         self.startup_timeout_s = startup_timeout_s
+        self.max_items_per_message = max(1, max_items_per_message)
+        # Far above a typical item (milliseconds, or a few hundred on a machine loaded 5x over), below a deadline: only
+        # a stalled item triggers re-queuing (a re-queued item may be graded twice, so a low value wastes work).
+        self.steal_after_s = steal_after_s
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         self._closed = False
@@ -150,6 +187,22 @@ class GradingPool(Generic[T, R]):
             self.close()
             raise
         return results, counters
+
+    def start(self) -> None:
+        """Start the workers and wait until every one is ready (``map`` otherwise starts them on first use)."""
+        if self._closed:
+            raise RuntimeError("GradingPool is closed")
+        no_items: deque[int] = deque()
+        try:
+            if not self._workers:
+                self._workers = [self._start_worker() for _ in range(self.num_workers)]
+            while not all(worker.ready for worker in self._workers):
+                wait(self._watched(), timeout=self._seconds_to_next_event(no_items))
+                for slot in range(len(self._workers)):
+                    self._service(slot, no_items, [], {"timeouts": 0, "crashes": 0, "errors": 0})
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def closed(self) -> bool:
@@ -206,25 +259,36 @@ class GradingPool(Generic[T, R]):
         todo = deque(range(len(items)))
         while todo or any(worker.busy for worker in self._workers):
             self._dispatch(todo, items)
-            wait(self._watched(), timeout=self._seconds_to_next_deadline())
+            wait(self._watched(), timeout=self._seconds_to_next_event(todo))
             for slot in range(len(self._workers)):
-                self._service(slot, results, counters)
+                self._service(slot, todo, results, counters)
+            self._steal(todo)
 
     def _dispatch(self, todo: deque[int], items: Sequence[T]) -> None:
-        """Hand the next items to ready, idle workers; each item's deadline starts when it is sent."""
-        for slot, worker in enumerate(self._workers):
+        """Hand the next items to ready, idle workers, a share of the queue each (at most
+        ``max_items_per_message``); the first item's deadline starts when the message is sent."""
+        idle = [slot for slot, worker in enumerate(self._workers) if worker.ready and not worker.busy]
+        for position, slot in enumerate(idle):
             if not todo:
                 return
-            if not worker.ready or worker.busy:
-                continue
-            index = todo.popleft()
+            share = math.ceil(len(todo) / (len(idle) - position))
+            chunk = [todo.popleft() for _ in range(min(share, self.max_items_per_message))]
+            worker = self._workers[slot]
             try:
-                worker.conn.send(items[index])
-            except (OSError, ValueError):  # the worker died while idle: retry the item on its replacement
-                todo.appendleft(index)
+                worker.conn.send([items[index] for index in chunk])
+            except (OSError, ValueError):  # the worker died while idle: retry the items on its replacement
+                todo.extendleft(reversed(chunk))
                 self._replace(slot)
                 continue
-            worker.index, worker.deadline = index, time.monotonic() + self.timeout_s
+            worker.pending = deque(chunk)
+            worker.start_next(time.monotonic(), self.timeout_s)
+
+    def _steal(self, todo: deque[int]) -> None:
+        """Re-queue the items waiting behind a stalled item, so that idle workers can take them."""
+        now = time.monotonic()
+        for worker in self._workers:
+            if len(worker.pending) > 1 and now - worker.head_since >= self.steal_after_s:
+                todo.extendleft(reversed(worker.take_queued()))
 
     def _watched(self) -> list[Any]:
         """Pipes and process sentinels of workers we are waiting on (busy or still starting)."""
@@ -234,27 +298,35 @@ class GradingPool(Generic[T, R]):
                 handles += [worker.conn, worker.process.sentinel]
         return handles
 
-    def _seconds_to_next_deadline(self) -> float:
-        """Time until the earliest item deadline or start-up deadline (idle workers have none)."""
-        deadlines = [worker.deadline for worker in self._workers if worker.busy]
-        deadlines += [worker.started_at + self.startup_timeout_s for worker in self._workers if not worker.ready]
-        return max(0.0, min(deadlines, default=0.0) - time.monotonic())
+    def _seconds_to_next_event(self, todo: deque[int]) -> float:
+        """Time until the earliest item deadline, start-up deadline or re-queuing check (idle workers have none)."""
+        events = [worker.deadline for worker in self._workers if worker.busy]
+        events += [worker.started_at + self.startup_timeout_s for worker in self._workers if not worker.ready]
+        events += [worker.head_since + self.steal_after_s for worker in self._workers
+                   if any(index is not None for index in list(worker.pending)[1:])]
+        return max(0.0, min(events, default=0.0) - time.monotonic())
 
-    def _service(self, slot: int, results: list[R], counters: dict[str, int]) -> None:
-        """Take a worker's message if one arrived, else act on its death or an expired deadline."""
+    def _service(self, slot: int, todo: deque[int], results: list[R], counters: dict[str, int]) -> None:
+        """Take every message a worker has sent, else act on its death or an expired deadline."""
         worker = self._workers[slot]
-        if worker.conn.poll():  # a reply or a handshake; also true at EOF, which recv turns into EOFError
-            try:
-                message = worker.conn.recv()
-            except (EOFError, OSError):
-                self._on_death(slot, counters)
-                return
-            self._on_message(worker, message, results, counters)
+        if worker.conn.poll():  # replies or a handshake; also true at EOF, which recv turns into EOFError
+            while worker.conn.poll():
+                try:
+                    message = worker.conn.recv()
+                except (EOFError, OSError):
+                    self._on_death(slot, todo, counters)
+                    return
+                if isinstance(message, tuple) and message[0] == _CRASH:
+                    self._on_death(slot, todo, counters, announced=True)
+                    return
+                self._on_message(worker, message, results, counters)
         elif not worker.process.is_alive():
-            self._on_death(slot, counters)
+            self._on_death(slot, todo, counters)
         elif worker.busy and time.monotonic() >= worker.deadline:
-            logger.warning("grading item %d exceeded %.1fs; killing its worker", worker.index, self.timeout_s)
-            counters["timeouts"] += 1
+            if worker.index is not None:
+                logger.warning("grading item %d exceeded %.1fs; killing its worker", worker.index, self.timeout_s)
+                counters["timeouts"] += 1
+            todo.extendleft(reversed(worker.take_queued()))
             self._replace(slot)
         elif not worker.ready and time.monotonic() >= worker.started_at + self.startup_timeout_s:
             raise RuntimeError(f"grading worker did not start within {self.startup_timeout_s:.0f}s")
@@ -264,21 +336,29 @@ class GradingPool(Generic[T, R]):
             worker.ready = True
             return
         status, value = message
-        assert worker.index is not None, "a reply from a worker that was given no item"
+        assert worker.pending, "a reply from a worker that was given no item"
+        index = worker.pending.popleft()
+        if worker.pending:
+            worker.start_next(time.monotonic(), self.timeout_s)
+        if index is None:  # re-queued meanwhile: another worker answers it
+            return
         if status == _OK:
-            results[worker.index] = value
+            results[index] = value
         else:
-            logger.warning("grading item %d raised %s", worker.index, value)
+            logger.warning("grading item %d raised %s", index, value)
             counters["errors"] += 1
-        worker.index = None
 
-    def _on_death(self, slot: int, counters: dict[str, int]) -> None:
+    def _on_death(self, slot: int, todo: deque[int], counters: dict[str, int], announced: bool = False) -> None:
+        """A worker died (or ``announced`` that it is exiting): count its item as a crash, re-queue the items
+        behind it, and start a replacement (``_replace`` kills a worker that is still tearing down)."""
         worker = self._workers[slot]
-        worker.process.join(_JOIN_TIMEOUT_S)
+        if not announced:
+            worker.process.join(_JOIN_TIMEOUT_S)
         if not worker.ready:
             # Nothing from the batch can cause this: fn has not run yet. Retrying would loop forever.
             raise RuntimeError(f"grading worker exited during start-up (exit code {worker.process.exitcode})")
-        if worker.busy:
+        if worker.index is not None:
             logger.warning("grading worker died on item %d (exit code %s)", worker.index, worker.process.exitcode)
             counters["crashes"] += 1
+        todo.extendleft(reversed(worker.take_queued()))
         self._replace(slot)
