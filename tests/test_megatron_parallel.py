@@ -7,18 +7,15 @@ patch (tests/megatron_cpu_patch.py) and megatron's global parallel state must no
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from worker_launch import launch, worker_main
 
 pytest.importorskip("megatron.core")
 
-HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 240
 
 SHAPE = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -197,31 +194,11 @@ def tp1_checks(policy, batch, out: Path, result: dict, loss_fn) -> None:
 # ---------------------------------------------------------------------------------------------- pytest side
 
 
-def launch(mode: str, world: int, out: Path) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, __file__, mode, str(rank), str(world), str(port), str(out)],
-                              env=env, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, f"{mode} worker failed:\n{text[-4000:]}"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("megatron")
     for mode, world in (("tp2", 2), ("pp2", 2), ("dp2", 2), ("tp1", 1)):
-        launch(mode, world, out)
+        launch(__file__, mode, world, out, TIMEOUT_S)
     return {mode: torch.load(out / f"{mode}.pt", weights_only=False) for mode in LAYOUTS}
 
 
@@ -299,7 +276,7 @@ def test_save_pretrained_loads_in_transformers_with_identical_logits(runs):
 @pytest.fixture(scope="module")
 def odd(tmp_path_factory):
     out = tmp_path_factory.mktemp("odd_vocab")
-    launch("odd", 2, out)
+    launch(__file__, "odd", 2, out, TIMEOUT_S)
     return out, torch.load(out / "odd.pt", weights_only=False)
 
 
@@ -336,8 +313,4 @@ def test_an_odd_vocabulary_is_padded_at_tp2_and_the_padding_is_invisible(odd):
 
 
 if __name__ == "__main__":
-    mode_, rank_, world_, port_, out_ = sys.argv[1:]
-    os.environ.update(RANK=rank_, WORLD_SIZE=world_, MASTER_ADDR="127.0.0.1", MASTER_PORT=port_,
-                      LOCAL_RANK=rank_)
-    sys.path.insert(0, str(HERE))
-    worker(mode_, Path(out_))
+    worker_main(worker)

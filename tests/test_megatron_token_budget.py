@@ -8,17 +8,15 @@ reusing the model, batch and loss of test_megatron_parallel.py.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from worker_launch import launch, worker_main
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.slow  # launches 3 × 2 processes (about 2 minutes on 2 loaded cores)
 
-HERE = Path(__file__).resolve().parent
 # rollout_batch() row lengths 14, 9, 7, 12, 5 → with 20 tokens: [14], [12], [9, 7], [5] (row micro-batches of 2
 # pad to 3 × 2 × 14 = 84 tokens, the budget to 14 + 12 + 18 + 5 = 49)
 BUDGET = 20
@@ -83,32 +81,11 @@ def _gather_rows(batch, stats, mode: str) -> dict[tuple, tuple[torch.Tensor, tor
 # ---------------------------------------------------------------------------------------------- pytest side
 
 
-def launch(mode: str, world: int, out: Path) -> None:
-    import socket
-    import subprocess
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, __file__, mode, str(rank), str(world), str(port), str(out)],
-                              env=env, cwd=HERE.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
-    try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, f"{mode} worker failed:\n{text[-4000:]}"
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("megatron_budget")
     for mode, world in (("tp2", 2), ("pp2", 2), ("dp2", 2)):
-        launch(mode, world, out)
+        launch(__file__, mode, world, out, 240)
     return {mode: torch.load(out / f"{mode}.pt", weights_only=False) for mode in LAYOUTS}
 
 
@@ -157,8 +134,4 @@ def test_layouts_agree(runs):
 
 
 if __name__ == "__main__":
-    mode_, rank_, world_, port_, out_ = sys.argv[1:]
-    os.environ.update(RANK=rank_, WORLD_SIZE=world_, MASTER_ADDR="127.0.0.1", MASTER_PORT=port_,
-                      LOCAL_RANK=rank_)
-    sys.path.insert(0, str(HERE))
-    worker(mode_, Path(out_))
+    worker_main(worker)
