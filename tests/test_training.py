@@ -20,6 +20,7 @@ from nemo_igrpo.config import load_config
 from nemo_igrpo.rewards import Reward, RewardOutput, register_reward
 from nemo_igrpo.evaluation.protocols import packaged_benchmarks
 from nemo_igrpo.tracking import read_metrics
+from nemo_igrpo import trainer as trainer_module
 from nemo_igrpo.trainer import TrainingStopped, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,24 +85,23 @@ def test_finished_run_is_not_retrained(tmp_path, capsys):
     assert result.step == 1 and len(read_metrics(run / "metrics.jsonl")) == lines
 
 
-@register_reward("test_nan")
-class NaNReward(Reward):
-    def __init__(self, extract: str = "boxed"):
-        pass
-
-    def __call__(self, completions, answers):
-        return RewardOutput(scores=[math.nan] * len(completions), components={})
-
-
-def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_checkpoint_intact(tmp_path):
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_checkpoint_intact(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(tiny_config(run, "trainer.max_steps=1", "trainer.eval_every=0"))
     weights = (run / "checkpoints" / "step_000001" / "policy").iterdir()
     before = {p.name: p.read_bytes() for p in weights}
 
+    # A NaN loss (a NaN reward no longer makes one: such samples are unscorable and get advantage 0)
+    make_loss_fn = trainer_module.make_loss_fn
+
+    def nan_loss_fn(**kwargs):
+        loss_fn = make_loss_fn(**kwargs)
+        return lambda stats, batch: (lambda loss, metrics: (loss * math.nan, metrics))(*loss_fn(stats, batch))
+
+    monkeypatch.setattr(trainer_module, "make_loss_fn", nan_loss_fn)
     with pytest.raises(TrainingStopped, match="2 consecutive steps had a non-finite loss"):
-        train(tiny_config(run, "trainer.max_steps=5", "reward.components={test_nan: 1.0}",
-                          "trainer.max_consecutive_nan_steps=2", "trainer.eval_every=0", "trainer.save_every=1"))
+        train(tiny_config(run, "trainer.max_steps=5", "trainer.max_consecutive_nan_steps=2", "trainer.eval_every=0",
+                          "trainer.save_every=1"))
     records = read_metrics(run / "metrics.jsonl")
     assert [r["train/skipped"] for r in records if r["step"] > 1] == [1.0, 1.0]
     assert find_latest(run / "checkpoints").name == "step_000001"
