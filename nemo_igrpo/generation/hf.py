@@ -10,7 +10,6 @@ which other prompts share its batch, its rank or its chunk: a 2-rank data-parall
 from __future__ import annotations
 
 import copy
-import hashlib
 from typing import Iterable, Sequence
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
+from nemo_igrpo.generation.keys import call_seed, prompt_keys
 
 
 class HFGeneration(GenerationBackend):
@@ -44,8 +44,7 @@ class HFGeneration(GenerationBackend):
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         # One draw from the global RNG per call (never per row), so every data-parallel rank draws alike.
-        call_seed = int(torch.randint(0, 2**62, (1,)).item())
-        keys = _prompt_keys(call_seed, prompts)
+        keys = prompt_keys(call_seed(), prompts)
         results: list[list[Completion]] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = slice(start, start + self.batch_size)
@@ -169,19 +168,6 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
-def _prompt_keys(call_seed: int, prompts: Sequence[Sequence[int]]) -> list[int]:
-    """A 60-bit key per prompt from the call seed, its tokens and how often the same prompt came before in the call;
-    completion j uses key + j (the noise hash mixes neighbouring keys into unrelated streams)."""
-    seen: dict[bytes, int] = {}
-    keys = []
-    for prompt in prompts:
-        digest = hashlib.blake2b(repr(list(prompt)).encode(), digest_size=16).digest()
-        repeat = seen.get(digest, 0)
-        seen[digest] = repeat + 1
-        key = hashlib.blake2b(digest + call_seed.to_bytes(8, "little") + repeat.to_bytes(8, "little"),
-                              digest_size=8).digest()
-        keys.append(int.from_bytes(key, "little") >> 4)  # fits int64 with room for + j
-    return keys
 
 
 def _sampled_logprobs(scores: tuple[torch.Tensor, ...], tokens: torch.Tensor) -> torch.Tensor:

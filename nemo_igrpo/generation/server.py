@@ -37,7 +37,6 @@ Several trainer ranks, one server (torchrun / srun; every rank builds its own cl
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging
@@ -58,7 +57,7 @@ import torch
 
 from nemo_igrpo import distributed
 from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
-from nemo_igrpo.generation.hf import _prompt_keys
+from nemo_igrpo.generation.keys import call_seed, derived_key, prompt_keys
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ class ServerGeneration(GenerationBackend):
     # ------------------------------------------------------------------------------------------ generation
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        keys = _prompt_keys(_call_seed(), prompts)  # drawn on every rank: peers' RNG streams stay equal
+        keys = prompt_keys(call_seed(), prompts)  # drawn on every rank: peers' RNG streams stay equal
         return self._from_leader(lambda: self._generate_checked(prompts, params, keys))
 
     def _generate_checked(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -233,7 +232,7 @@ class ServerGeneration(GenerationBackend):
 
     def generate_chained(self, prompts: Sequence[Sequence[int]], first: SamplingParams, follow_up: FollowUp,
                          second: SamplingParams):
-        seeds = _call_seed(), _call_seed()  # on every rank, before anything can fail or differ
+        seeds = call_seed(), call_seed()  # on every rank, before anything can fail or differ
         if self._peers is None:
             return self._chained(prompts, first, follow_up, second, seeds)
         order: list[int] = []
@@ -252,8 +251,8 @@ class ServerGeneration(GenerationBackend):
     def _chained(self, prompts, first: SamplingParams, follow_up: FollowUp, second: SamplingParams,
                  seeds: tuple[int, int]):
         # A Stage-2 request's key comes from its problem's Stage-1 key: the same whichever rank or order it runs in.
-        keys = _prompt_keys(seeds[0], prompts)
-        second_keys = [_derived_key(seeds[1], key) for key in keys]
+        keys = prompt_keys(seeds[0], prompts)
+        second_keys = [derived_key(seeds[1], key) for key in keys]
         if not self.stream_refinements or first.n == 0 or len(prompts) < 2:
             drafts = self._generate_checked(prompts, first, keys) if first.n > 0 else [[] for _ in prompts]
             second_prompts = [list(follow_up(i, d)) for i, d in enumerate(drafts)]
@@ -397,16 +396,6 @@ def _unpack(outcome: tuple):
         return outcome[1]
     _, name, message = outcome
     raise _ERRORS.get(name, RuntimeError)(f"{message} (raised on the rank that talks to the server)")
-
-
-def _call_seed() -> int:
-    """One draw from torch's global RNG per call, as the HF backend: every rank draws alike, checkpoints restore it."""
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
-def _derived_key(seed: int, key: int) -> int:
-    digest = hashlib.blake2b(seed.to_bytes(8, "little") + key.to_bytes(8, "little"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 4  # room for vLLM's + j per completion within int64
 
 
 def _global_rank(group, rank: int) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
-from nemo_igrpo.generation.hf import _prompt_keys
+from nemo_igrpo.generation.keys import call_seed, derived_key, prompt_keys
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class VLLMGeneration(GenerationBackend):
         # second call seed with its draft group's key: known when its request is submitted, whatever the order in
         # which drafts finish, and the same on every rank.
         first_keys = _call_keys(prompts)
-        second_seed = int(torch.randint(0, 2**62, (1,)).item())
+        second_seed = call_seed()
         pending: dict[str, tuple[int, int]] = {}  # request id -> (stage, prompt index)
         drafts: dict[int, list[Completion]] = {}
         second_prompts: dict[int, list[int]] = {}
@@ -156,8 +156,7 @@ class VLLMGeneration(GenerationBackend):
         def submit(stage: int, index: int, prompt: Sequence[int], params: SamplingParams) -> None:
             self._request_counter += 1
             request_id = f"s{stage}-{index}-{self._request_counter}"
-            key = (first_keys[index] if stage == 1 else
-                   _prompt_keys((second_seed + first_keys[index]) % 2**62, [prompt])[0])
+            key = first_keys[index] if stage == 1 else derived_key(second_seed, first_keys[index])
             engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)),
                                self._sampling_params(params, key))
             pending[request_id] = (stage, index)
@@ -336,8 +335,7 @@ def _engine_rng() -> Iterator[None]:
 
 def _call_keys(prompts: Sequence[Sequence[int]]) -> list[int]:
     """The HF backend's per-prompt keys for one call (one draw from torch's global RNG, as every rank draws)."""
-    call_seed = int(torch.randint(0, 2**62, (1,)).item())
-    return _prompt_keys(call_seed, prompts)
+    return prompt_keys(call_seed(), prompts)
 
 
 def weight_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
