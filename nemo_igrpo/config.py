@@ -27,10 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemo_igrpo.algorithms.presets import PRESETS
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the file or key that caused it."""
+from nemo_igrpo.errors import ConfigError  # noqa: F401  (re-exported: ``from nemo_igrpo.config import ConfigError``)
 
 
 @dataclass

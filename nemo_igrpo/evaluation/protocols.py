@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from nemo_igrpo.config import ConfigError, EvalConfig
+from nemo_igrpo.config import EvalConfig
+from nemo_igrpo.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -418,7 +418,7 @@ def _completion(choice: dict) -> Completion:
 def build_server_generation(config, model: torch.nn.Module | None = None) -> ServerGeneration:
     """The ``generation.backend=server`` client. When weights are synced, the trainer's initial weights are sent
     once now, so step 0 samples from the same model the trainer scores."""
-    from nemo_igrpo.config import ConfigError
+    from nemo_igrpo.errors import ConfigError
 
     server = config.generation.server
     token = os.environ.get(server.token_env, "")

@@ -72,7 +72,7 @@ class VLLMGeneration(GenerationBackend):
 
         on_cpu = current_platform.is_cpu()
         if sleep_mode and on_cpu:
-            from nemo_igrpo.config import ConfigError
+            from nemo_igrpo.errors import ConfigError
 
             raise ConfigError("generation.vllm.sleep_mode: vLLM's sleep mode is not supported on CPU; set it to false")
         self.model_dir = Path(model_dir)

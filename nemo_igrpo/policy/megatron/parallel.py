@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from nemo_igrpo.config import ConfigError
+from nemo_igrpo.errors import ConfigError
 from nemo_igrpo.policy.megatron.convert import gpt_config_kwargs
 
 KEY = "policy.megatron"

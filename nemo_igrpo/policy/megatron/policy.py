@@ -520,7 +520,7 @@ class MegatronPolicy(PolicyBackend):
 
 def _check_packing(sequence_packing: bool, transformer_impl: str) -> None:
     """Packed (THD) sequences need Transformer Engine's varlen attention; not wired up in this backend yet."""
-    from nemo_igrpo.config import ConfigError
+    from nemo_igrpo.errors import ConfigError
     from nemo_igrpo.policy.megatron.spec import resolve_impl
 
     if not sequence_packing:
