@@ -26,8 +26,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# These modules hold the registries behind config keys (algorithm.*, reward.components, *.backend, eval.protocol,
+# trainer.loggers); importing them registers the built-ins. None of them imports this module at run time.
+from nemo_igrpo import assembly, tracking  # noqa: F401
 from nemo_igrpo.algorithms.presets import PRESETS
 from nemo_igrpo.errors import ConfigError  # noqa: F401  (re-exported: ``from nemo_igrpo.config import ConfigError``)
+from nemo_igrpo.evaluation import protocols  # noqa: F401
+from nemo_igrpo.registry import config_registries
 
 
 @dataclass
@@ -274,29 +279,22 @@ class Config:
 # Mapping-valued keys that a layer replaces whole: `reward.components: {boxed_match: 1.0}` means only boxed_match.
 REPLACED_MAPPINGS = ("reward.components",)
 
-# String keys with a closed set of values (registries of later backends extend theirs at import time).
+# String keys with a closed set of values fixed by the implementation. Pluggable choices (losses, advantages, KL
+# estimators, aggregations, tie-breaks, importance corrections, presets, rewards, backends, eval protocols, loggers)
+# are not listed here: validation reads their live registries (``nemo_igrpo.registry``), so a user's own
+# ``@register_*`` is accepted once its module is imported.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "algorithm.preset": tuple(PRESETS),
-    "algorithm.tie_break": ("first", "random"),
-    "algorithm.advantage": ("grpo", "drgrpo", "rloo"),
-    "algorithm.policy_loss": ("ppo", "gspo", "cispo"),
-    "algorithm.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"),
-    "algorithm.kl_estimator": ("k1", "k2", "k3"),
     "prompt.draft_content": ("full", "answer_only"),
     "reward.extract": ("boxed", "answer_tag", "boxed_or_tag"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "policy.precision": ("fp32", "bf16"),
-    "algorithm.importance_correction": ("none", "token", "sequence"),
-    "generation.backend": ("hf", "vllm", "server"),
     "generation.server.weight_sync": ("auto", "nccl", "shm", "none"),
-    "policy.backend": ("hf", "megatron"),
     "policy.megatron.recompute": ("none", "selective", "full"),
     "policy.megatron.transformer_impl": ("auto", "transformer_engine", "local"),
     "policy.megatron.fp8": ("none", "hybrid", "e4m3"),
     "policy.megatron.fp8_recipe": ("delayed", "current"),
     "trainer.wandb.mode": ("online", "offline", "disabled"),
 }
-LOGGERS = ("tensorboard", "wandb", "mlflow")  # trainer.loggers: any subset
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -317,8 +315,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         preset = (data.get("algorithm") or {}).get("preset")
         if preset is not None:  # a preset sits just below the layer that names it: that layer and later ones win
             if preset not in PRESETS:
-                raise ConfigError(f"{source}: algorithm.preset: unknown preset {preset!r}; "
-                                  f"valid: {', '.join(PRESETS)}")
+                raise ConfigError(f"{source}: algorithm.preset: {PRESETS.unknown(preset)}")
             merged = _merge(merged, {"algorithm": preset_values(preset)}, f"preset {preset}")
         for key in REPLACED_MAPPINGS:  # a layer that sets one of these gives all of it, not a key-wise update
             if OmegaConf.select(OmegaConf.create(data), key) is not None:
@@ -361,33 +358,21 @@ def _check_micro_batching(policy: PolicyConfig) -> None:
 
 def validate(config: Config) -> None:
     """Value checks the type system cannot express; each error names its key."""
-    from nemo_igrpo.rewards import REWARDS  # registered rewards, including any a user registered before loading
-
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:
             hint = difflib.get_close_matches(str(value), allowed, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}{suggestion}")
+    _check_registered(config)
     if not config.reward.components:
         raise ConfigError("reward.components: give at least one reward, e.g. {boxed_match: 1.0}")
     for name, weight in config.reward.components.items():
-        if name not in REWARDS:
-            hint = difflib.get_close_matches(name, list(REWARDS), n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"reward.components: unknown reward {name!r}{suggestion}; "
-                              f"registered: {', '.join(sorted(REWARDS))}")
         if not math.isfinite(weight):
             raise ConfigError(f"reward.components.{name}: the weight must be finite, got {weight}")
     if config.reward.overlong_buffer >= config.generation.max_new_tokens:
         raise ConfigError(f"reward.overlong_buffer: must be below generation.max_new_tokens "
                           f"({config.generation.max_new_tokens}), got {config.reward.overlong_buffer}")
-    if config.eval.protocol is not None:
-        from nemo_igrpo.evaluation.protocols import PROTOCOLS  # imports this module, so only here
-
-        if config.eval.protocol not in PROTOCOLS:
-            raise ConfigError(f"eval.protocol: {config.eval.protocol!r} is not one of "
-                              f"{', '.join(PROTOCOLS)} (or null)")
     if config.reward.timeout_s <= 0:
         raise ConfigError(f"reward.timeout_s: must be > 0, got {config.reward.timeout_s}")
     positive = ["reward.num_workers", "reward.judge.max_new_tokens", "reward.judge.max_completion_chars",
@@ -425,16 +410,21 @@ def validate(config: Config) -> None:
                           f"got {config.warm_start.refinement_fraction}")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas: needs two values, got {config.optim.betas}")
-    for name in config.trainer.loggers:
-        if name not in LOGGERS:
-            hint = difflib.get_close_matches(name, LOGGERS, n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"trainer.loggers: unknown logger {name!r}{suggestion}; valid: {', '.join(LOGGERS)}")
     if config.trainer.dist_timeout_s <= 0:
         raise ConfigError(f"trainer.dist_timeout_s: must be > 0, got {config.trainer.dist_timeout_s}")
     if config.trainer.resume not in ("none", "auto") and not Path(config.trainer.resume).exists():
         raise ConfigError(f"trainer.resume: must be none, auto or an existing checkpoint path, "
                           f"got {config.trainer.resume!r}")
+
+
+def _check_registered(config: Config) -> None:
+    """Every registry-backed key names something registered: a string value, each item of a list
+    (``trainer.loggers``) or each key of a mapping (``reward.components``); null means "none" where allowed."""
+    for key, registry in config_registries().items():
+        value = _get(config, key)
+        names = value if isinstance(value, (list, dict)) else [] if value is None else [value]
+        for name in names:
+            registry.check(name, key)
 
 
 def to_yaml(config: Config) -> str:

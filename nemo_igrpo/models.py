@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -25,7 +26,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from nemo_igrpo.config import ModelConfig
+if TYPE_CHECKING:
+    from nemo_igrpo.config import ModelConfig
 
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
 GGUF_PREFIX = "gguf:"
@@ -42,7 +44,11 @@ class ModelSourceError(ValueError):
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of ``model.tokenizer`` (default ``model.path``), with a chat template and a pad token."""
-    source = config.tokenizer or config.path
+    return tokenizer_from(config.tokenizer or config.path)
+
+
+def tokenizer_from(source: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a folder, hub name, ``gguf:`` source or the built-in tiny Llama (see ``load_tokenizer``)."""
     if source == BUILTIN_TINY_LLAMA:
         from nemo_igrpo.data.char_tokenizer import build_char_tokenizer
 
@@ -193,10 +199,11 @@ def _without_quantizer(loaded: PreTrainedModel) -> PreTrainedModel:
 
 def convert_gguf(source: str, output_dir: Path, overwrite: bool = False) -> Path:
     """Write the model and tokenizer of GGUF ``source`` as a Hugging Face folder at ``output_dir`` (float32)."""
-    config = ModelConfig(path=source)
+    if not is_gguf_source(source):
+        raise ModelSourceError(f"{source!r} is not a GGUF source (gguf:<file or folder>)")
     _check_output_dir(output_dir, overwrite)  # before the slow load, so a refusal is immediate
-    tokenizer = load_tokenizer(config)
-    model = load_model(config, tokenizer)
+    tokenizer = tokenizer_from(source)
+    model = load_gguf_model(source, torch.float32)
     save_hf_folder(model, tokenizer, output_dir, overwrite=overwrite)
     return output_dir
 

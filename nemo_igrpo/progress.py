@@ -1,6 +1,11 @@
-"""A rich progress bar for training: step, rewards, held-out accuracy, seconds per step, ETA."""
+"""Where a step's time goes (``PhaseTimer``) and a rich progress bar for training: step, rewards, held-out accuracy,
+seconds per step, ETA."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -31,3 +36,18 @@ class TrainingProgress:
             parts.append(f"held-out {100 * self._accuracy:.1f}%")
         parts.append(f"{metrics['time/step']:.1f}s/step")
         self._progress.update(self._task, completed=step, status=" · ".join(parts))
+
+
+class PhaseTimer:
+    """``with timer("phase"):`` accumulates wall-clock seconds per phase name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

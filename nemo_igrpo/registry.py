@@ -17,6 +17,7 @@ from nemo_igrpo.errors import ConfigError
 T = TypeVar("T")
 
 _BY_CONFIG_KEY: dict[str, "Registry"] = {}
+_DECORATE = object()  # register(name) without an object: return a decorator (None is a valid entry)
 
 
 class Registry(Mapping[str, T], Generic[T]):
@@ -36,7 +37,7 @@ class Registry(Mapping[str, T], Generic[T]):
                                  "registry")
             _BY_CONFIG_KEY[config_key] = self
 
-    def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
+    def register(self, name: str, obj: T | object = _DECORATE) -> Callable[[T], T] | T:
         """Decorator (``@REG.register("name")``) or direct call (``REG.register("name", obj)``)."""
 
         def add(value: T) -> T:
@@ -47,13 +48,17 @@ class Registry(Mapping[str, T], Generic[T]):
             self._entries[name] = value
             return value
 
-        return add if obj is None else add(obj)
+        return add if obj is _DECORATE else add(obj)  # type: ignore[arg-type]
 
     def __getitem__(self, name: str) -> T:
         try:
             return self._entries[name]
         except KeyError:
             raise KeyError(self.unknown(name)) from None
+
+    def __delitem__(self, name: str) -> None:
+        """Remove an entry (tests, or a user replacing a built-in: delete it, then register the new one)."""
+        del self._entries[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

@@ -8,12 +8,15 @@ the same run instead of starting a new one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from nemo_igrpo.registry import Registry
 
 if TYPE_CHECKING:
     from nemo_igrpo.config import Config
@@ -58,12 +61,16 @@ class MetricsLogger:
             logger.close()
 
 
+# (config, run_dir, resume_step) -> Logger; each records the whole config of the run, so it gets all of it
+LOGGERS: Registry = Registry("logger", "trainer.loggers")
+
+
 def build_loggers(config: Config, run_dir: Path, resume_step: int) -> list[Logger]:
     """The loggers named in ``trainer.loggers``, in that order."""
-    builders = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger, "mlflow": MlflowLogger}
-    return [builders[name](config, run_dir, resume_step) for name in config.trainer.loggers]
+    return [LOGGERS[name](config, run_dir, resume_step) for name in config.trainer.loggers]
 
 
+@LOGGERS.register("tensorboard")
 class TensorBoardLogger:
     def __init__(self, config: Config, run_dir: Path, resume_step: int):
         from torch.utils.tensorboard import SummaryWriter  # lazily: tensorboard is heavy to import
@@ -79,6 +86,7 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+@LOGGERS.register("wandb")
 class WandbLogger:
     """One W&B run per training run; offline mode writes it under ``<output_dir>/wandb`` for ``wandb sync``."""
 
@@ -88,11 +96,9 @@ class WandbLogger:
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)  # W&B ids: [a-z0-9]
         id_file.write_text(run_id)
-        from nemo_igrpo.config import to_dict
-
         self.run = wandb.init(project=settings.project, entity=settings.entity,
                               name=settings.name or run_dir.resolve().name, mode=settings.mode, id=run_id,
-                              resume="allow", dir=str(run_dir), config=to_dict(config))
+                              resume="allow", dir=str(run_dir), config=dataclasses.asdict(config))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)
@@ -101,6 +107,7 @@ class WandbLogger:
         self.run.finish()
 
 
+@LOGGERS.register("mlflow")
 class MlflowLogger:
     """One MLflow run per training run, in ``trainer.mlflow.tracking_uri`` (default: a file store in the run)."""
 
@@ -123,9 +130,7 @@ class MlflowLogger:
             run = self.client.create_run(experiment_id, run_name=settings.run_name or run_dir.resolve().name)
             self.run_id = run.info.run_id
             id_file.write_text(self.run_id)
-            from nemo_igrpo.config import to_dict
-
-            params = _flatten(to_dict(config))
+            params = _flatten(dataclasses.asdict(config))
             for start in range(0, len(params), 100):  # log_batch takes at most 100 params at a time
                 chunk = params[start : start + 100]
                 self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in chunk])

@@ -1,29 +1,32 @@
 """A short supervised warm start on reference solutions, so a randomly initialised model learns the answer format.
 
 It goes through the policy interface (``train_step`` with a negative log-likelihood loss), so it runs on whichever
-policy backend is configured, with its own learning rate and a fresh optimizer that is discarded afterwards.
+policy backend is configured, with its own learning rate and a fresh optimizer that is discarded afterwards
+(``nemo_igrpo.assembly.build_warm_start_policy``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
 
 from nemo_igrpo import distributed
-from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
-from nemo_igrpo.backends import build_policy
-from nemo_igrpo.config import Config, OptimConfig
+from nemo_igrpo.algorithms.batch import RolloutBatch, TokenStats, pad_sequences
 from nemo_igrpo.data.dataset import Example
 from nemo_igrpo.data.prompts import PromptBuilder
-from nemo_igrpo.policy.base import TokenStats
+from nemo_igrpo.policy.base import PolicyBackend
+
+if TYPE_CHECKING:
+    from nemo_igrpo.config import WarmStartConfig
 
 
-def warm_start(config: Config, model: torch.nn.Module, examples: list[Example], template: PromptBuilder,
-               tokenizer, console: Console) -> None:
-    """``warm_start.steps`` steps of token-mean NLL on (prompt, solution) pairs, at temperature 1.
+def warm_start(policy: PolicyBackend, model: torch.nn.Module, examples: list[Example], template: PromptBuilder,
+               tokenizer, ws: WarmStartConfig, seed: int, console: Console) -> None:
+    """``warm_start.steps`` steps of token-mean NLL on (prompt, solution) pairs, on ``policy`` (built over ``model``
+at temperature 1, without a reference).
 
     A ``warm_start.refinement_fraction`` of the examples is shown as a Stage-2 prompt, with a draft that is the
     problem's own reference solution or, half of the time, another problem's (a wrong draft), so the model has
@@ -32,14 +35,8 @@ def warm_start(config: Config, model: torch.nn.Module, examples: list[Example], 
     with_solution = [e for e in examples if e.solution]
     if not with_solution:
         raise ValueError("warm_start.steps > 0 needs examples with a solution (set data.solution_key)")
-    ws = config.warm_start
-    sft_config = dataclasses.replace(config, generation=dataclasses.replace(config.generation, temperature=1.0),
-                                     algorithm=dataclasses.replace(config.algorithm, kl_coef=0.0))
-    optim = OptimConfig(lr=ws.lr, weight_decay=0.0, betas=[0.9, 0.99], max_grad_norm=1.0, warmup_ratio=0.05,
-                        min_lr_ratio=0.1)
-    policy = build_policy(sft_config, model, optim=optim, total_steps=ws.steps)
     end = tokenizer.eos_token_id
-    rng = random.Random(config.trainer.seed)
+    rng = random.Random(seed)
     for step in range(1, ws.steps + 1):
         rows = rng.sample(with_solution, min(ws.batch_size, len(with_solution)))
         prompts = [_prompt(e, with_solution, template, ws.refinement_fraction, rng) for e in rows]

@@ -84,10 +84,10 @@ def render_table(results: dict[str, dict[str, dict[str, float]]], title: str) ->
 
 def available_backends() -> list[str]:
     """hf, plus vllm when the engine imports and nemo-igrpo registers a builder for it."""
-    from nemo_igrpo.backends import GENERATION_BUILDERS
+    from nemo_igrpo.assembly import GENERATION_BACKENDS
 
     backends = ["hf"]
-    if "vllm" in GENERATION_BUILDERS:
+    if "vllm" in GENERATION_BACKENDS:
         try:
             import vllm  # noqa: F401
 
@@ -105,15 +105,14 @@ def warm_started_model(config, directory: Path) -> None:
 
     from nemo_igrpo.data.sources import load_examples
     from nemo_igrpo.models import load_model, load_tokenizer
-    from nemo_igrpo.trainer import prompt_builder, seed_everything
-    from nemo_igrpo.warm_start import warm_start
+    from nemo_igrpo.assembly import build_template, seed_everything, warm_start_model
 
     seed_everything(config.trainer.seed)
     tokenizer = load_tokenizer(config.model)
-    template = prompt_builder(config, tokenizer)
+    template = build_template(config.prompt, tokenizer)
     model = load_model(config.model, tokenizer)
-    warm_start(config, model, load_examples(config.data.train, config.data, "train"), template, tokenizer,
-               Console())
+    warm_start_model(config, model, load_examples(config.data.train, config.data, "train"), template, tokenizer,
+                     Console())
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 

@@ -53,12 +53,10 @@ def main() -> None:
     from rich.table import Table
 
     from nemo_igrpo.algorithms.igrpo import rollout
-    from nemo_igrpo.backends import build_generation
+    from nemo_igrpo.assembly import build_generation, build_rollout_settings, build_template, build_training_reward
     from nemo_igrpo.config import load_config
     from nemo_igrpo.data.sources import load_examples
     from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
-    from nemo_igrpo.rewards import build_training_reward
-    from nemo_igrpo.trainer import _rollout_settings, prompt_builder
 
     config = load_config(None, [
         f"model.path={args.model}", f"data.train={args.problems}", f"generation.max_new_tokens={args.max_new_tokens}",
@@ -66,11 +64,11 @@ def main() -> None:
         "data.max_prompt_tokens=512", *args.overrides])
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, tokenizer)
-    template = prompt_builder(config, tokenizer)
+    template = build_template(config.prompt, tokenizer)
     problems = load_examples(config.data.train, config.data, "train")
     reward = build_training_reward(config)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-    settings = _rollout_settings(config, stop_token_ids(tokenizer, model))
+    settings = build_rollout_settings(config, stop_token_ids(tokenizer, model))
     started = time.perf_counter()
     engine = build_generation(config, model, tokenizer.pad_token_id)
     startup = time.perf_counter() - started

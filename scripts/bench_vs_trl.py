@@ -153,7 +153,7 @@ def run_trl(config, model_dir: Path, workdir: Path, steps: int, seed: int, promp
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from nemo_igrpo.rewards import build_training_reward
+    from nemo_igrpo.assembly import build_training_reward
 
     problems = problem_order(config, prompts_per_step, steps, seed)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p.problem}], "answer": p.answer}
@@ -178,7 +178,7 @@ def run_trl(config, model_dir: Path, workdir: Path, steps: int, seed: int, promp
         learning_rate=opt.lr, adam_beta1=opt.betas[0], adam_beta2=opt.betas[1], weight_decay=opt.weight_decay,
         max_grad_norm=opt.max_grad_norm, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": opt.min_lr_ratio},
-        warmup_steps=math.ceil(opt.warmup_ratio * steps),  # as nemo_igrpo.backends rounds it
+        warmup_steps=math.ceil(opt.warmup_ratio * steps),  # as nemo_igrpo.assembly.build_policy rounds it
         logging_steps=1, report_to="none",
         save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
     )

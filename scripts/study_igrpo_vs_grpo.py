@@ -142,15 +142,14 @@ def save_warm_start(seed: int, directory: Path, overrides: list[str]) -> None:
     from nemo_igrpo.config import load_config
     from nemo_igrpo.data.sources import load_examples
     from nemo_igrpo.models import load_model, load_tokenizer
-    from nemo_igrpo.trainer import prompt_builder, seed_everything
-    from nemo_igrpo.warm_start import warm_start
+    from nemo_igrpo.assembly import build_template, seed_everything, warm_start_model
 
     config = load_config(default_config_path(), [f"trainer.seed={seed}", *overrides])
     seed_everything(seed)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, tokenizer)
-    warm_start(config, model, load_examples(config.data.train, config.data, "train"), prompt_builder(config, tokenizer),
-               tokenizer, Console())
+    warm_start_model(config, model, load_examples(config.data.train, config.data, "train"),
+                     build_template(config.prompt, tokenizer), tokenizer, Console())
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -58,7 +58,7 @@ import nemo_igrpo.trainer as trainer
 from nemo_igrpo import distributed
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
 
-_export = trainer._export_final
+_export = trainer.export_final
 
 
 def export_and_score(directory, policy, tokenizer):
@@ -72,7 +72,7 @@ def export_and_score(directory, policy, tokenizer):
         torch.save({{"logprobs": stats.logprobs, "mask": mask}}, Path(directory).parent / "trainer_logprobs.pt")
 
 
-trainer._export_final = export_and_score
+trainer.export_final = export_and_score
 runpy.run_path({entry!r}, run_name="__main__")
 '''
 

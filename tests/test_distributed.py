@@ -172,12 +172,12 @@ def test_slurm_node_lists_expand():
 
 def test_prompts_must_split_evenly_over_ranks():
     from nemo_igrpo.config import ConfigError, load_config
-    from nemo_igrpo.trainer import _check_divisible
+    from nemo_igrpo.sharding import check_divisible
 
     config = load_config(REPO / "conf" / "quickstart.yaml", ["trainer.prompts_per_step=6"])
-    _check_divisible(config, 2)
+    check_divisible(config.trainer.prompts_per_step, 2)
     with pytest.raises(ConfigError, match="trainer.prompts_per_step: 6 prompts cannot be split evenly over 4"):
-        _check_divisible(config, 4)
+        check_divisible(config.trainer.prompts_per_step, 4)
 
 
 def test_stop_file_checkpoints_and_reports_the_stop(tmp_path, monkeypatch):

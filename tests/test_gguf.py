@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import nemo_igrpo.trainer as trainer_module
 from nemo_igrpo import models
-from nemo_igrpo.backends import build_generation
+from nemo_igrpo.assembly import build_generation
 from nemo_igrpo.cli import build_parser
 from nemo_igrpo.cli import main as cli_main
 from nemo_igrpo.config import ModelConfig, load_config

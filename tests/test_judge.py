@@ -6,7 +6,8 @@ import pytest
 
 from nemo_igrpo.config import load_config
 from nemo_igrpo.generation.base import Completion, GenerationBackend
-from nemo_igrpo.rewards import JudgeReward, build_training_reward
+from nemo_igrpo.assembly import build_training_reward
+from nemo_igrpo.rewards import JudgeReward
 from nemo_igrpo.rewards.judge import load_template, parse_score
 
 

@@ -117,7 +117,7 @@ def test_vllm_engine_scores_like_the_trainer_after_a_lora_sync():
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from test_vllm import TOLERANCE, VLLM, engine_sequence_logprobs
 
-    from nemo_igrpo.backends import build_generation
+    from nemo_igrpo.assembly import build_generation
     from nemo_igrpo.config import load_config
 
     policy = lora_policy(steps=2)

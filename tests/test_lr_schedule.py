@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_igrpo.backends import build_policy
+from nemo_igrpo.assembly import build_policy
 from nemo_igrpo.config import load_config
 from nemo_igrpo.models import load_model, load_tokenizer
 from nemo_igrpo.policy.hf import warmup_cosine

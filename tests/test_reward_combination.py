@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from nemo_igrpo.config import load_config
-from nemo_igrpo.rewards import BoxedMatchReward, FormatReward, WeightedReward, build_training_reward
+from nemo_igrpo.assembly import build_training_reward
+from nemo_igrpo.rewards import BoxedMatchReward, FormatReward, WeightedReward
 
 
 @pytest.mark.parametrize("text, expected", [

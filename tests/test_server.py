@@ -27,6 +27,7 @@ from helpers import make_policy
 
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
 from nemo_igrpo.checkpoint import find_latest
+from nemo_igrpo.assembly import build_generation
 from nemo_igrpo.config import ConfigError, load_config
 from nemo_igrpo.generation.base import SamplingParams
 from nemo_igrpo.generation.server import (
@@ -34,7 +35,6 @@ from nemo_igrpo.generation.server import (
     ServerRequestError,
     ServerRestartedError,
     ServerUnavailableError,
-    build_server_generation,
 )
 from nemo_igrpo.models import load_model, load_tokenizer
 from nemo_igrpo.rewards import BoxedMatchReward, register_reward
@@ -201,11 +201,11 @@ def test_a_missing_token_or_an_unreachable_server_fail_clearly(monkeypatch):
                                 "generation.server.retry_budget_s=2"])
     monkeypatch.delenv("NEMO_IGRPO_SERVER_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="NEMO_IGRPO_SERVER_TOKEN is empty or unset"):
-        build_server_generation(config)
+        build_generation(config, None, pad_token_id=0)
     monkeypatch.setenv("NEMO_IGRPO_SERVER_TOKEN", TOKEN)
     started = time.monotonic()
     with pytest.raises(ServerUnavailableError, match=r"did not answer GET /v1/models within .*retry_budget_s=2 s"):
-        build_server_generation(config)
+        build_generation(config, None, pad_token_id=0)
     assert 1.5 < time.monotonic() - started < 15
 
 

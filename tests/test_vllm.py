@@ -21,7 +21,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from helpers import make_policy, tiny_llama
 
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
-from nemo_igrpo.backends import build_generation
+from nemo_igrpo.assembly import build_generation
 from nemo_igrpo.config import ConfigError, load_config
 from nemo_igrpo.generation.base import SamplingParams
 from nemo_igrpo.generation.hf import HFGeneration
@@ -247,7 +247,7 @@ if __name__ == "__main__":
     import torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[1])
     from helpers import tiny_llama
-    from nemo_igrpo.backends import build_generation
+    from nemo_igrpo.assembly import build_generation
     from nemo_igrpo.config import load_config
     from nemo_igrpo.generation.base import SamplingParams
 

@@ -11,22 +11,17 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from nemo_igrpo.registry import Registry
+
 # (rewards [B] float, group_ids [B] long, eps) -> advantages [B]
 AdvantageFn = Callable[[Tensor, Tensor, float], Tensor]
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
+ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("advantage estimator", "algorithm.advantage")
 
 
 def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Decorator: make ``fn`` available as ``ADVANTAGE_ESTIMATORS[name]`` (config string -> function)."""
-
-    def wrap(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-
-    return wrap
+    """Decorator: make ``fn`` available as ``algorithm.advantage: name``."""
+    return ADVANTAGE_ESTIMATORS.register(name)
 
 
 def _dense_groups(group_ids: Tensor) -> tuple[Tensor, int]:
@@ -58,12 +53,13 @@ def zero_variance_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
 def compute_advantages(name: str, rewards: Tensor, group_ids: Tensor, eps: float) -> Tensor:
     """The registered estimator ``name`` over the finite rewards only: a NaN/inf reward (e.g. from a user's reward)
     marks its sample unscorable: it is left out of its group's statistics and gets advantage 0."""
+    estimator = ADVANTAGE_ESTIMATORS.lookup(name)
     finite = torch.isfinite(rewards)
     if bool(finite.all()):
-        return ADVANTAGE_ESTIMATORS[name](rewards, group_ids, eps)
+        return estimator(rewards, group_ids, eps)
     advantages = torch.zeros_like(rewards)
     if bool(finite.any()):
-        advantages[finite] = ADVANTAGE_ESTIMATORS[name](rewards[finite], group_ids[finite], eps)
+        advantages[finite] = estimator(rewards[finite], group_ids[finite], eps)
     return advantages
 
 

@@ -11,6 +11,8 @@ from typing import Callable
 
 from torch import Tensor
 
+from nemo_igrpo.registry import Registry
+
 
 @dataclass(frozen=True)
 class LossNormalizer:
@@ -29,45 +31,43 @@ class LossNormalizer:
         )
 
 
+Aggregator = Callable[[Tensor, Tensor, "LossNormalizer"], Tensor]  # (per_token, mask, counts) -> scalar
+AGGREGATIONS: Registry[Aggregator] = Registry("loss aggregation", "algorithm.loss_agg")
+
+
 def _denominator(count: float) -> float:
     """A step with nothing to learn from sums to 0; dividing by 1 keeps that 0 instead of NaN."""
     return max(float(count), 1.0)
 
 
+@AGGREGATIONS.register("token-mean")
 def _token_mean(x: Tensor, m: Tensor, norm: LossNormalizer) -> Tensor:
     """Σ_i,t x·m / num_tokens."""
     return (x * m).sum() / _denominator(norm.num_tokens)
 
 
+@AGGREGATIONS.register("seq-mean-token-mean")
 def _seq_mean_token_mean(x: Tensor, m: Tensor, norm: LossNormalizer) -> Tensor:
     """Σ_i (Σ_t x·m / |o_i|) / num_sequences (the iGRPO / original GRPO objective)."""
     lengths = m.sum(dim=1).clamp(min=1)  # clamp: rows without tokens contribute 0
     return ((x * m).sum(dim=1) / lengths).sum() / _denominator(norm.num_sequences)
 
 
+@AGGREGATIONS.register("seq-mean-token-sum")
 def _seq_mean_token_sum(x: Tensor, m: Tensor, norm: LossNormalizer) -> Tensor:
     """Σ_i,t x·m / num_sequences."""
     return (x * m).sum() / _denominator(norm.num_sequences)
 
 
+@AGGREGATIONS.register("seq-mean-token-sum-norm")
 def _seq_mean_token_sum_norm(x: Tensor, m: Tensor, norm: LossNormalizer) -> Tensor:
     """Σ_i,t x·m / (num_sequences · max_tokens) (Dr.GRPO: a constant, length-unbiased denominator)."""
     return (x * m).sum() / _denominator(norm.num_sequences * norm.max_tokens)
 
 
-_AGGREGATORS: dict[str, Callable[[Tensor, Tensor, LossNormalizer], Tensor]] = {
-    "token-mean": _token_mean,
-    "seq-mean-token-mean": _seq_mean_token_mean,
-    "seq-mean-token-sum": _seq_mean_token_sum,
-    "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
-}
-AGGREGATIONS: tuple[str, ...] = tuple(_AGGREGATORS)
-
-
 def check_aggregation(mode: str) -> None:
     """Raise ValueError unless ``mode`` is one of ``AGGREGATIONS``."""
-    if mode not in _AGGREGATORS:
-        raise ValueError(f"unknown loss aggregation {mode!r}; valid: {', '.join(AGGREGATIONS)}")
+    AGGREGATIONS.lookup(mode)
 
 
 def aggregate(per_token: Tensor, loss_mask: Tensor, mode: str, norm: LossNormalizer) -> Tensor:
@@ -75,5 +75,4 @@ def aggregate(per_token: Tensor, loss_mask: Tensor, mode: str, norm: LossNormali
 
     ``mode`` is one of ``AGGREGATIONS``; each formula is on its ``_token_mean`` ... ``_seq_mean_token_sum_norm``.
     """
-    check_aggregation(mode)
-    return _AGGREGATORS[mode](per_token, loss_mask.to(per_token.dtype), norm)
+    return AGGREGATIONS.lookup(mode)(per_token, loss_mask.to(per_token.dtype), norm)

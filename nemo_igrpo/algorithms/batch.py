@@ -8,7 +8,7 @@ prediction and is never in ``loss_mask``. Rows are right-padded.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -89,3 +89,17 @@ def pad_sequences(
         if completion_values is not None and m:
             values[i, n : n + m] = torch.tensor(completion_values[i][:m], dtype=torch.float32)
     return input_ids, attention_mask, loss_mask, values
+
+
+@dataclass
+class TokenStats:
+    """What a policy backend computes for a batch and hands to the loss."""
+
+    logprobs: torch.Tensor  # [B, L], aligned with input_ids (see the module docstring)
+    entropy: torch.Tensor  # [B, L] entropy of the predictive distribution at each position
+
+
+# loss_fn(stats of one micro-batch (with grad), the micro-batch) -> (loss, metrics).
+# The loss and every metric are already normalised by counts of the *whole* optimizer step,
+# so a backend simply sums them over micro-batches (and over data-parallel ranks).
+LossFn = Callable[[TokenStats, RolloutBatch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]

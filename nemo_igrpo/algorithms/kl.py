@@ -7,15 +7,21 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from nemo_igrpo.registry import Registry
+
 # log π − log π_ref [*] -> per-token estimate [*]
 KLEstimator = Callable[[Tensor], Tensor]
 
+KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator", "algorithm.kl_estimator")
 
+
+@KL_ESTIMATORS.register("k1")
 def _k1(log_ratio: Tensor) -> Tensor:
     """k1 = log π − log π_ref (unbiased, high variance, can be negative)."""
     return log_ratio
 
 
+@KL_ESTIMATORS.register("k2")
 def _k2(log_ratio: Tensor) -> Tensor:
     """k2 = ½ (log π − log π_ref)² (biased, low variance, ≥ 0)."""
     return 0.5 * log_ratio.square()
@@ -26,6 +32,7 @@ def _k2(log_ratio: Tensor) -> Tensor:
 K3_LOG_RATIO_CLAMP = 20.0
 
 
+@KL_ESTIMATORS.register("k3")
 def _k3(log_ratio: Tensor) -> Tensor:
     """k3 = exp(log π_ref − log π) − 1 − (log π_ref − log π) (unbiased, low variance, ≥ 0), with the log-ratio
     clamped to ±20 first (no gradient beyond it)."""
@@ -33,15 +40,10 @@ def _k3(log_ratio: Tensor) -> Tensor:
     return torch.expm1(neg) - neg  # expm1: exact near 0, where most tokens are
 
 
-KL_ESTIMATORS: dict[str, KLEstimator] = {"k1": _k1, "k2": _k2, "k3": _k3}
-
-
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, clamp: float | None) -> Tensor:
     """Per-token KL(π ‖ π_ref) estimate ``estimator`` ∈ {k1, k2, k3}, clamped to [−clamp, clamp] if given.
 
     logprobs, ref_logprobs: [B, L] (any matching shape); returns the same shape, differentiable in ``logprobs``.
     """
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
-    kl = KL_ESTIMATORS[estimator](logprobs - ref_logprobs)
+    kl = KL_ESTIMATORS.lookup(estimator)(logprobs - ref_logprobs)
     return kl if clamp is None else kl.clamp(-clamp, clamp)

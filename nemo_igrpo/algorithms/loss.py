@@ -3,18 +3,57 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from nemo_igrpo.algorithms.aggregation import LossNormalizer, aggregate, check_aggregation
+from nemo_igrpo.algorithms.aggregation import AGGREGATIONS, LossNormalizer, aggregate
+from nemo_igrpo.algorithms.batch import LossFn, RolloutBatch, TokenStats
 from nemo_igrpo.algorithms.kl import KL_ESTIMATORS, kl_penalty
 from nemo_igrpo.algorithms.policy_losses import POLICY_LOSSES
+from nemo_igrpo.registry import Registry
 
-if TYPE_CHECKING:  # policy.base imports algorithms.batch; a runtime import here would be circular
-    from nemo_igrpo.algorithms.batch import RolloutBatch
-    from nemo_igrpo.policy.base import LossFn, TokenStats
+# Δ = log π_trainer − log π_gen [B, L] (0 off-mask) -> log importance weight [B, L]; None: no correction
+ImportanceCorrection = Callable[[Tensor], Tensor] | None
+
+IMPORTANCE_CORRECTIONS: Registry[ImportanceCorrection] = Registry("importance correction",
+                                                                  "algorithm.importance_correction")
+IMPORTANCE_CORRECTIONS.register("none", None)
+IMPORTANCE_CORRECTIONS.register("token", lambda delta: delta)  # w_t = e^{Δ_t}
+IMPORTANCE_CORRECTIONS.register("sequence", lambda delta: delta.sum(dim=1, keepdim=True).expand_as(delta))  # e^{ΣΔ}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Every choice that defines the training loss, made once (``nemo_igrpo.assembly.build_loss``).
+
+    The KL decision lives here alone: ``needs_reference`` tells the assembly to build a reference policy and the
+    loop to score the batch with it; ``build`` applies the penalty.
+    """
+
+    policy_loss: str = "ppo"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    loss_agg: str = "seq-mean-token-mean"
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    kl_clamp: float | None = 10.0
+    importance_correction: str = "none"
+    importance_cap: float = 2.0
+    max_tokens: int = 4096  # the completion budget: Dr.GRPO's constant denominator
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    def build(self, normalizer: LossNormalizer) -> LossFn:
+        """This step's ``loss_fn``, with the step-global counts ``normalizer``."""
+        options = asdict(self)
+        options.pop("max_tokens")
+        return make_loss_fn(**options, normalizer=normalizer)
 
 
 def make_loss_fn(
@@ -48,19 +87,14 @@ def make_loss_fn(
     by a detached weight: ``token``: w_t = min(e^{Δ_t}, cap); ``sequence``: w_i = min(e^{Σ_t Δ_t}, cap) on every
     token of sequence i. Then ``mismatch/is_weight_mean`` and ``mismatch/is_capped_fraction`` are logged too.
     """
-    if policy_loss not in POLICY_LOSSES:
-        raise ValueError(f"unknown policy loss {policy_loss!r}; valid: {', '.join(POLICY_LOSSES)}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {kl_estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
-    check_aggregation(loss_agg)
-    if importance_correction not in IMPORTANCE_CORRECTIONS:
-        raise ValueError(f"unknown importance correction {importance_correction!r}; "
-                         f"valid: {', '.join(IMPORTANCE_CORRECTIONS)}")
-    if importance_correction != "none" and not importance_cap > 0:
+    policy_fn = POLICY_LOSSES.lookup(policy_loss)
+    KL_ESTIMATORS.lookup(kl_estimator)
+    AGGREGATIONS.lookup(loss_agg)
+    correction = IMPORTANCE_CORRECTIONS.lookup(importance_correction)
+    if correction is not None and not importance_cap > 0:
         raise ValueError(f"importance_cap must be > 0, got {importance_cap}")
     if kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    policy_fn = POLICY_LOSSES[policy_loss]
 
     def token_mean(x: Tensor, mask: Tensor) -> Tensor:
         return aggregate(x.detach(), mask, "token-mean", normalizer)
@@ -76,7 +110,7 @@ def make_loss_fn(
         delta = torch.where(on_mask, old.detach() - batch.gen_logprobs.to(old.dtype), 0.0)
         policy_part = out.per_token_loss
         weight = None
-        if importance_correction != "none":
+        if correction is not None:
             weight, capped = truncated_is_weight(delta, mask, importance_correction, importance_cap)
             policy_part = policy_part * weight
         per_token = policy_part
@@ -108,9 +142,6 @@ def make_loss_fn(
     return loss_fn
 
 
-IMPORTANCE_CORRECTIONS = ("none", "token", "sequence")
-
-
 def truncated_is_weight(delta: Tensor, loss_mask: Tensor, level: str, cap: float) -> tuple[Tensor, Tensor]:
     """Detached truncated importance weights [B, L] from Δ = log π_trainer − log π_gen (0 off-mask), and a float
     mask [B, L] of where the cap was hit.
@@ -118,14 +149,12 @@ def truncated_is_weight(delta: Tensor, loss_mask: Tensor, level: str, cap: float
     ``token``: min(e^{Δ_t}, cap); ``sequence``: min(e^{Σ_t Δ_t}, cap), broadcast to the sequence's tokens. Off-mask
     positions get weight 1 (their loss is 0 anyway). The cap is applied in log space, so no exp() can overflow.
     """
+    correction = IMPORTANCE_CORRECTIONS.lookup(level)
+    if correction is None:
+        raise ValueError(f"importance correction {level!r} has no weights; use one of: token, sequence")
     log_cap = math.log(cap)
     delta = delta.detach()
-    if level == "token":
-        log_w = delta
-    elif level == "sequence":
-        log_w = delta.sum(dim=1, keepdim=True).expand_as(delta)
-    else:
-        raise ValueError(f"unknown importance correction {level!r}; valid: token, sequence")
+    log_w = correction(delta)
     on_mask = loss_mask > 0
     weight = torch.where(on_mask, log_w.clamp(max=log_cap).exp(), 1.0)
     return weight, (on_mask & (log_w >= log_cap)).to(delta.dtype)

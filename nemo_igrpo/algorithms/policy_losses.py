@@ -13,6 +13,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from nemo_igrpo.registry import Registry
+
 
 @dataclass
 class PolicyLossOutput:
@@ -35,19 +37,12 @@ class PolicyLossFn(Protocol):
     ) -> PolicyLossOutput: ...
 
 
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss", "algorithm.policy_loss")
 
 
 def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator: make ``fn`` available as ``POLICY_LOSSES[name]`` (config string -> function)."""
-
-    def wrap(fn: PolicyLossFn) -> PolicyLossFn:
-        if name in POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSSES[name] = fn
-        return fn
-
-    return wrap
+    """Decorator: make ``fn`` available as ``algorithm.policy_loss: name`` (see ``examples/custom_loss.py``)."""
+    return POLICY_LOSSES.register(name)
 
 
 def _masked_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:

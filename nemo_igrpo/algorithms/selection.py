@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-TIE_BREAKS: tuple[str, ...] = ("first", "random")
+from nemo_igrpo.registry import Registry
+
+# (is_max [P, N] bool, generator) -> scores [P, N]: argmax of the scores is the chosen draft
+TieBreak = Callable[[Tensor, "torch.Generator | None"], Tensor]
+
+TIE_BREAKS: Registry[TieBreak] = Registry("tie-break", "algorithm.tie_break")
+
+
+@TIE_BREAKS.register("first")
+def _first(is_max: Tensor, generator: torch.Generator | None) -> Tensor:
+    """The lowest maximal index (argmax returns the first maximum)."""
+    return is_max.to(torch.float32)
+
+
+@TIE_BREAKS.register("random")
+def _random(is_max: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Uniform among the tied maxima: iid uniform scores on the maxima, -1 elsewhere (deterministic for a seeded
+    ``generator``)."""
+    device = generator.device if generator is not None else is_max.device
+    noise = torch.rand(is_max.shape, generator=generator, device=device).to(is_max.device)
+    return torch.where(is_max, noise, -1.0)
 
 
 def select_best(rewards: Tensor, tie_break: str, generator: torch.Generator | None = None) -> Tensor:
     """argmax_j rewards[p, j] per prompt: rewards [P, N] -> LongTensor [P] of draft indices.
 
-    Non-finite rewards are never chosen. Ties: ``first`` takes the lowest index; ``random`` draws uniformly among the tied maxima using ``generator``
-    (deterministic for a seeded generator): iid uniform scores on the maxima, -1 elsewhere, then argmax.
+    Non-finite rewards are never chosen. Ties are broken by the registered ``tie_break`` (``first``: lowest index;
+    ``random``: uniform among the tied maxima using ``generator``).
     """
-    if tie_break not in TIE_BREAKS:
-        raise ValueError(f"unknown tie_break {tie_break!r}; valid: {', '.join(TIE_BREAKS)}")
+    breaker = TIE_BREAKS.lookup(tie_break)
     # A non-finite reward (unscorable sample) is never the best: NaN compares false against every maximum, and
     # +inf would win outright. A prompt with no finite reward has all drafts tied, as when all rewards are equal.
     rewards = rewards.masked_fill(~torch.isfinite(rewards), -torch.inf)
     is_max = rewards == rewards.amax(dim=1, keepdim=True)  # [P, N]
-    if tie_break == "first":
-        scores = is_max.to(torch.float32)  # argmax returns the first maximal index
-    else:
-        device = generator.device if generator is not None else rewards.device
-        noise = torch.rand(rewards.shape, generator=generator, device=device).to(rewards.device)
-        scores = torch.where(is_max, noise, -1.0)
-    return scores.argmax(dim=1)
+    return breaker(is_max, generator).argmax(dim=1)

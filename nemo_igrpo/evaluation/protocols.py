@@ -29,8 +29,13 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from nemo_igrpo.config import EvalConfig
+from typing import TYPE_CHECKING
+
 from nemo_igrpo.errors import ConfigError
+from nemo_igrpo.registry import Registry
+
+if TYPE_CHECKING:
+    from nemo_igrpo.config import EvalConfig
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class Protocol:
         raise ConfigError(f"eval.datasets: {entry!r} is not a benchmark of eval.protocol={self.name} ({names})")
 
 
+PROTOCOLS: Registry[Protocol] = Registry("evaluation protocol", "eval.protocol")  # null: no protocol
+
 PAPER = Protocol("paper", temperature=0.6, top_p=0.95, benchmarks=(
     Benchmark("aime24", "aime24.jsonl", 64),
     Benchmark("aime25", "aime25.jsonl", 64),
@@ -69,7 +76,7 @@ PAPER = Protocol("paper", temperature=0.6, top_p=0.95, benchmarks=(
     Benchmark("minerva", "minerva_math.jsonl", 8),
 ))
 
-PROTOCOLS: dict[str, Protocol] = {PAPER.name: PAPER}
+PROTOCOLS.register(PAPER.name, PAPER)
 
 
 def packaged_benchmarks() -> Path:

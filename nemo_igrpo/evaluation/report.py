@@ -11,15 +11,19 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from nemo_igrpo.backends import build_generation
-from nemo_igrpo.config import Config, EvalConfig, ModelConfig
+from nemo_igrpo.assembly import (
+    build_eval_sampling,
+    build_generation,
+    build_template,
+    build_training_reward,
+    seed_everything,
+)
+from nemo_igrpo.config import Config, EvalConfig
 from nemo_igrpo.data.sources import load_examples
 from nemo_igrpo.evaluation.metrics import avg_at_k_ci95, markdown_table
 from nemo_igrpo.evaluation.protocols import EvalRun, plan_runs
 from nemo_igrpo.evaluation.run import EvalResult, evaluate
 from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
-from nemo_igrpo.rewards import build_training_reward
-from nemo_igrpo.trainer import eval_sampling, prompt_builder, seed_everything
 
 INTERVAL_METHOD = ("avg@k_ci95 is the half-width of a 95% interval for avg@k: normal approximation over problems, "
                    "1.96 * s / sqrt(P), s = sample std (ddof 1) of the per-problem accuracies")
@@ -31,17 +35,16 @@ def run_eval(config: Config, console: Console | None = None) -> dict[str, dict[s
     console = console or Console()
     ev = config.eval
     runs = plan_runs(ev, config.data.eval)  # configuration mistakes surface before a model is loaded
-    model_config = ModelConfig(path=ev.model, tokenizer=ev.model, dtype=config.model.dtype) if ev.model \
-        else config.model
+    model_config = dataclasses.replace(config.model, path=ev.model, tokenizer=ev.model) if ev.model else config.model
     output_dir = Path(ev.output_dir or Path(config.trainer.output_dir) / "eval")
     seed_everything(config.trainer.seed)
 
     tokenizer = load_tokenizer(model_config)
     model = load_model(model_config, tokenizer)
     generator = build_generation(config, model, tokenizer.pad_token_id)
-    template = prompt_builder(config, tokenizer)
+    template = build_template(config.prompt, tokenizer)
     reward = build_training_reward(config)
-    base_params = eval_sampling(config, stop_token_ids(tokenizer, model))
+    base_params = build_eval_sampling(config, stop_token_ids(tokenizer, model))
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
 
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -413,23 +413,3 @@ def _completion(choice: dict) -> Completion:
     if reason not in ("stop", "length"):
         raise RuntimeError(f"generation server: completion ended with finish_reason={reason!r}")
     return Completion(tokens, logprobs, reason)
-
-
-def build_server_generation(config, model: torch.nn.Module | None = None) -> ServerGeneration:
-    """The ``generation.backend=server`` client. When weights are synced, the trainer's initial weights are sent
-    once now, so step 0 samples from the same model the trainer scores."""
-    from nemo_igrpo.errors import ConfigError
-
-    server = config.generation.server
-    token = os.environ.get(server.token_env, "")
-    if not token:
-        raise ConfigError(f"generation.server.token_env: environment variable {server.token_env} is empty or unset; "
-                          "set it to the token the server was started with")
-    client = ServerGeneration(server.url, token, retry_budget_s=server.retry_budget_s,
-                              request_timeout_s=server.request_timeout_s, weight_sync=server.weight_sync,
-                              weight_bucket_mb=config.generation.vllm.weight_bucket_mb,
-                              stream_refinements=config.generation.vllm.stream_refinements)
-    client.wait_until_ready()
-    if model is not None and client.weight_sync != "none":
-        client.update_weights(model.state_dict().items())
-    return client

@@ -371,34 +371,3 @@ def _fused_group(name: str) -> tuple[str | None, int]:
         if match:
             return f"{match.group(1)}{members}{match.group(3)}", members
     return None, 0
-
-
-def build_vllm_generation(config, model: torch.nn.Module) -> VLLMGeneration:
-    """The ``generation.backend=vllm`` engine for ``model``: saved as an HF folder in a temporary directory (vLLM
-    loads from disk once; later weights arrive through :meth:`VLLMGeneration.update_weights`)."""
-    import tempfile
-
-    settings = config.generation.vllm
-    directory = Path(tempfile.mkdtemp(prefix="nemo-igrpo-vllm-"))
-    try:
-        write_model_folder(model, directory)
-    except Exception:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    dtype = settings.dtype if settings.dtype != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
-    return VLLMGeneration(
-        directory, max_model_len=default_max_model_len(config, model), dtype=dtype,
-        gpu_memory_utilization=settings.gpu_memory_utilization, tensor_parallel_size=settings.tensor_parallel_size,
-        enforce_eager=settings.enforce_eager, enable_prefix_caching=settings.enable_prefix_caching,
-        sleep_mode=settings.sleep_mode, stream_refinements=settings.stream_refinements,
-        weight_bucket_mb=settings.weight_bucket_mb, seed=config.trainer.seed, owned_dir=True)
-
-
-def default_max_model_len(config, model: torch.nn.Module) -> int:
-    """``generation.vllm.max_model_len``, or room for the longest Stage-2 sequence: prompt + draft + wrapper text +
-    refinement (256 tokens of slack for the template), capped by the model's position limit."""
-    if config.generation.vllm.max_model_len is not None:
-        return config.generation.vllm.max_model_len
-    longest = config.data.max_prompt_tokens + 2 * config.generation.max_new_tokens + 256
-    limit = getattr(model.config, "max_position_embeddings", None)
-    return min(longest, limit) if limit else longest

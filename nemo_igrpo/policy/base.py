@@ -1,31 +1,21 @@
 """The policy interface: log-probs of given sequences, one optimizer step, weights out, state in and out.
 
-Backends (HF now; Megatron-Core later) register a builder in ``nemo_igrpo.backends``. The loss is computed by the
-algorithm core and handed in as a function, so every backend trains with the same math.
+Backends (Hugging Face ``hf``, Megatron-Core ``megatron``) are registered in ``nemo_igrpo.assembly``'s
+``POLICY_BACKENDS``. The loss is computed by the algorithm core and handed in as a function, so every backend trains
+with the same math.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from nemo_igrpo.algorithms.batch import RolloutBatch
-
-
-@dataclass
-class TokenStats:
-    logprobs: torch.Tensor  # [B, L], aligned with input_ids (see algorithms.batch)
-    entropy: torch.Tensor  # [B, L] entropy of the predictive distribution at each position
-
-
-# loss_fn(stats of one micro-batch (with grad), the micro-batch) -> (loss, metrics).
-# The loss and every metric are already normalised by counts of the *whole* optimizer step,
-# so a backend simply sums them over micro-batches (and, later, over data-parallel ranks).
-LossFn = Callable[[TokenStats, RolloutBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# TokenStats and LossFn belong to the algorithm core (the loss is written against them); re-exported here because
+# every backend implements against them.
+from nemo_igrpo.algorithms.batch import LossFn, RolloutBatch, TokenStats  # noqa: F401
 
 
 class PolicyBackend(ABC):

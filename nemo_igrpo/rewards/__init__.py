@@ -17,7 +17,7 @@ from nemo_igrpo.rewards.answer import (
     normalize_answer,
     parse_rational,
 )
-from nemo_igrpo.rewards.base import REWARDS, Reward, RewardOutput, register_reward
+from nemo_igrpo.rewards.base import REWARDS, ChatModel, Reward, RewardContext, RewardOutput, register_reward
 from nemo_igrpo.rewards.format import FormatReward
 from nemo_igrpo.rewards.judge import JudgeReward
 from nemo_igrpo.rewards.match import BoxedMatchReward
@@ -28,20 +28,7 @@ from nemo_igrpo.rewards.weighted import WeightedReward
 
 def build_reward(name: str, **kwargs: Any) -> Reward:
     """Instantiate the reward registered as ``name`` with ``kwargs``."""
-    if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
-    return REWARDS[name](**kwargs)
-
-
-def build_training_reward(config: Any) -> Reward:
-    """The reward of a run (``nemo_igrpo.config.Config``): one registered reward, or the weighted sum of
-    ``reward.components`` (name → weight), e.g. the paper's ``{math_verify: 1.0, format: 1.0}``."""
-    parts = {name: (REWARDS[name].from_config(config), weight) for name, weight in config.reward.components.items()}
-    if len(parts) == 1:
-        ((reward, weight),) = parts.values()
-        if weight == 1.0:
-            return reward
-    return WeightedReward(parts)
+    return REWARDS.lookup(name)(**kwargs)
 
 
 __all__ = [
@@ -53,7 +40,8 @@ __all__ = [
     "RewardOutput",
     "answers_match",
     "build_reward",
-    "build_training_reward",
+    "ChatModel",
+    "RewardContext",
     "FormatReward",
     "JudgeReward",
     "WeightedReward",

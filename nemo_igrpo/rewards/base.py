@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from nemo_igrpo.registry import Registry
+
+if TYPE_CHECKING:
+    from nemo_igrpo.generation.base import GenerationBackend
 
 
 @dataclass
@@ -37,24 +42,44 @@ class Reward(ABC):
         """Release resources (e.g. worker processes). Stateless rewards have none."""
 
     @classmethod
-    def from_config(cls, config: Any) -> "Reward":
-        """Build from the run's config (``nemo_igrpo.config.Config``); override to read the keys this reward uses
-        (its own live under ``config.reward``)."""
+    def from_config(cls, settings: Any, context: "RewardContext") -> "Reward":
+        """Build from the run's ``reward`` section (``nemo_igrpo.config.RewardConfig``); override to read the keys
+        this reward uses. ``context`` gives what a section cannot hold (e.g. a judge model's generator)."""
         return cls()
 
 
-REWARDS: dict[str, type[Reward]] = {}
+@dataclass
+class ChatModel:
+    """A model to talk to (e.g. a judge): its generator, its chat template and its tokenizer's decode."""
+
+    generator: "GenerationBackend"
+    render: Callable[[str], list[int]]  # one user message → prompt token ids
+    decode: Callable[[list[int]], str]
+    stop_token_ids: tuple[int, ...]
+
+
+@dataclass
+class RewardContext:
+    """What the assembly (``nemo_igrpo.assembly``) lends to rewards beyond their config section, built on demand so
+    that rewards never reach a policy or generation implementation themselves."""
+
+    chat_model: Callable[[str | None], ChatModel]  # model path or hub name (None: the policy's model) → ChatModel
+
+
+REWARDS: Registry[type[Reward]] = Registry("reward", "reward.components")
 
 R = TypeVar("R", bound=type[Reward])
 
 
 def register_reward(name: str) -> Callable[[R], R]:
-    """Class decorator adding a ``Reward`` subclass to ``REWARDS`` under ``name`` (names must be unique)."""
+    """Class decorator adding a ``Reward`` subclass to ``REWARDS`` under ``name`` (names must be unique; a module
+    imported twice may register the same class again)."""
 
     def decorator(cls: R) -> R:
         if name in REWARDS and REWARDS[name] is not cls:
             raise ValueError(f"reward {name!r} is already registered to {REWARDS[name].__qualname__}")
-        REWARDS[name] = cls
+        if name not in REWARDS:
+            REWARDS.register(name, cls)
         return cls
 
     return decorator

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from nemo_igrpo.generation.base import GenerationBackend, SamplingParams
-from nemo_igrpo.rewards.base import Reward, RewardOutput, register_reward
+from nemo_igrpo.rewards.base import Reward, RewardContext, RewardOutput, register_reward
 
 # A standalone number in [0, 1]: 0, 1, 0.75, .5, 1.0 — not the 1 of "10" or of "1/2" halves.
 _SCORE = re.compile(r"(?<![\d.])(1(?:\.0*)?|0?\.\d+|0)(?![\d./])")
@@ -64,19 +64,10 @@ class JudgeReward(Reward):
         self.generator.close()
 
     @classmethod
-    def from_config(cls, config) -> "JudgeReward":
-        """The judge model (``reward.judge.model``, default the policy's starting model) on the configured
-        generation backend."""
-        from nemo_igrpo.backends import build_generation
-        from nemo_igrpo.config import ModelConfig
-        from nemo_igrpo.data.prompts import PromptBuilder
-        from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
-
-        judge = config.reward.judge
-        model_config = ModelConfig(path=judge.model, dtype=config.model.dtype) if judge.model else config.model
-        tokenizer = load_tokenizer(model_config)
-        model = load_model(model_config, tokenizer)
-        render = PromptBuilder(tokenizer, system_prompt=None).problem_ids  # the judge prompt as one user turn
-        return cls(build_generation(config, model, tokenizer.pad_token_id), render,
-                   lambda ids: tokenizer.decode(ids, skip_special_tokens=True), load_template(judge.template),
-                   stop_token_ids(tokenizer, model), judge.max_new_tokens, judge.max_completion_chars)
+    def from_config(cls, settings, context: RewardContext) -> "JudgeReward":
+        """The judge model (``reward.judge.model``, default the policy's starting model), on the run's generation
+        backend (``context.chat_model``, lent by the assembly)."""
+        judge = settings.judge
+        chat = context.chat_model(judge.model)
+        return cls(chat.generator, chat.render, chat.decode, load_template(judge.template), chat.stop_token_ids,
+                   judge.max_new_tokens, judge.max_completion_chars)

@@ -29,8 +29,8 @@ class BoxedMatchReward(Reward):
         self._extractor = EXTRACTORS[extract]
 
     @classmethod
-    def from_config(cls, config) -> "BoxedMatchReward":
-        return cls(extract=config.reward.extract)
+    def from_config(cls, settings, context) -> "BoxedMatchReward":
+        return cls(extract=settings.extract)
 
     def __call__(self, completions: list[str], answers: list[str]) -> RewardOutput:
         if len(completions) != len(answers):

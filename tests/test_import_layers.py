@@ -1,0 +1,168 @@
+"""The package's import graph has no cycles, and the algorithm core and the rewards never reach a policy or
+generation implementation.
+
+Edges are read with ``ast`` from every module of ``nemo_igrpo/``: imports at module level and inside functions
+(both run), but not those under ``if TYPE_CHECKING:`` (they never run). Importing ``a.b.c`` also runs the
+``__init__`` of ``a`` and ``a.b``, so those count too, except for the importer's own enclosing packages (which are
+already being imported when it runs).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nemo_igrpo
+
+PACKAGE = Path(nemo_igrpo.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    return modules
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imported_names(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    package = module if is_package else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            found.add(source)
+            found.update(f"{source}.{alias.name}" for alias in node.names)  # ``from pkg import submodule``
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        own_packages = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+        edges = set()
+        for target in _imported_names(ast.parse(path.read_text()), name, path.name == "__init__.py"):
+            parts = target.split(".")
+            for i in range(1, len(parts) + 1):  # the target and every package above it runs
+                prefix = ".".join(parts[:i])
+                if prefix in modules and prefix not in own_packages and prefix != name:
+                    edges.add(prefix)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan's algorithm, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for child in graph[todo.pop()]:
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return seen
+
+
+def test_the_package_has_no_import_cycle():
+    found = cycles(import_graph())
+    assert not found, "import cycles (each line: modules that import each other):\n" + "\n".join(
+        " ↔ ".join(component) for component in found)
+
+
+# Interfaces the core may name; everything else under policy/ and generation/ is an implementation.
+INTERFACES = {"nemo_igrpo.policy", "nemo_igrpo.policy.base", "nemo_igrpo.generation", "nemo_igrpo.generation.base",
+              "nemo_igrpo.generation.keys"}
+# The layers above the core: the config schema, the assembly and the loop.
+ABOVE_THE_CORE = {"nemo_igrpo.config", "nemo_igrpo.assembly", "nemo_igrpo.trainer", "nemo_igrpo.cli"}
+
+
+def test_the_core_and_the_rewards_never_reach_an_implementation():
+    graph = import_graph()
+    for name in graph:
+        if not name.startswith(("nemo_igrpo.algorithms", "nemo_igrpo.rewards")):
+            continue
+        reached = reachable(graph, name)
+        implementations = {m for m in reached if m.startswith(("nemo_igrpo.policy", "nemo_igrpo.generation"))
+                           and m not in INTERFACES}
+        assert not implementations, f"{name} reaches {sorted(implementations)}"
+        assert not reached & ABOVE_THE_CORE, f"{name} reaches {sorted(reached & ABOVE_THE_CORE)}"
+
+
+def test_config_error_lives_in_a_module_that_imports_nothing_from_the_package():
+    from nemo_igrpo.config import ConfigError
+    from nemo_igrpo.errors import ConfigError as Same
+
+    assert ConfigError is Same
+    assert import_graph()["nemo_igrpo.errors"] == set()
+
+
+def test_the_graph_reader_sees_function_level_imports_and_skips_type_checking_blocks():
+    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from nemo_igrpo import config\n"
+              "def f():\n    from nemo_igrpo.models import load_model\n")
+    names = _imported_names(ast.parse(source), "nemo_igrpo.x", False)
+    assert "nemo_igrpo.models" in names and "nemo_igrpo.config" not in names
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
