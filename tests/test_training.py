@@ -92,13 +92,15 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_checkpoint_int
     before = {p.name: p.read_bytes() for p in weights}
 
     # A NaN loss (a NaN reward no longer makes one: such samples are unscorable and get advantage 0)
-    make_loss_fn = trainer_module.make_loss_fn
+    import nemo_igrpo.algorithms.loss as loss_module
+
+    make_loss_fn = loss_module.make_loss_fn
 
     def nan_loss_fn(**kwargs):
         loss_fn = make_loss_fn(**kwargs)
         return lambda stats, batch: (lambda loss, metrics: (loss * math.nan, metrics))(*loss_fn(stats, batch))
 
-    monkeypatch.setattr(trainer_module, "make_loss_fn", nan_loss_fn)
+    monkeypatch.setattr(loss_module, "make_loss_fn", nan_loss_fn)
     with pytest.raises(TrainingStopped, match="2 consecutive steps had a non-finite loss"):
         train(tiny_config(run, "trainer.max_steps=5", "trainer.max_consecutive_nan_steps=2", "trainer.eval_every=0",
                           "trainer.save_every=1"))
