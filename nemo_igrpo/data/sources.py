@@ -23,12 +23,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
 
-from nemo_igrpo.config import DataConfig
 from nemo_igrpo.data.arithmetic import arithmetic_train_and_heldout
 from nemo_igrpo.data.dataset import DatasetError, Example, examples_from_rows, load_jsonl
 from nemo_igrpo.data.presets import get_preset
+
+if TYPE_CHECKING:  # annotations only: data sits below the config and must not import it (import cycles)
+    from nemo_igrpo.config import DataConfig
 
 log = logging.getLogger(__name__)
 
