@@ -48,7 +48,7 @@ class PromptTooLongError(ValueError):
 
 
 class VLLMGeneration(GenerationBackend):
-    """An in-process ``vllm.LLM`` built from a Hugging Face folder (see ``nemo_igrpo.backends``)."""
+    """An in-process ``vllm.LLM`` built from a Hugging Face folder (``model_folder.write_model_folder``)."""
 
     def __init__(
         self,
