@@ -33,6 +33,7 @@ from nemo_igrpo.algorithms.presets import PRESETS
 from nemo_igrpo.errors import ConfigError  # noqa: F401  (re-exported: ``from nemo_igrpo.config import ConfigError``)
 from nemo_igrpo.evaluation import protocols  # noqa: F401
 from nemo_igrpo.registry import config_registries
+from nemo_igrpo.rewards.defaults import DEFAULT_EXTRACT, DEFAULT_NUM_WORKERS, DEFAULT_TIMEOUT_S
 
 
 @dataclass
@@ -93,9 +94,9 @@ class JudgeConfig:
 @dataclass
 class RewardConfig:
     components: dict[str, float] = field(default_factory=lambda: {"math_verify": 1.0, "format": 1.0})
-    extract: str = "boxed_or_tag"
-    num_workers: int = 2
-    timeout_s: float = 5.0
+    extract: str = DEFAULT_EXTRACT  # the reward constructors' defaults, so both read the same values
+    num_workers: int = DEFAULT_NUM_WORKERS
+    timeout_s: float = DEFAULT_TIMEOUT_S
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
     judge: JudgeConfig = field(default_factory=JudgeConfig)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -53,21 +53,33 @@ class RolloutSettings:
     overlong_filter: bool = False  # DAPO overlong filtering: truncated samples get no loss
 
 
+# How _rows and _extend treat each StageSamples field (its metadata), so that a new field is one line here.
+_KIND = "stage_samples"
+_ROW = "row"  # a list, one entry per refinement row: _rows keeps the selected rows, _extend concatenates
+_ROW_COLUMNS = "row_columns"  # name → list with one entry per row: filtered and concatenated per name
+_PROBLEM = "problem"  # a list per problem (or per draft): _rows keeps it whole, _extend concatenates
+_COUNTERS = "counters"  # name → count: _extend sums; a row subset starts without them (metrics read `seen`'s)
+
+
+def _field(kind: str, factory: Callable = list):
+    return field(default_factory=factory, metadata={_KIND: kind})
+
+
 @dataclass
 class StageSamples:
     """What one rollout round produced, for metrics and for the training batch."""
 
-    prompts: list[list[int]] = field(default_factory=list)  # Stage-2 prompt of each refinement row
-    completions: list[Completion] = field(default_factory=list)  # refinements, G per problem, problem-major
-    rewards: list[float] = field(default_factory=list)
-    group_ids: list[int] = field(default_factory=list)
-    components: dict[str, list[float]] = field(default_factory=dict)
-    draft_rewards: list[list[float]] = field(default_factory=list)  # [problem][N]
-    draft_solved: list[list[bool]] = field(default_factory=list)  # [problem][N]: the accuracy verdicts
-    best_draft_index: list[int] = field(default_factory=list)  # [problem]: the selected draft
-    draft_lengths: list[int] = field(default_factory=list)
-    best_drafts: list[str] = field(default_factory=list)
-    reward_counters: dict[str, int] = field(default_factory=dict)  # e.g. grader timeouts, over both stages
+    prompts: list[list[int]] = _field(_ROW)  # Stage-2 prompt of each refinement row
+    completions: list[Completion] = _field(_ROW)  # refinements, G per problem, problem-major
+    rewards: list[float] = _field(_ROW)
+    group_ids: list[int] = _field(_ROW)
+    components: dict[str, list[float]] = _field(_ROW_COLUMNS, dict)
+    draft_rewards: list[list[float]] = _field(_PROBLEM)  # [problem][N]
+    draft_solved: list[list[bool]] = _field(_PROBLEM)  # [problem][N]: the accuracy verdicts
+    best_draft_index: list[int] = _field(_PROBLEM)  # [problem]: the selected draft
+    draft_lengths: list[int] = _field(_PROBLEM)
+    best_drafts: list[str] = _field(_PROBLEM)
+    reward_counters: dict[str, int] = _field(_COUNTERS, dict)  # e.g. grader timeouts, over both stages
 
 
 class DynamicSamplingError(RuntimeError):
@@ -220,30 +232,28 @@ def _first_groups(samples: StageSamples, num_groups: int) -> StageSamples:
 
 
 def _rows(samples: StageSamples, keep: list[int]) -> StageSamples:
-    return StageSamples(
-        prompts=[samples.prompts[i] for i in keep],
-        completions=[samples.completions[i] for i in keep],
-        rewards=[samples.rewards[i] for i in keep],
-        group_ids=[samples.group_ids[i] for i in keep],
-        components={k: [v[i] for i in keep] for k, v in samples.components.items()},
-        draft_rewards=samples.draft_rewards, draft_solved=samples.draft_solved, draft_lengths=samples.draft_lengths,
-        best_drafts=samples.best_drafts, best_draft_index=samples.best_draft_index,
-    )
+    values = {}
+    for item in fields(StageSamples):
+        kind, value = item.metadata[_KIND], getattr(samples, item.name)
+        if kind == _ROW:
+            values[item.name] = [value[i] for i in keep]
+        elif kind == _ROW_COLUMNS:
+            values[item.name] = {k: [v[i] for i in keep] for k, v in value.items()}
+        elif kind == _PROBLEM:
+            values[item.name] = value
+    return StageSamples(**values)
 
 
 def _extend(into: StageSamples, more: StageSamples) -> None:
-    into.prompts += more.prompts
-    into.completions += more.completions
-    into.rewards += more.rewards
-    into.group_ids += more.group_ids
-    for key, values in more.components.items():
-        into.components.setdefault(key, []).extend(values)
-    into.draft_rewards += more.draft_rewards
-    into.draft_solved += more.draft_solved
-    into.best_draft_index += more.best_draft_index
-    into.draft_lengths += more.draft_lengths
-    into.best_drafts += more.best_drafts
-    _count(into.reward_counters, more.reward_counters)
+    for item in fields(StageSamples):
+        kind, mine, theirs = item.metadata[_KIND], getattr(into, item.name), getattr(more, item.name)
+        if kind in (_ROW, _PROBLEM):
+            mine += theirs
+        elif kind == _ROW_COLUMNS:
+            for key, values in theirs.items():
+                mine.setdefault(key, []).extend(values)
+        else:
+            _count(mine, theirs)
 
 
 def _to_batch(samples: StageSamples, settings: RolloutSettings, pad_token_id: int) -> RolloutBatch:

@@ -29,7 +29,7 @@ from nemo_igrpo.data.arithmetic import arithmetic_train_and_heldout
 from nemo_igrpo.data.dataset import DatasetError, Example, examples_from_rows, load_jsonl
 from nemo_igrpo.data.presets import get_preset
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: data sits below the config and must not import it (import cycles)
     from nemo_igrpo.config import DataConfig
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,9 @@
 """The generation interface: token ids in, sampled token ids and their log-probs out.
 
 Only token ids cross this boundary, so the trainer scores exactly the tokens the generator sampled.
-Backends (HF now; vLLM and an HTTP server later) register a builder in ``nemo_igrpo.backends``.
+Three backends implement it, picked by ``generation.backend``: ``hf`` (``model.generate`` on a copy of the policy,
+``hf.py``), ``vllm`` (an in-process vLLM engine, ``vllm.py``) and ``server`` (a client of a vLLM server started with
+``nemo-igrpo serve``, ``server.py``).
 """
 
 from __future__ import annotations

@@ -22,22 +22,24 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
 from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
 from nemo_igrpo.generation.keys import call_seed, derived_key, prompt_keys
+from nemo_igrpo.generation.model_folder import write_model_folder
+from nemo_igrpo.generation.vllm_guards import engine_rng, keep_default_group
+from nemo_igrpo.generation.weight_buckets import weight_buckets
+
+# write_model_folder and weight_buckets are re-exported: this module was their home before they moved out.
+__all__ = ["PromptTooLongError", "VLLMGeneration",
+           "weight_buckets", "write_model_folder"]
 
 log = logging.getLogger(__name__)
 
-# vLLM fuses these HF projections into one parameter; all members must arrive in the same reload call.
-_FUSED_GROUPS = (re.compile(r"^(.*\.)(q_proj|k_proj|v_proj)(\.[^.]+)$"), re.compile(r"^(.*\.)(gate_proj|up_proj)(\.[^.]+)$"))
-_GROUP_SIZES = (3, 2)
 _CPU_KV_CACHE_BYTES = 1 << 30  # on CPU vLLM cannot measure free memory: 1 GiB unless VLLM_CPU_KVCACHE_SPACE is set
 
 
@@ -46,7 +48,7 @@ class PromptTooLongError(ValueError):
 
 
 class VLLMGeneration(GenerationBackend):
-    """An in-process ``vllm.LLM`` built from a Hugging Face folder (see ``nemo_igrpo.backends``)."""
+    """An in-process ``vllm.LLM`` built from a Hugging Face folder (``model_folder.write_model_folder``)."""
 
     def __init__(
         self,
@@ -82,7 +84,7 @@ class VLLMGeneration(GenerationBackend):
         self.bucket_bytes = weight_bucket_mb << 20
         self.sleep_mode = sleep_mode
         # The trainer's default process group (torchrun, Megatron), if any, exists before the engine: vLLM reuses it
-        # and must not destroy it on close (see _keep_default_group).
+        # and must not destroy it on close (see ``vllm_guards.keep_default_group``).
         self._trainer_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         extra = {}
         if on_cpu and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
@@ -122,7 +124,7 @@ class VLLMGeneration(GenerationBackend):
         from vllm.inputs import TokensPrompt
 
         keys = _call_keys(prompts)
-        with _engine_rng():
+        with engine_rng():
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
                                         [self._sampling_params(params, key) for key in keys], use_tqdm=False)
         return [self._completions(output, params) for output in outputs]
@@ -161,7 +163,7 @@ class VLLMGeneration(GenerationBackend):
                                self._sampling_params(params, key))
             pending[request_id] = (stage, index)
 
-        with _engine_rng():
+        with engine_rng():
             try:
                 for index, prompt in enumerate(prompts):
                     submit(1, index, prompt, first)
@@ -264,110 +266,13 @@ class VLLMGeneration(GenerationBackend):
         if llm is not None:
             engine_core = getattr(llm.llm_engine, "engine_core", None)
             if engine_core is not None and hasattr(engine_core, "shutdown"):
-                with _keep_default_group(self._trainer_group):
+                with keep_default_group(self._trainer_group):
                     engine_core.shutdown()
             self.llm = None
         if self._owned_dir:
             shutil.rmtree(self.model_dir, ignore_errors=True)
 
 
-@contextmanager
-def _keep_default_group(keep: bool) -> Iterator[None]:
-    """While the engine shuts down, refuse to destroy the default process group when ``keep`` (the trainer made it).
-
-    vLLM 0.32.0 (checked in its source): ``init_distributed_environment`` reuses an already initialised default group
-    (``if not torch.distributed.is_initialized(): init_process_group(...)``) and builds its own groups from it with
-    ``new_group``; but ``EngineCore.shutdown`` → ``cleanup_dist_env_and_memory`` → ``destroy_distributed_environment``
-    ends with ``torch.distributed.destroy_process_group()`` — the default group, whoever created it. Destroying vLLM's
-    own sub-groups (``destroy_model_parallel``, ``_WORLD.destroy()``) is left to vLLM. When no group existed before
-    the engine (one process, HF policy), vLLM created a one-rank group for itself and may destroy it.
-    """
-    if not keep:
-        yield
-        return
-    import torch.distributed as dist
-
-    original = dist.destroy_process_group
-
-    def destroy(group=None):
-        if group is None or group is dist.GroupMember.WORLD:
-            return  # the trainer's default group: the trainer destroys it when it is done
-        original(group)
-
-    dist.destroy_process_group = destroy
-    try:
-        yield
-    finally:
-        dist.destroy_process_group = original
-
-
-def write_model_folder(model: torch.nn.Module, directory: Path) -> None:
-    """``config.json`` + ``model.safetensors``: what vLLM needs to start, written on *every* rank.
-
-    transformers 5.19's ``save_pretrained`` writes only on global rank 0 once a process group exists
-    (``distributed/mixin.py: should_save_on_this_rank``), which left the other ranks' engine folders empty. Tied
-    tensors are stored once under their first name (the input embedding), as ``save_pretrained`` does; vLLM ties
-    the head itself from ``tie_word_embeddings``.
-    """
-    from safetensors.torch import save_file
-
-    model.config.save_pretrained(directory)
-    tensors, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        tensors[name] = tensor.detach().contiguous()
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
-@contextmanager
-def _engine_rng() -> Iterator[None]:
-    """Run the engine on a fork of torch's global RNG. vLLM 0.32.0's sampler draws exponential noise for every row of
-    the batch from the global generator (seeded rows then redraw from their own), so the trainer's RNG would advance
-    by an amount that depends on how many requests this rank ran — and a 2-rank run would stop matching a 1-rank
-    run from the second call on. The call seeds are drawn outside, once per call, as the HF backend draws them."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
 def _call_keys(prompts: Sequence[Sequence[int]]) -> list[int]:
     """The HF backend's per-prompt keys for one call (one draw from torch's global RNG, as every rank draws)."""
     return prompt_keys(call_seed(), prompts)
-
-
-def weight_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Consecutive lists of (name, tensor) of about ``bucket_bytes`` each, never splitting a fused group.
-
-    A q/k/v (or gate/up) group is held back until all its members arrived, so a bucket is closed only at a point
-    where no group is half-sent; tensors arrive in the policy's state-dict order, where a group's members are close.
-    """
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    open_groups: dict[str, int] = {}  # group key -> members still missing
-    for name, tensor in weights:
-        key, members = _fused_group(name)
-        if key is not None:
-            open_groups[key] = open_groups.get(key, members) - 1
-            if open_groups[key] == 0:
-                del open_groups[key]
-        bucket.append((name, tensor))
-        size += tensor.numel() * tensor.element_size()
-        if size >= bucket_bytes and not open_groups:
-            yield bucket
-            bucket, size = [], 0
-    if open_groups:
-        raise ValueError(f"update_weights: incomplete fused groups {sorted(open_groups)} (every q/k/v and gate/up "
-                         "projection must be sent)")
-    if bucket:
-        yield bucket
-
-
-def _fused_group(name: str) -> tuple[str | None, int]:
-    for pattern, members in zip(_FUSED_GROUPS, _GROUP_SIZES):
-        match = pattern.match(name)
-        if match:
-            return f"{match.group(1)}{members}{match.group(3)}", members
-    return None, 0
