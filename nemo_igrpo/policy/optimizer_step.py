@@ -36,7 +36,8 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> C
 
 
 def clipping_enabled(max_grad_norm: float) -> bool:
-    """``policy.max_grad_norm``: None (→ inf) or a value ≤ 0 means no clipping (Megatron's and HF Trainer's rule)."""
+    """``policy.max_grad_norm``: None (→ inf) or a value ≤ 0 means no clipping (Megatron's and HF Trainer's
+    rule)."""
     return math.isfinite(max_grad_norm) and max_grad_norm > 0
 
 
@@ -50,7 +51,8 @@ class OptimizerHooks(Protocol):
         """The global L2 norm of the gradients before clipping: a float or a 0-dim tensor (kept for :meth:`clip`)."""
 
     def clip(self, max_norm: float, total_norm: Any) -> None:
-        """Scale the gradients by min(1, max_norm / (total_norm + 1e-6)); ``total_norm`` as :meth:`grad_norm` gave it."""
+        """Scale the gradients by min(1, max_norm / (total_norm + 1e-6)), ``total_norm`` as :meth:`grad_norm` gave
+        it."""
 
     def apply(self) -> None:
         """Take the optimizer's update with the (clipped) gradients."""
