@@ -10,7 +10,7 @@ import pytest
 from nemo_igrpo.assembly import build_policy
 from nemo_igrpo.config import load_config
 from nemo_igrpo.models import load_model, load_tokenizer
-from nemo_igrpo.policy.hf import warmup_cosine
+from nemo_igrpo.policy.optimizer_step import warmup_cosine
 from nemo_igrpo.tracking import read_metrics
 from nemo_igrpo.trainer import train
 

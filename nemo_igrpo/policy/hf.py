@@ -10,8 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +25,12 @@ from nemo_igrpo.policy import packing
 from nemo_igrpo.policy.base import LossFn, PolicyBackend, TokenStats
 from nemo_igrpo.policy.logprobs import check_head_matches_forward, token_logprobs_and_entropy
 from nemo_igrpo.policy.microbatch import micro_batches, row_lengths, token_budget_groups
+from nemo_igrpo.policy.optimizer_step import TorchOptimizerHooks, optimizer_step, warmup_cosine
 
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 ADAPTER_FILE = "adapter.safetensors"  # with LoRA: the checkpoint holds the adapters, not the frozen base
 _BUCKET_BYTES = 64 * 2**20
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """LR multiplier for optimizer step ``step`` (0-based): linear warmup, then cosine decay to ``min_lr_ratio``.
-
-    Warmup rises as (step + 1) / warmup_steps, so the first step already moves the weights (the common
-    step / warmup_steps form wastes it on lr = 0) and the last warmup step runs at the peak. The cosine then falls
-    from 1 at ``warmup_steps`` to ``min_lr_ratio`` at ``total_steps`` and stays there.
-    """
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return multiplier
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -260,21 +243,8 @@ class HFPolicy(PolicyBackend):
             dist.all_reduce(totals, group=self._group)
             loss, *values = totals.tolist()
             metrics = dict(zip(names, values))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm).item()
-        lr = self.optimizer.param_groups[0]["lr"]
-
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if skipped:
-            # A non-finite loss or gradient would poison Adam's moments for good: drop this update entirely.
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
-        # The schedule is a function of the training step, whether or not this step's update was applied.
-        with warnings.catch_warnings():
-            # torch warns when the scheduler steps before any optimizer.step(), as it does after a skipped first step.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            self.scheduler.step()
-        return {**metrics, "loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": float(skipped)}
+        return optimizer_step(loss, metrics, TorchOptimizerHooks(self.model, self.optimizer, self.scheduler),
+                              self.max_grad_norm)
 
     def _accumulate_gradients(self, batch: RolloutBatch, loss_fn: LossFn) -> tuple[float, dict[str, float]]:
         """Forward/backward per micro-batch; losses and metrics are step-normalised already, so they just sum."""

@@ -1,14 +1,17 @@
 """Megatron policy checkpoints: dist_checkpointing (torch_dist) files plus a small JSON of the model's shape.
 
-:meth:`MegatronPolicy.save` writes the sharded model and optimizer state with ``megatron.core.dist_checkpointing``
-(any TP/PP layout loads at any other) and ``META_FILE``. :func:`read_checkpoint_as_hf` turns the model part back
-into full HF-named tensors in one CPU process: it reads the torch.distributed.checkpoint files directly
-(``no_dist``), so it needs neither megatron-core nor an initialised process group.
+:func:`save_policy` (``MegatronPolicy.save``) writes the sharded model and optimizer state with
+``megatron.core.dist_checkpointing`` (any TP/PP layout loads at any other) and ``META_FILE``; :func:`load_policy`
+reads it back, patching two megatron-core 0.16 gaps in loading torch Adam state. :func:`read_checkpoint_as_hf` turns
+the model part back into full HF-named tensors in one CPU process: it reads the torch.distributed.checkpoint files
+directly (``no_dist``), so it needs neither megatron-core nor an initialised process group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,98 @@ def check_meta(directory: Path, hf_config: Any) -> dict[str, Any]:
         details = ", ".join(f"{k}: checkpoint {a!r} vs model {b!r}" for k, (a, b) in wrong.items())
         raise ValueError(f"{directory}: checkpoint of a different model ({details})")
     return saved
+
+
+def save_policy(directory: Path, model: Any, optimizer: Any, step: int, hf_config: Any, sizes: Any) -> None:
+    """Every rank writes its shards of ``model`` (Megatron DDP) and ``optimizer``; rank 0 adds ``META_FILE``."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    state = _sharded_state(model, optimizer, is_loading=False)
+    state["step"] = step
+    dist_checkpointing.save(state, str(directory))
+    if dist.get_rank() == 0:
+        meta = {**model_meta(hf_config), "step": step, "tensor_model_parallel_size": sizes.tp,
+                "pipeline_model_parallel_size": sizes.pp, "data_parallel_size": sizes.dp}
+        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+    dist.barrier()
+
+
+def load_policy(directory: Path, model: Any, optimizer: Any, hf_config: Any) -> int:
+    """Load model and optimizer state saved by :func:`save_policy` (any layout); returns the saved step."""
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    check_meta(directory, hf_config)  # a different model fails here, before any tensor is read
+    _init_torch_adam_state(optimizer)
+    state = _sharded_state(model, optimizer, is_loading=True)
+    state["step"] = 0
+    loaded = dist_checkpointing.load(state, str(directory))
+    model.module.load_state_dict(loaded["model"])
+    with _keep_adam_step(optimizer):
+        optimizer.load_state_dict(loaded["optimizer"])
+    return int(loaded["step"])
+
+
+def _sharded_state(model: Any, optimizer: Any, is_loading: bool) -> dict[str, Any]:
+    model_state = model.module.sharded_state_dict()
+    return {
+        "model": model_state,
+        # fully_reshardable: the optimizer state is stored per model parameter, so another TP/PP/DP layout can
+        # load it (megatron-core 0.16's default, fully_sharded_model_space, rejects its own flattened ranges).
+        "optimizer": optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}),
+    }
+
+
+def _init_torch_adam_state(optimizer) -> None:
+    """Give a torch Adam(W) that has not stepped yet its zero state (incl. ``step``) before a load.
+
+    Without Apex/TE, megatron-core 0.16's DistributedOptimizer.state_dict() reads every parameter's ``step`` and
+    fails on a fresh optimizer (resume right after start-up); the loaded checkpoint then overwrites these zeros.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if not isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                state = torch_optimizer.state[param]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _keep_adam_step(optimizer) -> Iterator[None]:
+    """Work around megatron-core 0.16 loading a fully_reshardable distributed-optimizer state into torch AdamW.
+
+    It restores torch AdamW's per-parameter ``step`` from the param groups first, then copies every per-parameter
+    state key from the checkpoint, which never holds ``step`` (KeyError). Feed the restored ``step`` back in.
+    """
+    patched = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(inner, "_set_main_param_and_optimizer_states", None)
+        if setter is None:
+            continue
+
+        def with_step(model_param, tensors, _inner=inner, _setter=setter):
+            group, order = _inner.model_param_group_index_map[model_param]
+            main_param = _inner.optimizer.param_groups[group]["params"][order]
+            state = _inner.optimizer.state.get(main_param, {})
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"].clone()}
+            _setter(model_param, tensors)
+
+        inner._set_main_param_and_optimizer_states = with_step
+        patched.append(inner)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states  # back to the class method
 
 
 def read_checkpoint_as_hf(directory: str | Path, hf_config: Any) -> dict[str, torch.Tensor]:

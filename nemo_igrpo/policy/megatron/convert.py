@@ -152,7 +152,7 @@ def gpt_model_kwargs(hf_config: Any) -> dict[str, Any]:
 def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 1) -> int:
     """Megatron's rule: the embedding / output rows are padded to a multiple of ``divisible_by × TP`` so that every
     tensor-parallel rank holds an equal vocab slice. The padded rows are zero, masked out of every softmax (see
-    ``policy.vocab_parallel_stats``) so they are never scored or trained, and stripped on the way back to HF."""
+    ``logprobs.vocab_parallel_stats``) so they are never scored or trained, and stripped on the way back to HF."""
     multiple = max(1, int(divisible_by)) * max(1, int(tp_size))
     return -(-int(vocab_size) // multiple) * multiple
 
