@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,14 +25,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-# These modules hold the registries behind config keys (algorithm.*, reward.components, *.backend, eval.protocol,
-# trainer.loggers); importing them registers the built-ins. None of them imports this module at run time.
-from nemo_igrpo import assembly, tracking  # noqa: F401
 from nemo_igrpo.algorithms.presets import PRESETS
 from nemo_igrpo.errors import ConfigError  # noqa: F401  (re-exported: ``from nemo_igrpo.config import ConfigError``)
-from nemo_igrpo.evaluation import protocols  # noqa: F401
-from nemo_igrpo.registry import config_registries
 from nemo_igrpo.rewards.defaults import DEFAULT_EXTRACT, DEFAULT_NUM_WORKERS, DEFAULT_TIMEOUT_S
+from nemo_igrpo.validation import validate
 
 
 @dataclass
@@ -280,24 +275,6 @@ class Config:
 # Mapping-valued keys that a layer replaces whole: `reward.components: {boxed_match: 1.0}` means only boxed_match.
 REPLACED_MAPPINGS = ("reward.components",)
 
-# String keys with a closed set of values fixed by the implementation. Pluggable choices (losses, advantages, KL
-# estimators, aggregations, tie-breaks, importance corrections, presets, rewards, backends, eval protocols, loggers)
-# are not listed here: validation reads their live registries (``nemo_igrpo.registry``), so a user's own
-# ``@register_*`` is accepted once its module is imported.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "prompt.draft_content": ("full", "answer_only"),
-    "reward.extract": ("boxed", "answer_tag", "boxed_or_tag"),
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "policy.precision": ("fp32", "bf16"),
-    "generation.server.weight_sync": ("auto", "nccl", "shm", "none"),
-    "policy.megatron.recompute": ("none", "selective", "full"),
-    "policy.megatron.transformer_impl": ("auto", "transformer_engine", "local"),
-    "policy.megatron.fp8": ("none", "hybrid", "e4m3"),
-    "policy.megatron.fp8_recipe": ("delayed", "current"),
-    "trainer.wandb.mode": ("online", "offline", "disabled"),
-}
-
-
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -341,91 +318,6 @@ def _merge(base: DictConfig, data: dict, source: str) -> DictConfig:
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
         raise ConfigError(f"{source}: {key}: {_first_line(error)}") from None
-
-
-def _check_micro_batching(policy: PolicyConfig) -> None:
-    if policy.max_tokens_per_micro_batch is not None and policy.max_tokens_per_micro_batch < 1:
-        raise ConfigError(f"policy.max_tokens_per_micro_batch: must be >= 1 (or null), "
-                          f"got {policy.max_tokens_per_micro_batch}")
-    if policy.sequence_packing and policy.max_tokens_per_micro_batch is None:
-        raise ConfigError("policy.sequence_packing: needs policy.max_tokens_per_micro_batch (the packed row length)")
-    lora = policy.lora
-    if lora.rank < 0 or not 0 <= lora.dropout < 1 or not lora.target_modules:
-        raise ConfigError(f"policy.lora: rank must be >= 0, dropout in [0, 1), target_modules non-empty; got {lora}")
-    if lora.rank > 0 and policy.backend == "megatron":
-        raise ConfigError("policy.lora.rank > 0: LoRA is only supported with policy.backend=hf; set policy.lora.rank=0 "
-                          "for Megatron")
-
-
-def validate(config: Config) -> None:
-    """Value checks the type system cannot express; each error names its key."""
-    for key, allowed in CHOICES.items():
-        value = _get(config, key)
-        if value not in allowed:
-            hint = difflib.get_close_matches(str(value), allowed, n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}{suggestion}")
-    _check_registered(config)
-    if not config.reward.components:
-        raise ConfigError("reward.components: give at least one reward, e.g. {boxed_match: 1.0}")
-    for name, weight in config.reward.components.items():
-        if not math.isfinite(weight):
-            raise ConfigError(f"reward.components.{name}: the weight must be finite, got {weight}")
-    if config.reward.overlong_buffer >= config.generation.max_new_tokens:
-        raise ConfigError(f"reward.overlong_buffer: must be below generation.max_new_tokens "
-                          f"({config.generation.max_new_tokens}), got {config.reward.overlong_buffer}")
-    if config.reward.timeout_s <= 0:
-        raise ConfigError(f"reward.timeout_s: must be > 0, got {config.reward.timeout_s}")
-    positive = ["reward.num_workers", "reward.judge.max_new_tokens", "reward.judge.max_completion_chars",
-                "algorithm.num_refinements", "generation.max_new_tokens", "generation.batch_size",
-                "policy.micro_batch_size", "policy.logprob_chunk_size", "trainer.prompts_per_step",
-                "trainer.keep_last", "algorithm.ppo_epochs", "algorithm.max_sampling_rounds",
-                "eval.samples_per_problem", "data.max_prompt_tokens",
-                "generation.vllm.tensor_parallel_size", "generation.vllm.weight_bucket_mb",
-                "policy.megatron.make_vocab_size_divisible_by"]
-    for key in positive:
-        if _get(config, key) < 1:
-            raise ConfigError(f"{key}: must be >= 1, got {_get(config, key)}")
-    for key in ["reward.overlong_buffer", "reward.overlong_penalty", "algorithm.num_drafts", "trainer.max_steps",
-                "trainer.eval_every", "trainer.save_every", "warm_start.steps", "algorithm.kl_coef"]:
-        if _get(config, key) < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {_get(config, key)}")
-    _check_micro_batching(config.policy)
-    if config.algorithm.num_refinements < 2:
-        raise ConfigError("algorithm.num_refinements: a group needs at least 2 samples for a relative advantage")
-    if not 0 < config.generation.top_p <= 1 or not 0 < config.eval.top_p <= 1:
-        raise ConfigError("generation.top_p / eval.top_p: must be in (0, 1]")
-    if not config.algorithm.importance_cap > 0:
-        raise ConfigError(f"algorithm.importance_cap: must be > 0, got {config.algorithm.importance_cap}")
-    if not 0 < config.generation.vllm.gpu_memory_utilization <= 1:
-        raise ConfigError(f"generation.vllm.gpu_memory_utilization: must be in (0, 1], "
-                          f"got {config.generation.vllm.gpu_memory_utilization}")
-    if config.generation.server.retry_budget_s < 0 or config.generation.server.request_timeout_s <= 0:
-        raise ConfigError("generation.server.retry_budget_s / request_timeout_s: must be >= 0 / > 0")
-    if config.generation.temperature <= 0:
-        raise ConfigError("generation.temperature: RL needs sampling, must be > 0")
-    if config.algorithm.dual_clip is not None and config.algorithm.dual_clip <= 1:
-        raise ConfigError(f"algorithm.dual_clip: must be > 1 (or null), got {config.algorithm.dual_clip}")
-    if not 0 <= config.warm_start.refinement_fraction <= 1:
-        raise ConfigError(f"warm_start.refinement_fraction: must be in [0, 1], "
-                          f"got {config.warm_start.refinement_fraction}")
-    if len(config.optim.betas) != 2:
-        raise ConfigError(f"optim.betas: needs two values, got {config.optim.betas}")
-    if config.trainer.dist_timeout_s <= 0:
-        raise ConfigError(f"trainer.dist_timeout_s: must be > 0, got {config.trainer.dist_timeout_s}")
-    if config.trainer.resume not in ("none", "auto") and not Path(config.trainer.resume).exists():
-        raise ConfigError(f"trainer.resume: must be none, auto or an existing checkpoint path, "
-                          f"got {config.trainer.resume!r}")
-
-
-def _check_registered(config: Config) -> None:
-    """Every registry-backed key names something registered: a string value, each item of a list
-    (``trainer.loggers``) or each key of a mapping (``reward.components``); null means "none" where allowed."""
-    for key, registry in config_registries().items():
-        value = _get(config, key)
-        names = value if isinstance(value, (list, dict)) else [] if value is None else [value]
-        for name in names:
-            registry.check(name, key)
 
 
 def to_yaml(config: Config) -> str:
@@ -485,13 +377,6 @@ def _check_keys(data: Any, schema: type, source: str, prefix: str) -> None:
 def _dataclass_type(f: dataclasses.Field) -> type | None:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
     return type(default) if dataclasses.is_dataclass(default) else None
-
-
-def _get(config: Config, dotted: str) -> Any:
-    value: Any = config
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _first_line(error: Exception) -> str:
