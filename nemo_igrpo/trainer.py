@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from nemo_igrpo import distributed
+from nemo_igrpo import distributed, faults
 from nemo_igrpo.algorithms.aggregation import LossNormalizer
 from nemo_igrpo.algorithms.igrpo import RolloutSettings, rollout
 from nemo_igrpo.algorithms.loss import make_loss_fn
@@ -149,6 +149,7 @@ def _train(config: Config, console: Console) -> TrainResult:
 
             while state.step < config.trainer.max_steps:
                 state.step += 1
+                faults.point("train.step", step=state.step)
                 metrics = train_step(config, policy, generator, sampler, reward, template, decode, settings,
                                      tokenizer.pad_token_id)
                 if config.trainer.eval_every and (state.step % config.trainer.eval_every == 0
@@ -213,6 +214,7 @@ def train_step(config: Config, policy: PolicyBackend, generator: GenerationBacke
         importance_correction=algorithm.importance_correction, importance_cap=algorithm.importance_cap)
     with timer("update"):
         updates = [policy.train_step(batch, loss_fn) for _ in range(algorithm.ppo_epochs)]
+    faults.point("train.updated")
     with timer("weight_sync"):
         generator.update_weights(policy.export_weights())
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nemo_igrpo import faults
 from nemo_igrpo.algorithms.batch import RolloutBatch
 from nemo_igrpo.policy import lora as lora_lib
 from nemo_igrpo.policy import packing
@@ -251,6 +252,7 @@ class HFPolicy(PolicyBackend):
     def train_step(self, batch: RolloutBatch, loss_fn: LossFn) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = self._accumulate_gradients(batch, loss_fn)
+        faults.point("policy.gradients")
         if self._group is not None:
             self._all_reduce_gradients()
             # Step-normalised values sum to the global ones; every rank then takes the same skip decision.

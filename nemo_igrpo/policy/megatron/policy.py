@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from nemo_igrpo import faults
 from nemo_igrpo.algorithms.batch import RolloutBatch
 from nemo_igrpo.policy.base import LossFn, PolicyBackend, TokenStats
 from nemo_igrpo.policy.hf import warmup_cosine
@@ -347,6 +348,7 @@ class MegatronPolicy(PolicyBackend):
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
         loss, metrics = self.accumulate_gradients(batch, loss_fn)
+        faults.point("policy.gradients")
         lr = self.base_lr * self.schedule(self.step)
         self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())  # global over DP/TP/PP, before clipping
