@@ -185,6 +185,12 @@ def test_every_declared_point_is_called_in_the_package_and_every_call_names_a_de
     assert not never, f"declared fault points that no code calls (a call site was renamed or removed?): {never}"
 
 
+def test_docs_list_every_point_and_action():
+    docs = (REPO / "docs" / "reliability.md").read_text()
+    assert [name for name in faults.POINTS if f"| `{name}` |" not in docs] == []
+    assert [name for name in faults.ACTIONS if f"`{name}`" not in docs] == []
+
+
 def test_the_fault_drills_patch_nothing_and_arm_only_declared_points():
     script = REPO / "scripts" / "fault_drills.py"
     tree = ast.parse(script.read_text())
