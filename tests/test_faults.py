@@ -211,3 +211,39 @@ def test_the_fault_drills_patch_nothing_and_arm_only_declared_points():
              and isinstance(node.func, ast.Attribute) and node.func.attr in ("arm", "armed")
              and node.args and isinstance(node.args[0], ast.Constant)}
     assert armed and armed <= set(faults.POINTS), armed - set(faults.POINTS)
+
+
+@pytest.mark.slow
+def test_a_training_run_reaches_every_point_at_the_expected_steps(tmp_path):
+    """What the drills rely on: each point fires in the phase and at the step the docs say (2 steps, a checkpoint
+    after each). reward.grade_item runs in grading workers, which this reward does not use (the drill covers it)."""
+    from nemo_igrpo.config import load_config
+    from nemo_igrpo.trainer import train
+
+    config = load_config(REPO / "conf" / "quickstart.yaml", [
+        "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
+        "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "data.arithmetic.num_train=200",
+        "data.arithmetic.num_heldout=16", "data.arithmetic.max_operand=9", "warm_start.steps=0",
+        "trainer.prompts_per_step=4", "generation.max_new_tokens=12", "trainer.progress=false", "trainer.loggers=[]",
+        "policy.micro_batch_size=8", "trainer.max_steps=2", "trainer.save_every=1", "trainer.keep_last=1",
+        "trainer.eval_every=0", f"trainer.output_dir={tmp_path / 'run'}"])
+    seen: dict[str, list[tuple]] = {name: [] for name in faults.POINTS}
+    for name in faults.POINTS:
+        faults.arm(name, lambda value, context: seen[context["point"]].append(
+            (context.get("step"), context.get("stage"))), times=None)
+    result = train(config)
+    assert result.step == 2
+    per_step = [(1, None), (2, None)]
+    epochs = config.algorithm.ppo_epochs
+    assert seen["train.step"] == per_step
+    assert seen["train.updated"] == per_step
+    assert seen["policy.gradients"] == [(1, None)] * epochs + [(2, None)] * epochs
+    for name in ("checkpoint.begin", "checkpoint.before_rename", "checkpoint.before_prune"):
+        assert seen[name] == per_step, name
+    assert {step for step, _ in seen["rollout.generate"]} == {1, 2}
+    assert {step for step, _ in seen["loss.computed"]} == {1, 2}
+    stages = {"draft", "refinement"} if config.algorithm.num_drafts else {"refinement"}
+    for name in ("rollout.reward", "rollout.rewarded"):
+        assert set(seen[name]) == {(step, stage) for step in (1, 2) for stage in stages}, name
+    assert seen["reward.grade_item"] == []
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000002"]  # pruned after the hook
