@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nemo_igrpo import faults
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -59,6 +61,7 @@ def save_checkpoint(
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}"
     rank = dist.get_rank() if dist.is_initialized() else 0
+    faults.point("checkpoint.begin", step=step, path=final)
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -79,6 +82,7 @@ def save_checkpoint(
         (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
         (tmp / COMPLETE).write_text(str(step))
         _fsync_tree(tmp)
+        faults.point("checkpoint.before_rename", step=step, path=tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume); replace it only now
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -100,6 +104,7 @@ def save_checkpoint(
                 + (f"The previous checkpoint {previous} is intact; " if previous else "No earlier checkpoint exists; ")
                 + "free space or fix permissions, then run again with trainer.resume=auto.") from error
     if rank == 0:
+        faults.point("checkpoint.before_prune", step=step, path=final)
         _prune(root, keep_last)
     return final
 

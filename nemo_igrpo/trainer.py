@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from nemo_igrpo import distributed
+from nemo_igrpo import distributed, faults
 from nemo_igrpo.algorithms.igrpo import rollout
 from nemo_igrpo.assembly import Run, build_run, seed_everything
 from nemo_igrpo.checkpoint import find_latest
@@ -117,6 +117,7 @@ def _train(config: Config, console: Console) -> TrainResult:
 
             while state.step < config.trainer.max_steps:
                 state.step += 1
+                faults.point("train.step", step=state.step)
                 metrics = train_step(config, run, sampler)
                 if config.trainer.eval_every and (state.step % config.trainer.eval_every == 0
                                                   or state.step == config.trainer.max_steps):
@@ -175,6 +176,7 @@ def train_step(config: Config, run: Run, sampler: PromptSampler) -> dict[str, fl
     loss_fn = run.loss.build(global_normalizer(batch.loss_mask, run.loss.max_tokens, group))
     with timer("update"):
         updates = [policy.train_step(batch, loss_fn) for _ in range(epochs)]
+    faults.point("train.updated")
     with timer("weight_sync"):
         generator.update_weights(policy.export_weights())
 

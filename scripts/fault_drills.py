@@ -9,8 +9,11 @@ data cursor. It prints a table (drill, repetitions, survived, data lost, seconds
     python scripts/fault_drills.py --quick --repeats 1   # tiny model (what the CI test runs)
     python scripts/fault_drills.py --drills kill,corrupt --json drills.json
 
-Faults are injected inside the child process by wrapping the functions each phase runs (generation, reward,
-backward, optimizer step, checkpoint write), so a SIGKILL lands *inside* the named phase at a random moment.
+Faults are injected only through the injection points the package declares and calls (``nemo_igrpo/faults.py``,
+listed in docs/reliability.md): the child arms them through ``nemo_igrpo.faults`` or the ``NEMO_IGRPO_FAULTS``
+environment variable, and patches nothing, so a drill keeps testing the same code paths after a refactor (renaming
+or dropping a point fails ``tests/test_faults.py``). A SIGKILL lands *inside* the named phase (generation, reward,
+backward, optimizer step, checkpoint write), at a point drawn at random, or at a random moment after it.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ QUICK = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model
          "eval.samples_per_problem=1", "policy.micro_batch_size=8"]
 PHASES = ("generation", "reward", "backward", "optimizer", "checkpoint")
 EXIT_KILLED = -signal.SIGKILL
+FAULTS_ENV = "NEMO_IGRPO_FAULTS"  # nemo_igrpo.faults.ENV (not imported: the parent arms nothing itself)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -77,11 +81,19 @@ class Harness:
         self._references: dict[tuple[str, ...], Path] = {}
 
     def run(self, run_dir: Path, extra: list[str] = (), fault: dict | None = None,
-            watch_step: int | None = None, env: dict | None = None) -> tuple[RunOutput, float | None]:
-        """Train in a subprocess; with ``watch_step``, also time how long until that step's metrics appear."""
+            watch_step: int | None = None, env: dict | None = None,
+            faults: str | None = None) -> tuple[RunOutput, float | None]:
+        """Train in a subprocess; with ``watch_step``, also time how long until that step's metrics appear.
+
+        ``fault`` is armed by the child (``child``); ``faults`` is a ``NEMO_IGRPO_FAULTS`` spec, which the
+        subprocess and its grading workers read when they import ``nemo_igrpo.faults``.
+        """
         command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(fault or {}), "--",
                    *self.overrides, f"trainer.output_dir={run_dir}", *extra]
         env = {**(env or os.environ), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env.pop(FAULTS_ENV, None)  # a reference or resumed run must not inherit faults meant for another run
+        if faults:
+            env[FAULTS_ENV] = faults
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                    cwd=REPO)
@@ -308,7 +320,8 @@ def drill_disk_full(h: Harness, rng: random.Random, repeats: int) -> list[Trial]
     for repeat in range(repeats):
         step = rng.choice([4, steps])
         run_dir = h.work / f"disk-{repeat}"
-        result, _ = h.run(run_dir, fault={"kind": "disk_full", "step": step})
+        # The file-size limit makes the writes fail with EFBIG, as a full disk fails with ENOSPC.
+        result, _ = h.run(run_dir, faults=f"checkpoint.begin=fsize:{16 * 1024},step={step}")
         notes = [_tail(result.output, 1)]
         latest = _latest(run_dir)
         clear = result.returncode not in (0, EXIT_KILLED) and "checkpoint" in result.output.lower() and (
@@ -330,7 +343,10 @@ def drill_reward(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
         for how in ("hang", "crash"):
             step = rng.randint(1, _max_steps(h.overrides))
             run_dir = h.work / f"reward-{how}-{repeat}"
-            result, _ = h.run(run_dir, extra, fault={"kind": f"grader_{how}", "step": step})
+            flag = run_dir / "grader.flag"  # created at `step`; the one worker that claims it hangs or is killed
+            worker_fault = f"reward.grade_item={'hang' if how == 'hang' else 'kill'},claim={flag},times=all"
+            result, _ = h.run(run_dir, extra, fault={"kind": "grader", "step": step, "flag": str(flag)},
+                              faults=worker_fault)
             records = {r["step"]: r for r in _read_metrics(run_dir / "metrics.jsonl")}
             counter = "timeouts" if how == "hang" else "crashes"
             counted = records.get(step, {}).get(f"reward/count/{counter}", 0)
@@ -355,7 +371,7 @@ def drill_nan(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
         for where in ("loss", "grad"):
             bad = rng.randint(2, steps - 1)
             run_dir = h.work / f"nan-{where}-once-{repeat}"
-            result, _ = h.run(run_dir, extra, fault={"kind": f"nan_{where}", "steps": [bad]})
+            result, _ = h.run(run_dir, extra, faults=_nan_faults(where, [bad]))
             records = {r["step"]: r for r in _read_metrics(run_dir / "metrics.jsonl")}
             skipped = [s for s, r in records.items() if r.get("train/skipped")]
             ok = result.returncode == 0 and skipped == [bad] and max(records, default=0) == steps
@@ -364,7 +380,7 @@ def drill_nan(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
 
             streak = list(range(bad, bad + limit))
             run_dir = h.work / f"nan-{where}-streak-{repeat}"
-            result, _ = h.run(run_dir, extra, fault={"kind": f"nan_{where}", "steps": streak})
+            result, _ = h.run(run_dir, extra, faults=_nan_faults(where, streak))
             latest = _latest(run_dir)
             good = f"step_{bad - 1:06d}"
             clean = result.returncode not in (0, EXIT_KILLED) and "consecutive" in result.output
@@ -372,6 +388,12 @@ def drill_nan(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
             trials.append(Trial("nan", f"{where} at steps {streak[0]}-{streak[-1]}", clean and intact, 0 if intact
                                 else 1, 0.0, [f"stopped: {clean}, newest checkpoint {latest and latest.name}"]))
     return trials
+
+
+def _nan_faults(where: str, steps: list[int]) -> str:
+    """A NaN loss (loss and gradients non-finite), or a finite loss whose gradients are NaN, at these steps."""
+    action = "nan" if where == "loss" else "nan_grad"
+    return ";".join(f"loss.computed={action},step={step},times=all" for step in steps)
 
 
 def _checkpoint_loads(path: Path) -> bool:
@@ -535,29 +557,37 @@ def _phase_log(run_dir: Path, everything: bool = False):
     return marks if everything else (marks[-1] if marks else "before the first step")
 
 
-def child(fault: dict, overrides: list[str]) -> int:
-    """Train with ``fault`` injected (runs in the subprocess)."""
-    import torch
+# Where a kill in each phase lands: (label, injection point, seconds of a random timer started there or 0 for at
+# once). One is drawn per trial. The points are declared in nemo_igrpo/faults.py (see docs/reliability.md).
+KILL_POINTS = {
+    "generation": [("during", "rollout.generate", 0.3)],
+    "reward": [("before", "rollout.reward", 0), ("after", "rollout.rewarded", 0)],
+    "backward": [("before", "loss.computed", 0), ("after", "policy.gradients", 0)],
+    "optimizer": [("before", "policy.gradients", 0), ("after", "train.updated", 0)],
+    "checkpoint": [("writing", "checkpoint.begin", 0.05), ("before-rename", "checkpoint.before_rename", 0),
+                   ("before-pruning", "checkpoint.before_prune", 0)],
+}
 
-    import nemo_igrpo.checkpoint as checkpoint_module
-    import nemo_igrpo.trainer as trainer_module
+
+def child(fault: dict, overrides: list[str]) -> int:
+    """Train with ``fault`` armed at the package's injection points (runs in the subprocess).
+
+    Faults that need no drill logic come through ``NEMO_IGRPO_FAULTS`` (see ``Harness.run``); this arms the ones
+    that do (random timing, marks, a server to kill), through ``nemo_igrpo.faults`` only: nothing is patched.
+    """
+    from nemo_igrpo import faults
     from nemo_igrpo.cli import main
 
     run_dir = Path([o for o in overrides if o.startswith("trainer.output_dir=")][-1].split("=", 1)[1])
     run_dir.mkdir(parents=True, exist_ok=True)
-    marks = open(run_dir / "drill_phases.log", "a", buffering=1)
+    marks = open(run_dir / "drill_phases.log", "a", buffering=1)  # noqa: SIM115  (lives as long as the process)
     rng = random.Random(fault.get("seed", 0))
-    step = {"n": 0, "in_step": False}
+    step = {"n": 0}
     kind = fault.get("kind")
 
     def mark(text: str) -> None:
         marks.write(text + "\n")
         os.fsync(marks.fileno())
-
-    def armed(phase: str) -> bool:
-        # The checkpoint of step k is written after train_step returns; every other phase runs inside it.
-        inside = step["in_step"] or phase == "checkpoint"
-        return kind == "kill" and fault["phase"] == phase and step["n"] == fault["step"] and inside
 
     def kill_now(where: str) -> None:
         mark(f"killed:{where}@step{step['n']}")
@@ -568,76 +598,32 @@ def child(fault: dict, overrides: list[str]) -> int:
         timer.daemon = True
         timer.start()
 
-    real_train_step = trainer_module.train_step
-
-    def counted_step(*args, **kwargs):
-        step["n"] += 1
-        step["in_step"] = True
+    def step_begins(value, context) -> None:
+        step["n"] = context["step"]
         mark(f"step{step['n']}")
         if kind == "term" and step["n"] == fault["step"]:
             threading.Timer(rng.uniform(0, 0.3), _send_term, args=(mark,)).start()
-        try:
-            return real_train_step(*args, **kwargs)
-        finally:
-            step["in_step"] = False
 
-    trainer_module.train_step = counted_step
+    faults.arm("train.step", step_begins, times=None)
+    at_step = {"step": fault.get("step")}  # the checkpoint points carry their step; the others see the current one
 
-    def wrap(owner, name: str, phase: str, within_s: float) -> None:
-        real = getattr(owner, name)
+    if kind == "kill":
+        label, point, within_s = rng.choice(KILL_POINTS[fault["phase"]])
+        where = f"{fault['phase']}:{label}"
+        kill = (lambda v, c: kill_soon(where, within_s)) if within_s else (lambda v, c: kill_now(where))
+        faults.arm(point, kill, when=at_step)
+    elif kind == "server_restart":
+        def kill_server(texts, context) -> None:  # mid-step: drafts generated, refinements not yet
+            os.killpg(fault["server_pid"], signal.SIGKILL)
+            (run_dir / "server_killed").write_text(str(time.time()))
 
-        def wrapper(*args, **kwargs):
-            if armed(phase):
-                if within_s > 0:
-                    kill_soon(phase, within_s)
-                elif rng.random() < 0.5:
-                    kill_now(f"{phase}:before")
-                else:
-                    result = real(*args, **kwargs)
-                    kill_now(f"{phase}:after")
-                    return result
-            return real(*args, **kwargs)
+        faults.arm("rollout.reward", kill_server, when=at_step)
+    elif kind == "grader":
+        def raise_flag(texts: list[str], context) -> list[str]:
+            Path(fault["flag"]).write_text("")  # the grading worker that claims it hangs or dies (NEMO_IGRPO_FAULTS)
+            return ["\\boxed{7}", *texts[1:]]  # at least one item reaches a worker (a tiny model may box nothing)
 
-        setattr(owner, name, wrapper)
-
-    from nemo_igrpo.generation.hf import HFGeneration
-
-    wrap(HFGeneration, "generate", "generation", within_s=0.3)
-    wrap(torch.Tensor, "backward", "backward", within_s=0)
-    wrap(torch.optim.AdamW, "step", "optimizer", within_s=0)
-
-    real_build_reward = trainer_module.build_training_reward
-
-    def build_reward(config):
-        reward = real_build_reward(config)
-        return _RewardProbe(reward, lambda: armed("reward"), kill_now, rng, fault, step, run_dir)
-
-    trainer_module.build_training_reward = build_reward
-
-    real_save = checkpoint_module.save_checkpoint
-
-    def save(root, saved_step, *args, **kwargs):
-        if armed("checkpoint"):
-            where = rng.choice(["writing", "before rename", "before pruning"])
-            if where == "writing":
-                kill_soon("checkpoint:writing", 0.05)
-            elif where == "before rename":
-                real_fsync = checkpoint_module._fsync_tree
-                checkpoint_module._fsync_tree = lambda path: (real_fsync(path), kill_now("checkpoint:before-rename"))
-            else:
-                checkpoint_module._prune = lambda *a, **k: kill_now("checkpoint:before-pruning")
-        if kind == "disk_full" and saved_step == fault["step"]:
-            import resource
-
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like ENOSPC
-            resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))
-        return real_save(root, saved_step, *args, **kwargs)
-
-    trainer_module.save_checkpoint = save
-    checkpoint_module.save_checkpoint = save
-
-    if kind in ("nan_loss", "nan_grad"):
-        _inject_nan(kind, set(fault["steps"]), step, trainer_module, torch)
+        faults.arm("rollout.reward", raise_flag, when=at_step)
 
     try:
         return main(["train", "--config", str(CONFIG), *overrides])
@@ -649,111 +635,6 @@ def _send_term(mark) -> None:
     mark(f"sigterm@{time.time()}")
     os.kill(os.getpid(), signal.SIGTERM)
 
-
-class _RewardProbe:
-    """The training reward, with a kill point and the grading-worker faults."""
-
-    def __init__(self, reward, armed, kill_now, rng, fault, step, run_dir):
-        self._reward, self._armed, self._kill_now = reward, armed, kill_now
-        self._rng, self._fault, self._step, self._run_dir = rng, fault, step, run_dir
-
-    def __call__(self, completions, answers):
-        kind = self._fault.get("kind", "")
-        if kind == "server_restart" and self._step["n"] == self._fault["step"] and self._step["in_step"]:
-            marker = self._run_dir / "server_killed"
-            if not marker.exists():  # mid-step: drafts scored, refinements not yet generated
-                os.killpg(self._fault["server_pid"], signal.SIGKILL)
-                marker.write_text(str(time.time()))
-        if kind.startswith("grader_") and self._step["n"] == self._fault["step"] and self._step["in_step"]:
-            flag = self._run_dir / f"grader_{kind.split('_', 1)[1]}.flag"
-            if not flag.with_suffix(".done").exists():
-                flag.write_text("")  # the first grading worker that sees it hangs or dies (see _grade_or_fail)
-                flag.with_suffix(".done").write_text("")
-                # make sure at least one item reaches a grading worker (a tiny model may not box any answer yet)
-                completions = ["\\boxed{7}", *completions[1:]]
-        if self._armed():
-            if self._rng.random() < 0.5:
-                self._kill_now("reward:before")
-            out = self._reward(completions, answers)
-            self._kill_now("reward:after")
-            return out
-        return self._reward(completions, answers)
-
-    def __getattr__(self, name):
-        return getattr(self._reward, name)
-
-
-def _install_grader_faults(run_dir: Path) -> None:
-    """Wrap the grading pool's function so that one worker hangs or dies when the drill raises its flag."""
-    import functools
-
-    from nemo_igrpo.rewards import pool as pool_module
-
-    real_init = pool_module.GradingPool.__init__
-
-    def init(self, fn, *args, **kwargs):
-        real_init(self, functools.partial(_grade_or_fail, str(run_dir), fn), *args, **kwargs)
-
-    pool_module.GradingPool.__init__ = init
-
-
-def _grade_or_fail(run_dir: str, fn, item):
-    """Runs inside a grading worker (spawned: it imports this file as __mp_main__)."""
-    for how in ("hang", "crash"):
-        flag = Path(run_dir) / f"grader_{how}.flag"
-        try:
-            os.rename(flag, flag.with_suffix(".taken"))  # atomic: exactly one item takes the fault
-        except FileNotFoundError:
-            continue
-        if how == "hang":
-            time.sleep(3600)
-        os.kill(os.getpid(), signal.SIGKILL)
-    return fn(item)
-
-
-def _inject_nan(kind: str, bad_steps: set[int], step: dict, trainer_module, torch) -> None:
-    if kind == "nan_loss":
-        real_make = trainer_module.make_loss_fn
-
-        def make_loss_fn(*args, **kwargs):
-            loss_fn = real_make(*args, **kwargs)
-
-            def poisoned(stats, batch):
-                loss, metrics = loss_fn(stats, batch)
-                return (loss * float("nan"), metrics) if step["n"] in bad_steps else (loss, metrics)
-
-            return poisoned
-
-        trainer_module.make_loss_fn = make_loss_fn
-    else:
-        real_backward = torch.Tensor.backward
-
-        def backward(self, *args, **kwargs):
-            real_backward(self, *args, **kwargs)
-            if step["n"] in bad_steps and step["in_step"]:
-                for group in _optimizer_params():
-                    if group.grad is not None:
-                        group.grad.view(-1)[0] = float("nan")
-                        break
-
-        torch.Tensor.backward = backward
-
-        import nemo_igrpo.policy.hf as hf_module
-
-        real_init = hf_module.HFPolicy.__init__
-
-        def init(self, model, *args, **kwargs):
-            real_init(self, model, *args, **kwargs)
-            _PARAMS.append(model)
-
-        hf_module.HFPolicy.__init__ = init
-
-
-_PARAMS: list = []
-
-
-def _optimizer_params():
-    return [p for model in _PARAMS for p in model.parameters()]
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -823,10 +704,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        fault_spec = json.loads(sys.argv[2])
-        child_overrides = sys.argv[4:]
-        if fault_spec.get("kind", "").startswith("grader_"):
-            _dir = Path([o for o in child_overrides if o.startswith("trainer.output_dir=")][-1].split("=", 1)[1])
-            _install_grader_faults(_dir)
-        sys.exit(child(fault_spec, child_overrides))
+        sys.exit(child(json.loads(sys.argv[2]), sys.argv[4:]))
     sys.exit(main())

@@ -180,24 +180,21 @@ def test_prompts_must_split_evenly_over_ranks():
         check_divisible(config.trainer.prompts_per_step, 4)
 
 
-def test_stop_file_checkpoints_and_reports_the_stop(tmp_path, monkeypatch):
+def test_stop_file_checkpoints_and_reports_the_stop(tmp_path):
     import nemo_igrpo.trainer as trainer_module
+    from nemo_igrpo import faults
     from nemo_igrpo.config import load_config
 
     run = tmp_path / "run"
     config = load_config(REPO / "conf" / "quickstart.yaml",
                          [*(o for o in TINY if not o.startswith("reward.")), "trainer.max_steps=5",
                           "trainer.eval_every=0", "trainer.save_every=0", f"trainer.output_dir={run}"])
-    real_step, calls = trainer_module.train_step, []
 
-    def step_then_request_stop(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            (run / trainer_module.STOP_FILE).write_text("")  # what the sbatch script does before its time limit
-        return real_step(*args, **kwargs)
+    def request_stop(value, context) -> None:
+        (run / trainer_module.STOP_FILE).write_text("")  # what the sbatch script does before its time limit
 
-    monkeypatch.setattr(trainer_module, "train_step", step_then_request_stop)
-    result = trainer_module.train(config)
+    with faults.armed("train.step", request_stop, when={"step": 2}):  # during step 2
+        result = trainer_module.train(config)
     assert (result.step, result.stop_signal) == (2, "STOP file")
     assert (run / "checkpoints" / "step_000002" / "COMPLETE").is_file() and not (run / "final").exists()
     assert torch.equal(torch.tensor([r["step"] for r in read_metrics(run / "metrics.jsonl")]), torch.tensor([1, 2]))

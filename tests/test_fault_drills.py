@@ -68,6 +68,14 @@ def test_malformed_inputs_fail_before_any_work_naming_file_line_or_key(drills, h
     assert_survived(trials, 4)
 
 
+def test_drills_arm_the_packages_environment_variable(drills):
+    from nemo_igrpo import faults
+
+    assert drills.FAULTS_ENV == faults.ENV  # the script spells it out so that its parent process imports nothing
+    assert {point for options in drills.KILL_POINTS.values() for _, point, _ in options} <= set(faults.POINTS)
+    assert set(drills.KILL_POINTS) == set(drills.PHASES)
+
+
 def test_summary_counts_repetitions_survivors_and_lost_steps(drills, tmp_path):
     trials = [drills.Trial("kill", "a", True, 0, 2.0), drills.Trial("kill", "b", False, 3, 4.0),
               drills.Trial("kill", "c", True, 0, 1.0), drills.Trial("nan", "d", True, 0, 0.5)]

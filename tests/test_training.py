@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import nemo_igrpo.trainer as trainer_module
+from nemo_igrpo import faults
 from nemo_igrpo.checkpoint import find_latest
 from nemo_igrpo.cli import main as cli_main
 from nemo_igrpo.config import load_config
 from nemo_igrpo.rewards import Reward, RewardOutput, register_reward
 from nemo_igrpo.evaluation.protocols import packaged_benchmarks
 from nemo_igrpo.tracking import read_metrics
-from nemo_igrpo import trainer as trainer_module
 from nemo_igrpo.trainer import TrainingStopped, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,27 +43,15 @@ def comparable(records):
     return [{k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in records]
 
 
-def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path):
     steps = ["trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=2"]
     reference = tmp_path / "reference"
     train(tiny_config(reference, *steps))
 
     crashed = tmp_path / "crashed"
-    real_step = trainer_module.train_step
-
-    calls = []
-
-    def crash_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "train_step", crash_in_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_config(crashed, *steps))
+    with faults.armed("train.step", "raise", when={"step": 3}), pytest.raises(faults.FaultInjected):
+        train(tiny_config(crashed, *steps))  # crashes as step 3 begins
     assert find_latest(crashed / "checkpoints").name == "step_000002"
-    monkeypatch.setattr(trainer_module, "train_step", real_step)
     result = train(tiny_config(crashed, *steps))  # trainer.resume=auto
     assert result.step == 4
 
@@ -85,23 +72,15 @@ def test_finished_run_is_not_retrained(tmp_path, capsys):
     assert result.step == 1 and len(read_metrics(run / "metrics.jsonl")) == lines
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_checkpoint_intact(tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_the_checkpoint_intact(tmp_path):
     run = tmp_path / "run"
     train(tiny_config(run, "trainer.max_steps=1", "trainer.eval_every=0"))
     weights = (run / "checkpoints" / "step_000001" / "policy").iterdir()
     before = {p.name: p.read_bytes() for p in weights}
 
     # A NaN loss (a NaN reward no longer makes one: such samples are unscorable and get advantage 0)
-    import nemo_igrpo.algorithms.loss as loss_module
-
-    make_loss_fn = loss_module.make_loss_fn
-
-    def nan_loss_fn(**kwargs):
-        loss_fn = make_loss_fn(**kwargs)
-        return lambda stats, batch: (lambda loss, metrics: (loss * math.nan, metrics))(*loss_fn(stats, batch))
-
-    monkeypatch.setattr(loss_module, "make_loss_fn", nan_loss_fn)
-    with pytest.raises(TrainingStopped, match="2 consecutive steps had a non-finite loss"):
+    with faults.armed("loss.computed", "nan", times=None), \
+            pytest.raises(TrainingStopped, match="2 consecutive steps had a non-finite loss"):
         train(tiny_config(run, "trainer.max_steps=5", "trainer.max_consecutive_nan_steps=2", "trainer.eval_every=0",
                           "trainer.save_every=1"))
     records = read_metrics(run / "metrics.jsonl")

@@ -17,6 +17,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from nemo_igrpo import faults
 from nemo_igrpo.algorithms.advantages import compute_advantages, zero_variance_groups
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
 from nemo_igrpo.algorithms.selection import select_best
@@ -151,8 +152,9 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
         clock["first_follow_up"] = clock["first_follow_up"] or started
         if n == 0:
             return template.problem_ids(problems[i].problem)
-        texts = [decode(d.token_ids) for d in drafts]
+        texts = faults.point("rollout.reward", [decode(d.token_ids) for d in drafts], stage="draft")
         scored = _with_length_penalty(reward(texts, [answers[i]] * n), drafts, settings)
+        faults.point("rollout.rewarded", stage="draft")
         _count(samples.reward_counters, scored.counters)
         _count_non_finite(samples.reward_counters, scored.scores)
         scores = scored.scores
@@ -164,6 +166,7 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
         return template.refinement_ids(problems[i].problem, texts[best])
 
     prompts = [template.problem_ids(p.problem) for p in problems]
+    faults.point("rollout.generate")
     _, stage2_prompts, refinements = generator.generate_chained(
         prompts, replace(settings.sampling, n=n), refinement_prompt, replace(settings.sampling, n=g))
     samples.draft_rewards = [draft_rewards[i] for i in sorted(draft_rewards)]
@@ -173,9 +176,11 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
     generated = time.perf_counter() - clock["start"] - clock["draft_reward"]
 
     started = time.perf_counter()
-    texts = [decode(c.token_ids) for group in refinements for c in group]
+    texts = faults.point("rollout.reward", [decode(c.token_ids) for group in refinements for c in group],
+                         stage="refinement")
     flat = [c for group in refinements for c in group]
     scored = _with_length_penalty(reward(texts, [a for a in answers for _ in range(g)]), flat, settings)
+    faults.point("rollout.rewarded", stage="refinement")
     _count(samples.reward_counters, scored.counters)
     _count_non_finite(samples.reward_counters, scored.scores)
     drafts = (clock["first_follow_up"] - clock["start"]) if n else 0.0

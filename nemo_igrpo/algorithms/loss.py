@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from nemo_igrpo import faults
 from nemo_igrpo.algorithms.aggregation import AGGREGATIONS, LossNormalizer, aggregate
 from nemo_igrpo.algorithms.batch import LossFn, RolloutBatch, TokenStats
 from nemo_igrpo.algorithms.kl import KL_ESTIMATORS, kl_penalty
@@ -137,7 +138,7 @@ def make_loss_fn(
         if weight is not None:
             metrics["mismatch/is_weight_mean"] = token_mean(weight, mask)
             metrics["mismatch/is_capped_fraction"] = token_mean(capped, mask)
-        return loss, metrics
+        return faults.point("loss.computed", loss), metrics  # the drills' NaN loss / NaN gradient
 
     return loss_fn
 

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
+from nemo_igrpo import faults
+
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
     """LR multiplier for optimizer step ``step`` (0-based): linear warmup, then cosine decay to ``min_lr_ratio``.
@@ -71,6 +73,7 @@ def optimizer_step(loss: float, metrics: dict[str, float], hooks: OptimizerHooks
     ``loss`` and ``metrics`` are the step's totals (summed over micro-batches and DP ranks), so every rank takes the
     same skip decision.
     """
+    faults.point("policy.gradients")  # gradients accumulated, update not yet applied (the drills' kill point)
     lr = hooks.lr()
     norm = hooks.grad_norm()
     grad_norm = float(norm)

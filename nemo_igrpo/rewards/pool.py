@@ -37,6 +37,8 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, TypeVar
 
+from nemo_igrpo import faults
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -74,6 +76,7 @@ def _worker_main(
             return
         for item in items:
             try:
+                faults.point("reward.grade_item")  # armed through the environment, which spawned workers inherit
                 reply = (_OK, fn(item))
             except MemoryError:
                 # The heap may be unusable: exit and let the parent start a fresh worker. Say so first, so that
