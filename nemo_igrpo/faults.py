@@ -48,8 +48,8 @@ POINTS: dict[str, str] = {
     "rollout.reward": "rollout: before the reward scores completions; value: their texts; context: stage",
     "rollout.rewarded": "rollout: after the reward scored completions; context: stage (draft | refinement)",
     "loss.computed": "loss function (both policy backends): a micro-batch's loss, before its backward; value: loss",
-    "policy.gradients": "the shared optimizer step (both policy backends): the step's gradients are accumulated, before the non-finite check, "
-                        "clipping and the optimizer step",
+    "policy.gradients": "the shared optimizer step (both policy backends): the step's gradients are accumulated, "
+                        "before the non-finite check, clipping and the optimizer step",
     "checkpoint.begin": "checkpoint: a save starts (nothing written yet); context: step, path",
     "checkpoint.before_rename": "checkpoint: every file written and fsynced in the temporary directory, before "
                                 "the rename makes it visible; context: step, path",

@@ -33,8 +33,8 @@ class Registry(Mapping[str, T], Generic[T]):
         self._entries: dict[str, T] = {}
         if config_key is not None:
             if config_key in _BY_CONFIG_KEY:
-                raise ValueError(f"config key {config_key!r} is already backed by the {_BY_CONFIG_KEY[config_key].kind} "
-                                 "registry")
+                owner = _BY_CONFIG_KEY[config_key].kind
+                raise ValueError(f"config key {config_key!r} is already backed by the {owner} registry")
             _BY_CONFIG_KEY[config_key] = self
 
     def register(self, name: str, obj: T | object = _DECORATE) -> Callable[[T], T] | T:

@@ -111,7 +111,8 @@ def test_paper_defaults():
     (["algorithm.num_draft=3"], "unknown key 'algorithm.num_draft' (did you mean 'algorithm.num_drafts'?)"),
     (["trainr.max_steps=3"], "unknown key 'trainr' (did you mean 'trainer'?)"),
     (["trainer.max_steps=abc"], "trainer.max_steps"),
-    (["algorithm.loss_agg=token_mean"], "algorithm.loss_agg: unknown loss aggregation 'token_mean' (did you mean 'token-mean'?)"),
+    (["algorithm.loss_agg=token_mean"],
+     "algorithm.loss_agg: unknown loss aggregation 'token_mean' (did you mean 'token-mean'?)"),
     (["algorithm.preset=dpo"], "command line: algorithm.preset: unknown algorithm preset 'dpo'"),
     (["algorithm.num_refinements=1"], "algorithm.num_refinements"),
     (["generation.temperature=0"], "generation.temperature"),
@@ -119,7 +120,8 @@ def test_paper_defaults():
     (["trainer.resume=/no/such/checkpoint"], "trainer.resume"),
     (["max_steps"], "must look like section.key=value"),
     (["reward.components={boxed_mach: 1.0}"], "reward.components: unknown reward 'boxed_mach' (did you mean"),
-    (["eval.protocol=papr"], "eval.protocol: unknown evaluation protocol 'papr' (did you mean 'paper'?); registered: paper"),
+    (["eval.protocol=papr"],
+     "eval.protocol: unknown evaluation protocol 'papr' (did you mean 'paper'?); registered: paper"),
     (["reward.overlong_buffer=5000"], "reward.overlong_buffer: must be below generation.max_new_tokens"),
 ])
 def test_bad_overrides_are_rejected_by_name(overrides, message):

@@ -12,11 +12,13 @@ from collections.abc import Iterable, Iterator
 import torch
 
 # vLLM fuses these HF projections into one parameter; all members must arrive in the same reload call.
-_FUSED_GROUPS = (re.compile(r"^(.*\.)(q_proj|k_proj|v_proj)(\.[^.]+)$"), re.compile(r"^(.*\.)(gate_proj|up_proj)(\.[^.]+)$"))
+_FUSED_GROUPS = (re.compile(r"^(.*\.)(q_proj|k_proj|v_proj)(\.[^.]+)$"),
+                 re.compile(r"^(.*\.)(gate_proj|up_proj)(\.[^.]+)$"))
 _GROUP_SIZES = (3, 2)
 
 
-def weight_buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def weight_buckets(weights: Iterable[tuple[str, torch.Tensor]],
+                   bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Consecutive lists of (name, tensor) of about ``bucket_bytes`` each, never splitting a fused group.
 
     A q/k/v (or gate/up) group is held back until all its members arrived, so a bucket is closed only at a point

@@ -75,9 +75,9 @@ def _fallback_text(text: str) -> str:
 class MathVerifyReward(Reward):
     """Math-verify accuracy. Only the completion is scored (see ``BoxedMatchReward`` for why).
 
-    ``extract``, ``num_workers`` and ``timeout_s`` default to the ``reward.*`` defaults (``rewards.defaults``). ``fallback``: a
-    completion with neither a box nor an answer block is graded on math-verify's own extraction of its final
-    expression.
+    ``extract``, ``num_workers`` and ``timeout_s`` default to the ``reward.*`` defaults (``rewards.defaults``).
+    ``fallback``: a completion with neither a box nor an answer block is graded on math-verify's own extraction of
+    its final expression.
 
     Counters: ``no_answer`` (no box and no answer block, or an empty one), ``fallback_extraction`` (of those, graded
     by the fallback), ``too_long`` (answer over ``max_answer_chars``, scored 0 without grading), and from the pool
