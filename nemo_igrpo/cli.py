@@ -251,13 +251,14 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
 
 def _convert_gguf(args: argparse.Namespace, console: Console) -> int:
+    from nemo_igrpo.config import ModelConfig
     from nemo_igrpo.models import ModelSourceError, convert_gguf, is_gguf_source
 
     if not is_gguf_source(args.source):
         console.print(f"[red]error[/]: SOURCE must start with gguf:, got {args.source!r}", highlight=False)
         return 2
     try:
-        convert_gguf(args.source, args.output_dir, overwrite=args.overwrite)
+        convert_gguf(ModelConfig(path=args.source), args.output_dir, overwrite=args.overwrite)
     except (ModelSourceError, FileExistsError) as error:
         console.print(f"[red]error[/]: {error}", highlight=False, soft_wrap=True)
         return 2

@@ -44,11 +44,7 @@ class ModelSourceError(ValueError):
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of ``model.tokenizer`` (default ``model.path``), with a chat template and a pad token."""
-    return tokenizer_from(config.tokenizer or config.path)
-
-
-def tokenizer_from(source: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a folder, hub name, ``gguf:`` source or the built-in tiny Llama (see ``load_tokenizer``)."""
+    source = config.tokenizer or config.path
     if source == BUILTIN_TINY_LLAMA:
         from nemo_igrpo.data.char_tokenizer import build_char_tokenizer
 
@@ -197,13 +193,12 @@ def _without_quantizer(loaded: PreTrainedModel) -> PreTrainedModel:
 # ---------------------------------------------------------------------------------------------- conversion
 
 
-def convert_gguf(source: str, output_dir: Path, overwrite: bool = False) -> Path:
-    """Write the model and tokenizer of GGUF ``source`` as a Hugging Face folder at ``output_dir`` (float32)."""
-    if not is_gguf_source(source):
-        raise ModelSourceError(f"{source!r} is not a GGUF source (gguf:<file or folder>)")
+def convert_gguf(source: ModelConfig, output_dir: Path, overwrite: bool = False) -> Path:
+    """Write the model and tokenizer of the GGUF model section ``source`` (``path: gguf:...``) as a Hugging Face
+    folder at ``output_dir``."""
     _check_output_dir(output_dir, overwrite)  # before the slow load, so a refusal is immediate
-    tokenizer = tokenizer_from(source)
-    model = load_gguf_model(source, torch.float32)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, tokenizer)
     save_hf_folder(model, tokenizer, output_dir, overwrite=overwrite)
     return output_dir
 

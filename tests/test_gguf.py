@@ -197,9 +197,9 @@ def test_the_real_model_solves_easy_arithmetic_through_the_hf_backend(smollm2):
 
 def test_one_step_of_the_example_config_trains_and_logs_finite_metrics(smollm2, tmp_path, monkeypatch):
     tokenizer, model = smollm2
-    monkeypatch.setattr(trainer_module, "load_tokenizer", lambda config: tokenizer)
+    monkeypatch.setattr(models, "load_tokenizer", lambda config: tokenizer)
     # Training changes the weights in place: give it a copy, so the module's model stays the pretrained one.
-    monkeypatch.setattr(trainer_module, "load_model", lambda config, tok: copy.deepcopy(model))
+    monkeypatch.setattr(models, "load_model", lambda config, tok: copy.deepcopy(model))
     run = tmp_path / "run"
     config = load_config(EXAMPLE, [
         "trainer.max_steps=1", "trainer.prompts_per_step=2", "algorithm.num_drafts=2", "algorithm.num_refinements=2",
