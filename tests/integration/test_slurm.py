@@ -17,7 +17,7 @@ import pytest
 
 from nemo_igrpo.tracking import read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "slurm" / "igrpo.sbatch"
 
 pytestmark = pytest.mark.slow

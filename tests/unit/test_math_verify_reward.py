@@ -277,7 +277,7 @@ def test_importing_the_rewards_does_not_import_sympy():
 
 # ------------------------------------------------------------------------------ third-party verdict table
 
-CASES = Path(__file__).parent / "data" / "grader_cases.jsonl"
+CASES = Path(__file__).resolve().parents[1] / "data" / "grader_cases.jsonl"  # tests/data, shared by the layers
 AGREEMENT_BAR = 0.95  # issue 15: the reward's verdict must match the source's on at least 95% of the table
 
 

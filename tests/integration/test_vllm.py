@@ -27,7 +27,7 @@ from nemo_igrpo.generation.base import SamplingParams
 from nemo_igrpo.generation.hf import HFGeneration
 from nemo_igrpo.generation.vllm import PromptTooLongError, VLLMGeneration, weight_buckets
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VLLM = ["generation.backend=vllm", "generation.vllm.enforce_eager=true"]
 # max |log p_vLLM − log p_trainer| per token, fp32 on both sides: different attention/matmul kernels and
 # reduction orders give up to ~3e-5 on log-probs of magnitude ≲ 10 (≈ 30 float32 ulps); a wrong weight or
@@ -269,7 +269,8 @@ def test_closing_the_engine_keeps_the_trainers_process_group(tmp_path):
     script = tmp_path / "keep_group.py"
     script.write_text(_KEEP_GROUP)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent), str(tmp_path / "store"), *VLLM],
+    tests = Path(__file__).resolve().parents[1]  # tests/: helpers.py
+    proc = subprocess.run([sys.executable, str(script), str(tests), str(tmp_path / "store"), *VLLM],
                           env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RESULT 2.0" in proc.stdout

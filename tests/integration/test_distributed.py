@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from nemo_igrpo.distributed import DistributedError, detect_launch, expand_nodelist
 from nemo_igrpo.tracking import read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",

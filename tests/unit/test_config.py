@@ -11,7 +11,7 @@ import yaml
 from nemo_igrpo.algorithms.presets import PRESETS
 from nemo_igrpo.config import Config, ConfigError, load_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 YAMLS = sorted((REPO / "conf").rglob("*.yaml"))
 
 

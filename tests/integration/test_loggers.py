@@ -14,7 +14,7 @@ from nemo_igrpo.config import ConfigError, load_config
 from nemo_igrpo.tracking import MLFLOW_ID_FILE, WANDB_ID_FILE, MetricsLogger, mlflow_key, read_metrics
 from nemo_igrpo.trainer import train
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",

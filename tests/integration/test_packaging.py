@@ -11,7 +11,7 @@ import pytest
 
 from nemo_igrpo.cli import build_parser, default_config_path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_package_is_listed_in_pyproject():

@@ -17,7 +17,7 @@ from nemo_igrpo.evaluation.metrics import avg_at_k_ci95, markdown_table
 from nemo_igrpo.evaluation.protocols import PAPER, EvalRun, dataset_name, packaged_benchmarks, plan_runs
 from nemo_igrpo.models import load_model, load_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = packaged_benchmarks()  # shipped inside the package (a user's clone has nothing beside it)
 
 TINY_MODEL = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",

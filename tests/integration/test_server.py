@@ -40,7 +40,7 @@ from nemo_igrpo.models import load_model, load_tokenizer
 from nemo_igrpo.rewards import BoxedMatchReward, register_reward
 from nemo_igrpo.serve import wait_until_healthy
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-0123456789"
 # max |log p_vLLM − log p_trainer| per token, fp32 on both sides: different attention/matmul kernels and
 # reduction orders give up to ~3e-5 on log-probs of magnitude ≲ 10 (≈ 30 float32 ulps); a wrong weight or

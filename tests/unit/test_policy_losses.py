@@ -191,7 +191,7 @@ def test_loss_fn_without_kl():
     # on-policy gradient of −A·r/6 with r = exp(lp − sg[lp]): −A/6 → row 0: −1/6, row 1: 4/6
     torch.testing.assert_close(stats.logprobs.grad, torch.tensor([[0.0, -1 / 6, -1 / 6], [0.0, 4 / 6, 0.0]], **F64))
     expected = {"policy_loss": 2 / 6, "kl": 0.0, "clip_fraction": 0.0, "entropy": 1.0, "ratio_mean": 3 / 6,
-                # generator log-probs 0: Δ = lp − 0 = [−1, −2], [−0.5] (see tests/test_importance_correction.py)
+                # generator log-probs 0: Δ = lp − 0 = [−1, −2], [−0.5] (see tests/unit/test_importance_correction.py)
                 "mismatch/token_prob_error": (math.e + math.e ** 2 + math.e ** 0.5) / 6,
                 "mismatch/seq_kl": (math.exp(-1) + math.exp(-2) + 1 + math.exp(-0.5) - 0.5) / 4}
     assert {k: pytest.approx(v.item()) for k, v in metrics.items()} == expected

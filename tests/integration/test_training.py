@@ -23,7 +23,7 @@ from nemo_igrpo.tracking import read_metrics
 from nemo_igrpo import trainer as trainer_module
 from nemo_igrpo.trainer import TrainingStopped, train
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = packaged_benchmarks()
 
 TINY = [

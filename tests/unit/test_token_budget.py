@@ -175,7 +175,7 @@ def test_benchmark_lengths_are_long_tailed_like_reasoning_traces():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_packing.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "bench_packing.py"
     spec = importlib.util.spec_from_file_location("bench_packing", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -108,7 +108,7 @@ def test_bad_settings_are_rejected():
 @pytest.mark.parametrize("correction", ["token", "sequence"])
 @pytest.mark.parametrize("agg", AGGREGATIONS)
 def test_micro_batches_sum_to_the_full_batch_with_correction(correction, agg):
-    """Like tests/test_microbatch_invariance.py, with random generator log-probs and the correction on."""
+    """Like tests/unit/test_microbatch_invariance.py, with random generator log-probs and the correction on."""
     gen = torch.Generator().manual_seed(0)
     rows, length = 6, 7
     mask = torch.zeros(rows, length, dtype=torch.float64)

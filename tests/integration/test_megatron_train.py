@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the shared helpers (megatron_cpu_patch); its parent is the repo
 STEPS = ["trainer.max_steps=2", "trainer.save_every=1", "trainer.eval_every=0", "warm_start.steps=0",
          "reward.components={test_alternating: 1.0}",  # every group has reward variance: real gradients
          "algorithm.kl_coef=0.01"]

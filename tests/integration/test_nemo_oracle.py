@@ -39,8 +39,8 @@ from nemo_igrpo.data.char_tokenizer import build_char_tokenizer
 from nemo_igrpo.export import export
 from nemo_igrpo.trainer import train
 
-REPO = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]  # tests/: nemo_oracle_check.py and the shared helpers
 CONFIG_KEYS = ["num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                "kv_channels", "layernorm_epsilon", "rotary_base", "seq_length", "share_embeddings_and_output_weights",
                "params_dtype", "vocab_size", "make_vocab_size_divisible_by", "apply_rope_fusion"]

@@ -22,7 +22,7 @@ from nemo_igrpo.config import load_config
 from nemo_igrpo.models import load_model, load_tokenizer
 from nemo_igrpo.serve import KILL_GRACE_S, wait_until_healthy
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOKEN = "test-token-shutdown"
 SHUTDOWN_TIMEOUT_S = 5
 TINY = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",

@@ -8,7 +8,7 @@ from pathlib import Path
 from nemo_igrpo.config import load_config
 from nemo_igrpo.rewards import REWARDS, build_reward
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_custom_reward_example():

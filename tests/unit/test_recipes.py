@@ -11,7 +11,7 @@ from nemo_igrpo.cli import main as cli_main
 from nemo_igrpo.config import ConfigError, load_config
 from nemo_igrpo.recipes import batch_plan, check_recipe
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "conf" / "recipes").glob("*.yaml"))
 
 # name → (model, training set, preset, TP, micro-batch, training nodes for the layout its header names)

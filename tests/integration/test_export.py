@@ -1,7 +1,7 @@
 """`nemo-igrpo export`: a real (1-step) run's policy to HF, NeMo 2 and .nemo, each read back to the same logits;
 the NeMo 2 weights also through megatron-core's own dist_checkpointing.load; the NeMo formats' structure (io.json,
 model.yaml types, _extra_state, tokenizer files); refusals for bad targets and sources. NeMo itself reads the exports
-in tests/test_nemo_oracle.py."""
+in tests/integration/test_nemo_oracle.py."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from nemo_igrpo.export import ExportError, export
 from nemo_igrpo.export.nemo import read_nemo2, read_nemo_archive
 from nemo_igrpo.trainer import train
 
-REPO = Path(__file__).resolve().parent.parent
-TESTS = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS = Path(__file__).resolve().parents[1]  # tests/: the shared helpers (megatron_cpu_patch)
 TINY_RUN = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
     "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "data.arithmetic.num_train=200",

@@ -1,8 +1,9 @@
 """Megatron policy backend on CPU over gloo: HF parity and equal loss/gradients across TP=2 (+sequence parallel),
 PP=2 (3 micro-batches), DP=2 (distributed optimizer), a checkpoint saved at TP=2 loaded at TP=1, save_pretrained.
 
-Every layout runs in fresh processes (``python tests/test_megatron_parallel.py MODE RANK WORLD PORT OUT``): the CPU
-patch (tests/megatron_cpu_patch.py) and megatron's global parallel state must not leak into the pytest process.
+Every layout runs in fresh processes (``python tests/integration/test_megatron_parallel.py MODE RANK WORLD PORT
+OUT``): the CPU patch (tests/megatron_cpu_patch.py) and megatron's global parallel state must not leak into the
+pytest process.
 """
 
 from __future__ import annotations

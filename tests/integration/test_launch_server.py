@@ -33,7 +33,7 @@ from nemo_igrpo.config import load_config
 from nemo_igrpo.models import load_model, load_tokenizer
 from nemo_igrpo.tracking import read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "conf" / "recipes").glob("*.yaml"))
 ENV = {"NEMO_IGRPO_SERVER_TOKEN": TOKEN}
 PROMPTS_PER_STEP = 4  # launch_harness.BASE
@@ -116,7 +116,7 @@ def _run_once(tmp_path: Path, overrides: list[str], nproc: int, megatron: bool):
     from test_distributed import _free_port
 
     wrapper = tmp_path / "harness_entry.py"
-    wrapper.write_text(_WRAPPER.format(tests=str(Path(__file__).parent), megatron=megatron,
+    wrapper.write_text(_WRAPPER.format(tests=str(Path(__file__).resolve().parents[1]), megatron=megatron,
                                        fixed=[[1, 2, 3, 4, 5, 6]], prompt=3, entry=str(tmp_path / "entry.py")))
     launch = [] if nproc == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                                     f"--master-port={_free_port()}"]
