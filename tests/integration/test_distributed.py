@@ -102,6 +102,7 @@ def test_two_ranks_reproduce_one_rank_on_the_same_global_batch(tmp_path):
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_an_unreachable_rendezvous_fails_fast_with_the_address(tmp_path):
     port = _free_port()  # nobody listens there: this process is rank 1 waiting for a rank 0 that never comes
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
@@ -115,6 +116,7 @@ def test_an_unreachable_rendezvous_fails_fast_with_the_address(tmp_path):
     assert time.time() - started < 60
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_an_unwritable_output_dir_is_refused_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -180,6 +182,7 @@ def test_prompts_must_split_evenly_over_ranks():
         _check_divisible(config, 4)
 
 
+@pytest.mark.slow  # trains
 def test_stop_file_checkpoints_and_reports_the_stop(tmp_path, monkeypatch):
     import nemo_igrpo.trainer as trainer_module
     from nemo_igrpo.config import load_config

@@ -64,6 +64,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # 2 worker processes over gloo
 @pytest.mark.timeout(300)
 def test_two_replicas_take_the_full_batch_step(tmp_path, single_thread):
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")

@@ -73,6 +73,7 @@ def model_from_state(hf_config, state):
     return model.eval()
 
 
+@pytest.mark.slow  # run_dir trains a tiny run
 def test_hf_export_of_a_checkpoint_loads_in_transformers_with_identical_logits(run_dir, tmp_path):
     out = tmp_path / "hf"
     export(checkpoint_of(run_dir), "hf", out)
@@ -88,6 +89,7 @@ def test_hf_export_of_a_checkpoint_loads_in_transformers_with_identical_logits(r
     assert tokenizer(text).input_ids == original(text).input_ids and tokenizer.chat_template == original.chat_template
 
 
+@pytest.mark.slow  # run_dir trains a tiny run
 def test_nemo2_export_layout_and_round_trip_to_identical_logits(run_dir, tmp_path):
     out = tmp_path / "nemo2"
     export(run_dir, "nemo2", out)  # a run directory: its final/ model
@@ -201,6 +203,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # Megatron in subprocesses
 def test_nemo2_weights_load_with_megatron_core_at_tensor_parallel_2(tmp_path):
     """NeMo reads `weights/` with megatron-core's dist_checkpointing.load at whatever TP it runs: two processes at
     TP=2 (gloo, CPU patch) each load their shard of an untied, 2-KV-head Llama; the shards map back to the exported
@@ -248,6 +251,7 @@ MEGATRON_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # Megatron in subprocesses
 def test_export_of_a_megatron_backend_checkpoint_matches_its_final_model(tmp_path):
     """A real 1-step run with policy.backend=megatron (CPU patch, one process): its distributed checkpoint exported
     to HF scores exactly like the HF model the run itself wrote to final/."""
@@ -272,6 +276,7 @@ def test_export_of_a_megatron_backend_checkpoint_matches_its_final_model(tmp_pat
     assert torch.equal(logits(model_from_state(hf_config, state), 101), logits(final, 101))
 
 
+@pytest.mark.slow  # run_dir trains a tiny run
 def test_nemo_archive_layout_and_round_trip_to_identical_logits(run_dir, tmp_path):
     out = tmp_path / "policy.nemo"
     export(checkpoint_of(run_dir), "nemo", out)
@@ -320,6 +325,7 @@ def test_qwen2_bf16_folder_round_trips_through_nemo2_bitwise(tmp_path):
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow  # run_dir trains a tiny run
 def test_existing_target_is_refused_and_kept_without_overwrite(run_dir, tmp_path, capsys):
     target = tmp_path / "out"
     target.mkdir()
@@ -344,6 +350,7 @@ def test_existing_target_is_refused_and_kept_without_overwrite(run_dir, tmp_path
         export(run_dir, "nemo", tmp_path / "b.tar")
 
 
+@pytest.mark.slow  # run_dir trains a tiny run
 def test_overwrite_replaces_an_earlier_export_and_a_failed_export_leaves_it_intact(run_dir, tmp_path, monkeypatch):
     out = tmp_path / "nemo2"
     export(run_dir, "nemo2", out)
@@ -366,6 +373,7 @@ def test_overwrite_replaces_an_earlier_export_and_a_failed_export_leaves_it_inta
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left behind
 
 
+@pytest.mark.slow  # run_dir trains a tiny run
 def test_missing_or_incomplete_sources_name_the_path(run_dir, tmp_path, capsys):
     missing = tmp_path / "nope"
     with pytest.raises(ExportError, match=f"{missing}: no such run directory, checkpoint or model folder"):

@@ -48,6 +48,7 @@ def _logits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, text: st
 # ---------------------------------------------------------------------------------------------- loading
 
 
+@pytest.mark.slow  # the real SmolLM2-135M (its fixture loads it: 65 s on 2 loaded cores)
 def test_the_packaged_gguf_loads_as_a_plain_hf_model(smollm2):
     tokenizer, model = smollm2
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=1e-3)
@@ -99,6 +100,7 @@ def test_a_missing_gguf_reader_names_the_install_command(monkeypatch):
 # ---------------------------------------------------------------------------------------------- convert-gguf
 
 
+@pytest.mark.slow  # the real SmolLM2-135M (its fixture loads it: 65 s on 2 loaded cores)
 def test_convert_gguf_writes_a_folder_transformers_loads_with_identical_logits(smollm2, tmp_path, monkeypatch):
     tokenizer, model = smollm2
     requested = []  # the fixture's tokenizer and model stand in for a second ≈20 s load of the same source
@@ -130,6 +132,7 @@ def test_convert_gguf_writes_a_folder_transformers_loads_with_identical_logits(s
                                rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # the real SmolLM2-135M (its fixture loads it: 65 s on 2 loaded cores)
 def test_convert_gguf_replaces_an_existing_folder_only_with_overwrite(smollm2, tmp_path, monkeypatch, capsys):
     tokenizer, model = smollm2
     monkeypatch.setattr(models, "load_tokenizer", lambda config: tokenizer)
@@ -174,6 +177,7 @@ def _few_shot_prompt(tokenizer: PreTrainedTokenizerBase, a: int, b: int) -> list
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.slow  # the real SmolLM2-135M generates (260 s on 2 loaded cores)
 def test_the_real_model_solves_easy_arithmetic_through_the_hf_backend(smollm2):
     tokenizer, model = smollm2
     config = load_config(EXAMPLE, ["policy.device=cpu"])
@@ -195,6 +199,7 @@ def test_the_real_model_solves_easy_arithmetic_through_the_hf_backend(smollm2):
 # ---------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # trains
 def test_one_step_of_the_example_config_trains_and_logs_finite_metrics(smollm2, tmp_path, monkeypatch):
     tokenizer, model = smollm2
     monkeypatch.setattr(trainer_module, "load_tokenizer", lambda config: tokenizer)

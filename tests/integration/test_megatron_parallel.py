@@ -16,6 +16,7 @@ import torch
 from worker_launch import launch, worker_main
 
 pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.slow  # every test's fixture launches Megatron workers (2 processes per layout)
 
 TIMEOUT_S = 240
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.slow  # trains with both backends, Megatron in a subprocess
 
 HERE = Path(__file__).resolve().parents[1]  # tests/: the shared helpers (megatron_cpu_patch); its parent is the repo
 STEPS = ["trainer.max_steps=2", "trainer.save_every=1", "trainer.eval_every=0", "warm_start.steps=0",

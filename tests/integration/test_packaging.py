@@ -32,6 +32,7 @@ def test_help(argv, capsys):
     assert "usage: nemo-igrpo" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_console_script_is_installed():
     result = subprocess.run([Path(sys.executable).parent / "nemo-igrpo", "train", "--help"], capture_output=True,
                             text=True, timeout=120)

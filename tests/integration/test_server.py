@@ -120,6 +120,7 @@ def _tiny_model(server, seed: int):
     return load_model(config.model, load_tokenizer(config.model))
 
 
+@pytest.mark.slow  # the module's server
 def test_weight_sync_over_shared_memory_then_generation_matches_the_trainer(server):
     url = server[0]
     client = _client(url, weight_bucket_mb=1)
@@ -137,6 +138,7 @@ def test_weight_sync_over_shared_memory_then_generation_matches_the_trainer(serv
         assert _max_error(_tiny_model(server, 1 - seed), rows, flat) > 0.05  # the other weights do not fit
 
 
+@pytest.mark.slow  # the module's server
 def test_a_server_that_no_longer_holds_the_synced_weights_is_refused(server):
     """A restarted server serves its model folder's weights again; the client must not train on those samples."""
     client = _client(server[0])
@@ -153,6 +155,7 @@ def test_a_server_that_no_longer_holds_the_synced_weights_is_refused(server):
     assert len(client.generate([[1, 2, 3]], params)[0][0].token_ids) == 4
 
 
+@pytest.mark.slow  # the module's server
 def test_streamed_stages_over_http(server):
     client = _client(server[0])
     model = _tiny_model(server, 0)
@@ -182,6 +185,7 @@ def _post(url: str, path: str, body: dict, token: str | None) -> int:
         return error.code
 
 
+@pytest.mark.slow  # the module's server
 def test_every_endpoint_but_health_needs_the_token(server):
     url = server[0]
     completion = {"prompt": [[1, 2]], "max_tokens": 2}
@@ -274,6 +278,7 @@ class KillServerReward(BoxedMatchReward):
         return super().__call__(completions, answers)
 
 
+@pytest.mark.slow  # the module's server; trains
 def test_train_through_the_server_and_a_server_dying_mid_step(server, tmp_path, monkeypatch):
     """Keep last in the module: it stops the server."""
     from nemo_igrpo.tracking import read_metrics

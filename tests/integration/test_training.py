@@ -25,6 +25,7 @@ from nemo_igrpo.trainer import TrainingStopped, train
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = packaged_benchmarks()
+pytestmark = pytest.mark.slow  # every test trains (train() or the CLI)
 
 TINY = [
     "model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",

@@ -78,6 +78,7 @@ def hf_sequence_logprobs(model, ids: list[int]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- generation
 
 
+@pytest.mark.slow  # the module's vLLM engine
 def test_sampled_logprobs_are_the_trainers_after_temperature(engine):
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
     params = SamplingParams(n=3, temperature=0.7, max_new_tokens=12)
@@ -91,6 +92,7 @@ def test_sampled_logprobs_are_the_trainers_after_temperature(engine):
     assert max_error(tiny_llama(seed=0), rows, flat, temperature=1.0) > 0.05
 
 
+@pytest.mark.slow  # the module's vLLM engine
 def test_stop_tokens_end_a_sample_and_are_kept_the_config_eos_is_ignored(engine):
     stops = (3, 7, 11, 19)  # the model's config eos (2) is deliberately not among them
     groups = engine.generate([[1, 2], [4, 5, 6]], SamplingParams(n=8, temperature=1.0, max_new_tokens=24,
@@ -104,6 +106,7 @@ def test_stop_tokens_end_a_sample_and_are_kept_the_config_eos_is_ignored(engine)
     assert any(2 in c.token_ids[:-1] for c in flat)  # sampled the config eos and went on
 
 
+@pytest.mark.slow  # the module's vLLM engine
 def test_greedy_decoding_matches_transformers_and_copies_n_times(engine):
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
     params = SamplingParams(n=2, temperature=0.0, max_new_tokens=10)
@@ -120,6 +123,7 @@ def _tokens(groups):
     return [[c.token_ids for c in group] for group in groups]
 
 
+@pytest.mark.slow  # the module's vLLM engine
 def test_a_prompt_samples_the_same_whatever_its_batch_position_or_rank(engine):
     # Per-prompt seeds: what a data-parallel rank samples for its shard is what one rank samples for the whole batch.
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=10)
@@ -148,6 +152,7 @@ def test_a_prompt_samples_the_same_whatever_its_batch_position_or_rank(engine):
     assert _tokens(refined_c) == _tokens(refined[2:])
 
 
+@pytest.mark.slow  # the module's vLLM engine
 def test_a_prompt_longer_than_max_model_len_names_its_index(engine):
     assert engine.max_model_len == 256  # min(default budget, the model's max_position_embeddings)
     with pytest.raises(PromptTooLongError, match=r"prompt 1 has 300 tokens.*max_model_len=256"):
@@ -156,11 +161,13 @@ def test_a_prompt_longer_than_max_model_len_names_its_index(engine):
         engine.generate([[]], SamplingParams(n=1, max_new_tokens=4))
 
 
+@pytest.mark.slow  # the module's vLLM engine
 def test_nothing_to_generate_returns_empty_completions(engine):
     assert engine.generate([[1, 2]], SamplingParams(n=2, max_new_tokens=0))[0][1].token_ids == []
     assert engine.generate([[1, 2]], SamplingParams(n=0, max_new_tokens=4)) == [[]]
 
 
+@pytest.mark.slow  # the module's vLLM engine
 def test_stage_two_starts_while_other_prompts_are_still_drafting(engine):
     """Streamed generate_chained: the first follow_up runs while other prompts' drafts are still being generated;
     every refinement is sampled from its own prompt's Stage-2 prompt (log-probs match the trainer under it)."""
@@ -186,6 +193,7 @@ def test_stage_two_starts_while_other_prompts_are_still_drafting(engine):
     assert engine.llm.llm_engine.get_num_unfinished_requests() == 0
 
 
+@pytest.mark.slow  # the module's vLLM engine
 def test_an_error_in_follow_up_leaves_no_request_behind(engine):
     def failing(index, drafts):
         raise RuntimeError("reward crashed")
@@ -200,6 +208,7 @@ def test_an_error_in_follow_up_leaves_no_request_behind(engine):
 # ---------------------------------------------------------------------------------------------- weight sync
 
 
+@pytest.mark.slow  # the module's vLLM engine
 def test_weight_sync_makes_the_engine_score_like_the_trainer(engine):
     sequence = [1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45]
     old_model, new_model = tiny_llama(seed=0), tiny_llama(seed=1)
@@ -265,6 +274,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # a vLLM engine in a subprocess
 def test_closing_the_engine_keeps_the_trainers_process_group(tmp_path):
     script = tmp_path / "keep_group.py"
     script.write_text(_KEEP_GROUP)

