@@ -106,6 +106,7 @@ def test_tensorboard_wandb_offline_and_mlflow_file_store_get_the_metrics(tmp_pat
         assert logged == pytest.approx({step: r[key] for step, r in records.items()}, rel=1e-6), key
 
 
+@pytest.mark.slow  # a fresh interpreter imports the package (18 s on loaded cores)
 def test_logger_packages_are_imported_only_when_configured():
     code = ("import sys, nemo_igrpo.trainer, nemo_igrpo.tracking, nemo_igrpo.cli; "
             "print([m for m in ('wandb', 'mlflow', 'tensorboard') if m in sys.modules])")

@@ -315,6 +315,7 @@ def test_bad_vllm_settings_are_config_errors(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.slow  # imports vLLM (10 s on loaded cores)
 def test_sleep_mode_on_cpu_is_a_clear_config_error(tmp_path):
     with pytest.raises(ConfigError, match="generation.vllm.sleep_mode: .* not supported on CPU"):
         VLLMGeneration(tmp_path, max_model_len=64, sleep_mode=True)

@@ -58,6 +58,7 @@ def pool():
         yield pool
 
 
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
 def test_results_come_back_in_input_order(pool):
     results, counters = pool.map(list(range(20)))
     assert results == [2.0 * i for i in range(20)]
@@ -65,6 +66,7 @@ def test_results_come_back_in_input_order(pool):
     assert pool.map([]) == ([], {"timeouts": 0, "crashes": 0, "errors": 0})
 
 
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
 def test_hanging_item_is_killed_at_its_deadline_and_the_worker_replaced(pool):
     pool.map([0])  # start the workers, so that the timing below measures grading only
     start = time.perf_counter()
@@ -79,6 +81,7 @@ def test_hanging_item_is_killed_at_its_deadline_and_the_worker_replaced(pool):
     assert len(multiprocessing.active_children()) == 2
 
 
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
 def test_every_item_hanging_still_finishes(pool):
     start = time.perf_counter()
     results, counters = pool.map(["hang"] * 3 + [1])
@@ -89,6 +92,7 @@ def test_every_item_hanging_still_finishes(pool):
     assert time.perf_counter() - start < 2 * TIMEOUT_S + 20.0
 
 
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
 def test_crashing_workers_are_counted_and_replaced(pool):
     results, counters = pool.map([1, "exit", 2, "segfault", 3, "memory", 4])
     assert results == [2.0, 0.0, 4.0, 0.0, 6.0, 0.0, 8.0]
@@ -96,6 +100,7 @@ def test_crashing_workers_are_counted_and_replaced(pool):
     assert pool.map([1, 2]) == ([2.0, 4.0], {"timeouts": 0, "crashes": 0, "errors": 0})
 
 
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
 def test_memory_limit_turns_a_runaway_allocation_into_a_crash():
     with GradingPool(behave, num_workers=1, timeout_s=5.0, memory_limit_mb=512) as pool:
         results, counters = pool.map(["allocate", 1])
@@ -103,6 +108,7 @@ def test_memory_limit_turns_a_runaway_allocation_into_a_crash():
     assert counters == {"timeouts": 0, "crashes": 1, "errors": 0}
 
 
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
 def test_an_exception_is_an_error_and_keeps_the_worker():
     with GradingPool(pid_unless_raise, num_workers=1, timeout_s=TIMEOUT_S, default=-1) as pool:
         results, counters = pool.map(["pid", "raise", "pid"])
@@ -111,6 +117,7 @@ def test_an_exception_is_an_error_and_keeps_the_worker():
     assert counters == {"timeouts": 0, "crashes": 0, "errors": 1}
 
 
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
 def test_items_behind_a_slow_item_go_to_another_worker():
     # Items travel several per message; the three sent behind "slow" are re-queued after steal_after_s and
     # answered by the other worker, instead of waiting for it.
@@ -121,6 +128,7 @@ def test_items_behind_a_slow_item_go_to_another_worker():
     assert results[0] not in results[1:]  # nothing waited for the slow item's worker
 
 
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
 def test_start_waits_for_every_worker():
     with GradingPool(behave, num_workers=2, timeout_s=TIMEOUT_S) as pool:
         pool.start()
@@ -129,6 +137,7 @@ def test_start_waits_for_every_worker():
         assert pool.map([1, 2]) == ([2.0, 4.0], {"timeouts": 0, "crashes": 0, "errors": 0})
 
 
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
 def test_close_kills_workers_and_is_idempotent():
     pool = GradingPool(behave, num_workers=2, timeout_s=TIMEOUT_S)
     pool.map([])
@@ -143,12 +152,14 @@ def test_close_kills_workers_and_is_idempotent():
         pool.map([1])
 
 
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
 def test_close_while_an_item_hangs_leaves_no_children():
     with GradingPool(behave, num_workers=2, timeout_s=TIMEOUT_S) as pool:
         pool.map(["hang", 1])
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
 def test_a_worker_that_cannot_start_raises_instead_of_looping():
     pool = GradingPool(behave, num_workers=1, timeout_s=TIMEOUT_S, initializer=broken_initializer)
     with pytest.raises(RuntimeError, match="start-up"):

@@ -157,6 +157,7 @@ def test_only_the_completion_is_scored_and_the_last_box_counts(reward):
     assert output.counters["fallback_extraction"] == 1  # "I agree with the draft." has nothing to extract
 
 
+@pytest.mark.slow  # its own grading workers: each start is a fresh interpreter (seconds on loaded cores)
 @pytest.mark.parametrize(
     ("extract", "fallback", "cases"),
     [
@@ -184,6 +185,7 @@ def test_extract_modes(extract, fallback, cases):
     assert output.scores == list(cases.values())
 
 
+@pytest.mark.slow  # its own grading workers: each start is a fresh interpreter (seconds on loaded cores)
 def test_hostile_outputs_score_zero_within_the_deadline():
     timeout_s = 2.0
     hostile = [
@@ -214,6 +216,7 @@ def test_hostile_outputs_score_zero_within_the_deadline():
     assert set(multiprocessing.active_children()) == children_before
 
 
+@pytest.mark.slow  # its own grading workers: each start is a fresh interpreter (seconds on loaded cores)
 def test_a_grade_past_the_hard_deadline_is_a_counted_timeout():
     # math-verify's own alarm is whole seconds (at least 1), so with a 0.5 s deadline a slow parse is killed by
     # the pool first; the next item is graded by the replacement worker.
@@ -228,6 +231,7 @@ def test_a_grade_past_the_hard_deadline_is_a_counted_timeout():
     assert output.counters["timeouts"] == 1
 
 
+@pytest.mark.slow  # its own grading workers: each start is a fresh interpreter (seconds on loaded cores)
 def test_pool_is_started_lazily_and_reused(reward):
     fresh = MathVerifyReward()
     try:
@@ -267,6 +271,7 @@ def test_as_math_mode():
     assert as_math_mode("1\\,5") == "$1\\,5$"  # not a thousands group
 
 
+@pytest.mark.slow  # a fresh interpreter imports the package (6 s on loaded cores)
 def test_importing_the_rewards_does_not_import_sympy():
     import subprocess
     import sys
@@ -329,6 +334,7 @@ def test_the_verdict_table_cites_its_sources():
     assert 0.2 < sum(expected) / len(expected) < 0.9  # both verdicts well represented
 
 
+@pytest.mark.slow  # 364 cases through 2 grading workers (33 s on loaded cores)
 def test_agreement_with_third_party_verdicts():
     """Agreement per source, ours vs plain math-verify (computed here, not pinned): at least AGREEMENT_BAR
     overall, and never below plain math-verify on any source. ``-s`` prints the table (docs/rewards.md has it)."""
@@ -355,6 +361,7 @@ def test_agreement_with_third_party_verdicts():
         assert mine >= theirs, f"worse than plain math-verify on {source}\n{report}"
 
 
+@pytest.mark.slow  # its own grading workers: each start is a fresh interpreter (seconds on loaded cores)
 def test_fallback_grades_the_accuracy_only():
     # No box and no answer block: the accuracy component falls back to math-verify's extraction; the format
     # component (the paper's template) still scores 0, and the fallback is counted.
