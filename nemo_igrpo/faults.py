@@ -19,8 +19,8 @@ and then a point costs one truthiness test of a dict. A drill arms a point with 
 Context: what the call site passes, plus ``step`` (the last step a point reported, once anything is armed) and
 ``rank`` (``$RANK``, default 0). A point may carry a value (``loss = faults.point("loss.computed", loss)``): the
 action's return value replaces it (``None`` keeps it). Unknown point or action names raise ``ConfigError`` naming
-the known ones, so a drill cannot silently arm a point that no longer exists; ``tests/test_faults.py`` checks that
-every declared point is called somewhere in the package.
+the known ones, so a drill cannot silently arm a point that no longer exists; ``tests/integration/test_faults.py``
+checks that every declared point is called somewhere in the package.
 
 This module imports nothing from the package but ``errors`` (any layer may call it, even a grading worker).
 """

@@ -10,8 +10,9 @@ python3 -m pip install -q --no-index --find-links .device_wheels omegaconf 2>&1 
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_hf_logprobs.py tests/test_hf_policy.py \
-    tests/test_hf_generation.py tests/test_igrpo_rollout.py tests/test_microbatch_invariance.py 2>&1 | tail -3
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/unit/test_hf_logprobs.py tests/unit/test_hf_policy.py \
+    tests/unit/test_hf_generation.py tests/unit/test_igrpo_rollout.py tests/unit/test_microbatch_invariance.py \
+    2>&1 | tail -3
 # ~0.5B parameters in the Qwen2-0.5B shape (hidden 896, 24 layers, 14 heads, 2 KV heads), bf16 autocast, 256 new
 # tokens per sample, 32 problems x 8 samples per step; random weights, so every sample runs to the token limit.
 timeout 420 python3 scripts/bench_step.py --steps 2 --output "$out/bench_step_gpu.json" \

@@ -12,8 +12,9 @@ data cursor. It prints a table (drill, repetitions, survived, data lost, seconds
 Faults are injected only through the injection points the package declares and calls (``nemo_igrpo/faults.py``,
 listed in docs/reliability.md): the child arms them through ``nemo_igrpo.faults`` or the ``NEMO_IGRPO_FAULTS``
 environment variable, and patches nothing, so a drill keeps testing the same code paths after a refactor (renaming
-or dropping a point fails ``tests/test_faults.py``). A SIGKILL lands *inside* the named phase (generation, reward,
-backward, optimizer step, checkpoint write), at a point drawn at random, or at a random moment after it.
+or dropping a point fails ``tests/integration/test_faults.py``). A SIGKILL lands *inside* the named phase
+(generation, reward, backward, optimizer step, checkpoint write), at a point drawn at random, or at a random moment
+after it.
 """
 
 from __future__ import annotations

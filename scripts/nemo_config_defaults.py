@@ -3,8 +3,8 @@
 NeMo 2 writes ``context/model.yaml`` with every argument of the model, its config and its tokenizer, defaults
 included (``IOMixin._io_dump_yaml``). The export writes the same key set without NeMo, so it needs those defaults:
 this script renders them with NeMo's own YAML dumper for each model/config class the export uses and stores the
-Llama one whole and the others as differences. ``tests/test_nemo_oracle.py`` checks that the export's model.yaml
-equals what NeMo renders from the export's io.json.
+Llama one whole and the others as differences. ``tests/integration/test_nemo_oracle.py`` checks that the export's
+model.yaml equals what NeMo renders from the export's io.json.
 
     python scripts/nemo_config_defaults.py nemo_igrpo/export/nemo_defaults.json
 """

@@ -1,9 +1,25 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the import path of the test layers.
+
+Test modules live in tests/unit (the pure core and small components, seconds in-process) and tests/integration
+(training runs, servers, vLLM, torchrun/Megatron workers, exports); the shared helpers (helpers.py,
+launch_harness.py, tiny_recipes.py, worker_launch.py, ...) and tests/data stay here. Helpers and some test modules
+import each other by plain module name (``from helpers import ...``, ``from test_training import tiny_config``), as
+when every file sat in tests/: this folder and both layer folders go on sys.path, so any single file or layer runs
+on its own. Test file names stay unique across the layers (pytest's default import mode needs that).
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+TESTS = Path(__file__).resolve().parent
+for _folder in (TESTS / "integration", TESTS / "unit", TESTS):  # TESTS ends up first
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
-"""Run by tests/test_nemo_oracle.py with the NeMo 2.7.3 venv's python (not ours): loads our exports with NeMo's own
-readers and writes what they returned to OUT (a torch file) for the test to compare.
+"""Run by tests/integration/test_nemo_oracle.py with the NeMo 2.7.3 venv's python (not ours): loads our exports
+with NeMo's own readers and writes what they returned to OUT (a torch file) for the test to compare.
 
     python nemo_oracle_check.py NEMO2_DIR NEMO_EXTRACTED_DIR INPUTS.pt OUT.pt
 
-NeMo calls made (and the one patch): see the docstring of tests/test_nemo_oracle.py.
+NeMo calls made (and the one patch): see the docstring of tests/integration/test_nemo_oracle.py.
 """
 
 import os

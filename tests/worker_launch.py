@@ -20,9 +20,13 @@ def launch(script: str | Path, mode: str, world: int, out: Path, timeout_s: floa
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # The script runs from tests/integration/ (its own folder is on sys.path); its top-level
+    # `from worker_launch import ...` needs tests/, where the shared helpers live.
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tests), os.environ.get("PYTHONPATH")]))}
     procs = [subprocess.Popen([sys.executable, str(script), mode, str(rank), str(world), str(port), str(out)],
-                              env=env, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+                              env=env, cwd=tests.parent, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
              for rank in range(world)]
     try:

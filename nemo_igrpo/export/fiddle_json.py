@@ -14,8 +14,8 @@ importing Fiddle or NeMo, from the facts of the format:
 - NeMo's ``load_context(..., subpath="model.tokenizer")`` picks the object whose ``paths`` contain
   ``<root>.model.tokenizer`` as the root, so every object must carry its paths.
 
-Objects appear after everything they refer to, as Fiddle writes them. ``tests/test_nemo_oracle.py`` reads the output
-with NeMo 2.7.3 itself.
+Objects appear after everything they refer to, as Fiddle writes them. ``tests/integration/test_nemo_oracle.py`` reads
+the output with NeMo 2.7.3 itself.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Export as a NeMo 2 checkpoint directory or a ``.nemo`` archive of one, and read both back.
 
 NeMo 2 directory (the layout NeMo's own ``HFLlamaImporter`` writes; checked against NeMo 2.7.3 by
-``tests/test_nemo_oracle.py``)::
+``tests/integration/test_nemo_oracle.py``)::
 
     OUTPUT/context/io.json            the trainer context as Fiddle JSON: what ``nemo.lightning.io.load_context``
                                       rebuilds (the Llama/Qwen2/Qwen3/Mistral model with its NeMo config class and

@@ -1,0 +1,118 @@
+"""`nemo-igrpo serve` stops within its shutdown timeout after SIGTERM to its process group, even with a request in
+flight whose engine process the same signal ended (vLLM's HTTP server alone waits for such a request forever)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from nemo_igrpo.config import load_config
+from nemo_igrpo.models import load_model, load_tokenizer
+from nemo_igrpo.serve import KILL_GRACE_S, wait_until_healthy
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-shutdown"
+SHUTDOWN_TIMEOUT_S = 5
+TINY = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model.tiny.num_layers=2",
+        "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1"]
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    found, frontier = [], [pid]
+    while frontier:
+        current = frontier.pop()
+        children = [c for c, p in parents.items() if p == current]
+        found += children
+        frontier += children
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+def _engine_core(pid: int) -> int:
+    for candidate in _descendants(pid):
+        try:
+            if "EngineCore" in Path(f"/proc/{candidate}/cmdline").read_text() + Path(
+                    f"/proc/{candidate}/comm").read_text():
+                return candidate
+        except OSError:
+            continue
+    pytest.fail("no EngineCore process under the server")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sigterm_stops_the_server_within_its_timeout_with_a_request_in_flight(tmp_path):
+    config = load_config(REPO / "conf" / "quickstart.yaml", TINY)
+    load_model(config.model, load_tokenizer(config.model)).save_pretrained(tmp_path / "model")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nemo_igrpo.cli", "serve", str(tmp_path / "model"), "--port", str(port),
+             "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
+             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)],
+            env={**os.environ, "NEMO_IGRPO_SERVER_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"},
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process, timeout_s=600, log=log_path)
+
+        def long_request():  # a request that is still generating when the engine dies
+            body = json.dumps({"model": str(tmp_path / "model"), "prompt": [1, 2, 3], "max_tokens": 500, "n": 32,
+                               "min_tokens": 500, "temperature": 1.0}).encode()
+            request = urllib.request.Request(f"{url}/v1/completions", body, {
+                "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(request, timeout=600).read()
+            except OSError:
+                pass
+
+        threading.Thread(target=long_request, daemon=True).start()
+        time.sleep(1)  # 32 × 500 tokens: far from done after a second
+        tree = _descendants(process.pid)
+        assert _engine_core(process.pid) in tree
+        # As Slurm, a terminal or a test stops a job: SIGTERM to the whole process group, so the engine process
+        # ends at once while the HTTP server still holds the request that waits for it.
+        os.killpg(process.pid, signal.SIGTERM)
+        start = time.monotonic()
+        process.wait(timeout=SHUTDOWN_TIMEOUT_S + KILL_GRACE_S + 30)  # +30 s: a loaded 2-core machine
+        assert time.monotonic() - start <= SHUTDOWN_TIMEOUT_S + KILL_GRACE_S + 30
+        for _ in range(20):  # helpers such as multiprocessing's resource tracker exit once their pipes close
+            left = [pid for pid in tree if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
+            if not left:
+                break
+            time.sleep(0.5)
+        assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in left]  # nothing left
+        with socket.socket() as probe:  # nothing listens on the port (REUSEADDR: closed connections may linger)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+            probe.listen()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)

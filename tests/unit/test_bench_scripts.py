@@ -1,0 +1,199 @@
+"""The benchmark and study scripts' pure parts: statistics, tables, JSON, Proposition 3.1, memory tracking."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_vs_trl = load_script("bench_vs_trl")
+overhead = load_script("bench_igrpo_overhead")
+memory = load_script("bench_memory")
+study = load_script("study_igrpo_vs_grpo")
+
+
+# ------------------------------------------------------------------------------------------ bench_vs_trl
+
+def test_vs_trl_summary_ratio_table_and_json(tmp_path):
+    ours = bench_vs_trl.summarize([{"seconds": 2.0, "tokens": 100}, {"seconds": 1.0, "tokens": 100},
+                                   {"seconds": 4.0, "tokens": 100}])
+    assert ours == {"steps": 3, "median_s_per_step": 2.0, "min_s_per_step": 1.0, "max_s_per_step": 4.0,
+                    "median_tokens_per_s": 50.0, "median_tokens_per_step": 100}
+    theirs = bench_vs_trl.summarize([{"seconds": 4.0, "tokens": 100}, {"seconds": 4.0, "tokens": 120}])
+    assert theirs["median_tokens_per_s"] == pytest.approx(27.5)
+    results = {"nemo-igrpo": ours, "trl": theirs}
+    assert bench_vs_trl.ratios(results) == {"s_per_step": 0.5, "tokens_per_s": pytest.approx(50 / 27.5)}
+    table = bench_vs_trl.render_table(results, "t")
+    assert "| nemo-igrpo | 3 | 2.000 (1.000–4.000) | 50 | 100 |" in table
+    assert "**0.50** (time)" in table and "**1.82** (throughput)" in table
+    paired = bench_vs_trl.paired_ratios({"nemo-igrpo": [ours, theirs, ours], "trl": [theirs, theirs, ours]})
+    assert paired == [0.5, 1.0, 1.0]
+    assert "1.00**." in bench_vs_trl.render_table(results, "t", paired)  # median of the paired ratios
+    bench_vs_trl.write_json(tmp_path / "a" / "out.json", {"results": results})
+    assert json.loads((tmp_path / "a" / "out.json").read_text())["results"]["trl"]["steps"] == 2
+    with pytest.raises(ValueError, match="no measured steps"):
+        bench_vs_trl.summarize([])
+
+
+# ------------------------------------------------------------------------------------------ iGRPO overhead
+
+def test_overhead_phases_ratio_and_tokens():
+    grpo = [{"time/rollout/refinements": 2.0, "time/rollout/reward": 0.1, "time/update": 1.0,
+             "time/weight_sync": 0.01, "time/step": 3.11}] * 3
+    igrpo = [{"time/rollout/drafts": 1.0, "time/rollout/refinements": 1.2, "time/rollout/reward": 0.2,
+              "time/old_logprobs": 0.3, "time/reference_logprobs": 0.2, "time/update": 1.0,
+              "time/weight_sync": 0.01, "time/step": 3.91}]
+    g, i = overhead.median_phases(grpo), overhead.median_phases(igrpo)
+    assert g["drafts"] == 0.0 and g["log-probs"] == 0.0
+    assert i["log-probs"] == pytest.approx(0.5)  # old + reference passes
+    o = overhead.overhead(g, i)
+    assert o["step_ratio"] == pytest.approx(3.91 / 3.11)
+    assert o["step_overhead_pct"] == pytest.approx(100 * (3.91 / 3.11 - 1))
+    assert o["extra_s/drafts"] == 1.0 and o["extra_s/refinements"] == pytest.approx(-0.8)
+    table = overhead.render_table({"hf": {"grpo": g, "igrpo": i}}, "t")
+    assert "**1.26× (+26%)**" in table and "| hf | igrpo | 1.000 | 0.200 | 1.200 | 0.500 |" in table
+    # 2 problems: 8 refinements of 10 tokens + 8 drafts of 5 tokens
+    record = {"batch/sequences": 8.0, "rollouts_per_prompt/refinements": 4.0, "rollouts_per_prompt/drafts": 4.0,
+              "response_length/refinement_mean": 10.0, "response_length/draft_mean": 5.0}
+    assert overhead.generated_tokens(record) == 120.0
+    assert overhead.generated_tokens({**record, "rollouts_per_prompt/drafts": 0.0,
+                                      "response_length/draft_mean": 0.0}) == 80.0
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+def test_peak_tensor_memory_tracks_allocation_and_release():
+    with memory.PeakTensorMemory() as tracker:
+        a = torch.ones(1000, 250)  # 1,000,000 bytes
+        b = a * 2  # another 1 MB
+        del a, b
+        c = torch.ones(1000, 250)
+        c.view(-1).add_(1)  # a view of c: no new storage
+    assert tracker.peak == 2_000_000
+    assert tracker.current == 1_000_000  # c is still alive
+    del c
+    assert tracker.current == 0
+    assert memory.full_logits_bytes(2, 1024, 32768) == 2 * 1024 * 32768 * 4
+    assert memory.chunk_logits_bytes(1024, 32768) == 1024 * 32768 * 4
+
+
+def test_chunked_logprob_path_stays_below_full_logits():
+    """Many chunks: the chunked path's peak is bounded by the chunk, the naive one grows with B·L·V."""
+    class Args:
+        hidden, layers, batch, chunk, device = 32, 1, 4, 64, "cpu"
+
+    torch.manual_seed(0)
+    chunked = memory.measure("chunked", 4096, 256, Args)["peak_bytes"]
+    naive = memory.measure("naive", 4096, 256, Args)["peak_bytes"]
+    full = memory.full_logits_bytes(4, 256, 4096)
+    assert chunked < full < naive
+    table = memory.render_table([{"length": 256, "vocab": 4096, "full_logits_bytes": full,
+                                  "chunked_peak_bytes": chunked, "naive_peak_bytes": naive}], "t")
+    assert f"| 256 | 4096 | {full / 2**20:.1f} | {chunked / 2**20:.1f} | {naive / 2**20:.1f} |" in table
+
+
+# ------------------------------------------------------------------------------------------ study
+
+def _records(draft_rewards_per_step: list[list[list[float]]], accuracies: list[float], entropy: list[float]):
+    """metrics.jsonl records as the trainer logs them, from per-step [problem][draft] binary rewards."""
+    records = [{"step": 0, "eval/accuracy": accuracies[0]}]
+    for step, drafts in enumerate(draft_rewards_per_step, start=1):
+        n = len(drafts[0])
+        p = [sum(d) / n for d in drafts]
+        records.append({
+            "step": step, "rollouts_per_prompt/drafts": float(n), "reward/draft_mean": sum(p) / len(p),
+            "reward/best_draft_mean": sum(max(d) for d in drafts) / len(drafts),
+            "reward/accuracy/draft_mean": sum(p) / len(p),
+            "reward/accuracy/any_draft_correct": sum(max(d) for d in drafts) / len(drafts),
+            "reward/accuracy/best_draft_predicted": sum(1 - (1 - q) ** n for q in p) / len(p),
+            "reward/refinement_mean": 0.5, "train/entropy": entropy[step - 1]})
+    records[-1]["eval/accuracy"] = accuracies[1]
+    return records
+
+
+def test_proposition_3_1_from_logged_draft_rewards():
+    # two problems, N = 4: p = 0.25 and 0.75; both have a success, so observed best-of-N = 1
+    records = _records([[[1, 0, 0, 0], [1, 1, 1, 0]]], [0.1, 0.2], [1.0])
+    got = study.best_draft_vs_prediction(records)
+    assert got["num_drafts"] == 4
+    assert got["observed_best_draft"] == 1.0
+    assert got["draft_mean"] == 0.5
+    assert got["predicted_per_problem_p"] == pytest.approx(((1 - 0.75 ** 4) + (1 - 0.25 ** 4)) / 2)
+    assert got["predicted_pooled_p"] == pytest.approx(1 - 0.5 ** 4)
+    assert study.best_draft_vs_prediction([{"step": 0, "eval/accuracy": 0.1}]) == {}  # a GRPO run: no drafts
+    # runs logged before the accuracy keys existed: the total-reward keys (binary rewards here, so the same numbers)
+    old = [{k.replace("accuracy/", "").replace("any_draft_correct", "best_draft_mean"): v for k, v in r.items()}
+           for r in records]
+    assert study.best_draft_vs_prediction(old) == pytest.approx(got)
+
+
+def test_study_summary_tables_and_report(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    root = tmp_path / "runs"
+    finals = {("grpo", 0): 0.30, ("grpo", 1): 0.40, ("igrpo", 0): 0.35, ("igrpo", 1): 0.50}
+    for (arm, seed), final in finals.items():
+        directory = root / f"{arm}-s{seed}"
+        (directory / "final").mkdir(parents=True)
+        (directory / "config.yaml").write_text("trainer:\n  prompts_per_step: 2\n")
+        drafts = [[[1, 0, 0, 0], [0, 0, 0, 0]]] * 2 if arm == "igrpo" else []
+        records = _records(drafts, [0.2, final], [0.9, 0.8]) if drafts else [
+            {"step": 0, "eval/accuracy": 0.2},
+            {"step": 1, "train/entropy": 0.9, "reward/refinement_mean": 0.4},
+            {"step": 2, "train/entropy": 0.7, "reward/refinement_mean": 0.5, "eval/accuracy": final}]
+        for r in records[1:]:
+            r.update({"rollouts_per_prompt/total": 8.0, "sampling_rounds": 1.0})
+        (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (root / "igrpo-s2").mkdir()  # unfinished: skipped
+
+    runs = study.load_runs(root, ["grpo", "igrpo"], [0, 1, 2])
+    summary = study.summarize({a: {s: r.records for s, r in by.items()} for a, by in runs.items()})
+    assert summary["grpo"]["final_mean_std"] == pytest.approx((0.35, math.sqrt(0.005)))
+    assert summary["igrpo"]["accuracy_final"] == {0: 0.35, 1: 0.50}
+    assert summary["grpo"]["entropy_last_mean_std"] == pytest.approx((0.7, 0.0))
+    assert study.paired_differences(summary, "grpo", "igrpo") == pytest.approx([0.05, 0.10])
+    assert "| GRPO 8 | 2 | 20.0 ± 0.0 | s0: 30.0, s1: 40.0 | **35.0 ± 7.1** | 0.700 ± 0.000 |" in \
+        study.markdown_table(summary)
+    # N = 4, p = 0.25 and 0: observed 0.5, per-problem 1 − 0.75⁴ / 2, pooled 1 − 0.875⁴
+    assert "| iGRPO 4+4 | 0 | 0.125 | 0.500 | 0.342 | 0.414 | 0.500 |" in study.proposition_table(summary)
+
+    markdown, plots = tmp_path / "docs" / "study.md", tmp_path / "docs" / "study"
+    markdown.parent.mkdir()
+    markdown.write_text("old\n<!-- discussion -->\nkept by hand\n")
+    monkeypatch.setattr(sys, "argv", ["study", "--report-only", "--root", str(root), "--seeds", "0", "1", "2",
+                                      "--markdown", str(markdown), "--plots", str(plots)])
+    study.main()
+    text = markdown.read_text()
+    assert "mean +7.5 ± 3.5" in text  # paired differences +5 and +10 points
+    assert text.endswith("<!-- discussion -->\nkept by hand\n")
+    assert "![accuracy_vs_rollouts](study/accuracy_vs_rollouts.png)" in text
+    assert (plots / "accuracy_vs_rollouts.png").read_bytes().startswith(b"\x89PNG")
+    saved = json.loads((root / "study.json").read_text())
+    assert saved["summary"]["igrpo"]["final_mean_std"] == pytest.approx([0.425, math.sqrt(0.01125)])
+
+
+def test_study_schedule_runs_each_seed_after_its_warm_start():
+    assert study.schedule([0, 1, 2], ["grpo", "igrpo"], jobs=2) == [
+        ("warm", 0, None), ("warm", 1, None), ("run", 0, "grpo"), ("run", 0, "igrpo"), ("warm", 2, None),
+        ("run", 1, "grpo"), ("run", 1, "igrpo"), ("run", 2, "grpo"), ("run", 2, "igrpo")]
+    assert study.schedule([3, 4], ["grpo"], jobs=2, warm_seed=3) == [("warm", 3, None), ("run", 3, "grpo"),
+                                                                     ("run", 4, "grpo")]
+    spec = study.RunSpec("igrpo", 4, Path("/r"), warm_seed=3)
+    command = spec.command(["x=1"])
+    assert "model.path=/r/warm-s3" in command and "trainer.seed=4" in command and "warm_start.steps=0" in command
+    assert command[-1] == "x=1"
