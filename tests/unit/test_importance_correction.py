@@ -149,5 +149,5 @@ def test_config_rejects_a_non_positive_cap_and_unknown_levels():
 
     with pytest.raises(ConfigError, match="algorithm.importance_cap: must be > 0"):
         load_config(None, ["algorithm.importance_cap=0"])
-    with pytest.raises(ConfigError, match="algorithm.importance_correction: 'tokens' is not one of"):
+    with pytest.raises(ConfigError, match="algorithm.importance_correction: unknown importance correction 'tokens'"):
         load_config(None, ["algorithm.importance_correction=tokens"])
