@@ -160,6 +160,12 @@ class GenerationConfig:
 
 
 @dataclass
+class RolloutConfig:
+    draft_ahead: bool = False  # step t+1's Stage-1 drafts generated during step t's update (rollout_producer)
+    max_off_policy_steps: int = 0  # asynchronous rollouts (issue 13): declared, only 0 is implemented
+
+
+@dataclass
 class MegatronConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -270,6 +276,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
@@ -357,6 +364,27 @@ def _check_micro_batching(policy: PolicyConfig) -> None:
                           "for Megatron")
 
 
+# generation backends that sample on the trainer's own device: Stage 1 drafted ahead would not overlap the update
+_COLOCATED_GENERATION = ("hf", "vllm")
+
+
+def _check_rollout(config: Config) -> None:
+    rollout = config.rollout
+    if rollout.max_off_policy_steps != 0:
+        raise ConfigError(f"rollout.max_off_policy_steps: asynchronous rollouts are not implemented yet; only 0 (the "
+                          f"synchronous loop) is supported, got {rollout.max_off_policy_steps}")
+    if not rollout.draft_ahead:
+        return
+    if config.generation.backend in _COLOCATED_GENERATION:
+        raise ConfigError(f"rollout.draft_ahead: generation.backend={config.generation.backend} generates in the "
+                          "trainer's process on the trainer's device, so drafts generated ahead would only queue "
+                          "behind the update instead of overlapping it; use generation.backend=server (generation "
+                          "in its own process or device) or set rollout.draft_ahead=false")
+    if config.algorithm.num_drafts == 0:
+        raise ConfigError("rollout.draft_ahead: needs Stage-1 drafts, but algorithm.num_drafts is 0 (GRPO has no "
+                          "drafts to generate ahead); set rollout.draft_ahead=false")
+
+
 def validate(config: Config) -> None:
     """Value checks the type system cannot express; each error names its key."""
     for key, allowed in CHOICES.items():
@@ -413,6 +441,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.betas: needs two values, got {config.optim.betas}")
     if config.trainer.dist_timeout_s <= 0:
         raise ConfigError(f"trainer.dist_timeout_s: must be > 0, got {config.trainer.dist_timeout_s}")
+    _check_rollout(config)
     if config.trainer.resume not in ("none", "auto") and not Path(config.trainer.resume).exists():
         raise ConfigError(f"trainer.resume: must be none, auto or an existing checkpoint path, "
                           f"got {config.trainer.resume!r}")
