@@ -155,6 +155,12 @@ class GenerationConfig:
 
 
 @dataclass
+class RolloutConfig:
+    draft_ahead: bool = False  # step t+1's Stage-1 drafts generated during step t's update (rollout_producer)
+    max_off_policy_steps: int = 0  # asynchronous rollouts (issue 13): declared, only 0 is implemented
+
+
+@dataclass
 class MegatronConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -265,6 +271,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)

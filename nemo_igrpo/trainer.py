@@ -19,7 +19,6 @@ import torch
 from rich.console import Console
 
 from nemo_igrpo import distributed, faults
-from nemo_igrpo.algorithms.igrpo import rollout
 from nemo_igrpo.assembly import Run, build_run, seed_everything
 from nemo_igrpo.checkpoint import find_latest
 from nemo_igrpo.config import Config, to_yaml
@@ -37,7 +36,8 @@ from nemo_igrpo.lifecycle import (
 )
 from nemo_igrpo.policy.microbatch import balance_across_ranks
 from nemo_igrpo.progress import PhaseTimer, TrainingProgress
-from nemo_igrpo.sharding import ShardedSource, global_normalizer, reduce_metrics, sharded_eval
+from nemo_igrpo.rollout_producer import RolloutProducer
+from nemo_igrpo.sharding import global_normalizer, reduce_metrics, sharded_eval
 from nemo_igrpo.tracking import MetricsLogger, build_loggers
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ def _train(config: Config, console: Console) -> TrainResult:
             return sharded_eval(run.heldout, generator, run.template, run.reward, run.decode, run.eval_sampling,
                                 policy.data_parallel_group)
 
+    producer = RolloutProducer(run, sampler, config.trainer.prompts_per_step, draft_ahead=config.rollout.draft_ahead,
+                               start_step=state.step, max_steps=config.trainer.max_steps)
     logger = MetricsLogger(run_dir, build_loggers(config, run_dir, state.step) if main else [],
                            resume_step=state.step if resume_from is not None else None, enabled=main)
     initial = final = None
@@ -118,7 +120,7 @@ def _train(config: Config, console: Console) -> TrainResult:
             while state.step < config.trainer.max_steps:
                 state.step += 1
                 faults.point("train.step", step=state.step)
-                metrics = train_step(config, run, sampler)
+                metrics = train_step(config, run, producer)
                 if config.trainer.eval_every and (state.step % config.trainer.eval_every == 0
                                                   or state.step == config.trainer.max_steps):
                     result = run_eval(state.step)
@@ -132,7 +134,7 @@ def _train(config: Config, console: Console) -> TrainResult:
                 last = state.step == config.trainer.max_steps or stop
                 periodic = config.trainer.save_every and state.step % config.trainer.save_every == 0
                 if (last or periodic) and state.nan_streak == 0:  # the newest checkpoint stays a good one
-                    save_state(checkpoints, state, policy, sampler, config.trainer.keep_last)
+                    save_state(checkpoints, state, policy, producer, config.trainer.keep_last)  # its sampler state
                 if stop and state.step < config.trainer.max_steps:
                     stopped_by = signal_received() or (
                         f"{STOP_FILE} file" if (run_dir / STOP_FILE).exists() else "another rank's signal")
@@ -142,6 +144,7 @@ def _train(config: Config, console: Console) -> TrainResult:
                     break
     finally:
         logger.close()
+        producer.close()
         run.close()
 
     if state.step == config.trainer.max_steps:
@@ -152,18 +155,14 @@ def _train(config: Config, console: Console) -> TrainResult:
     return TrainResult(run_dir, state.step, initial, final, stopped_by)
 
 
-def train_step(config: Config, run: Run, sampler: PromptSampler) -> dict[str, float]:
+def train_step(config: Config, run: Run, producer: RolloutProducer) -> dict[str, float]:
     """One RL step (Algorithm 1): Stage-1 drafts → best draft → Stage-2 refinements → advantages, then the policy
     update on the refinements and the weight sync. Returns its metrics (rewards, losses, seconds per phase,
     tokens/s)."""
     timer = PhaseTimer()
-    policy, generator = run.policy, run.generator
+    policy = run.policy
     group = policy.data_parallel_group
-    source = ShardedSource(sampler, config.trainer.prompts_per_step, group)
-    with timer("rollout"):
-        batch, metrics = rollout(source.draw, source.per_rank, generator, run.reward, run.template, run.decode,
-                                 run.rollout, run.tokenizer.pad_token_id, timings=timer.seconds)
-    source.synchronize()
+    batch, metrics = producer.next_batch(timer)  # timed as "rollout" (and "draft_wait" with rollout.draft_ahead)
     if config.policy.max_tokens_per_micro_batch is not None:  # long-tailed lengths: equal tokens per DP rank
         batch = balance_across_ranks(batch, group)
     if run.loss.needs_reference:
@@ -177,8 +176,7 @@ def train_step(config: Config, run: Run, sampler: PromptSampler) -> dict[str, fl
     with timer("update"):
         updates = [policy.train_step(batch, loss_fn) for _ in range(epochs)]
     faults.point("train.updated")
-    with timer("weight_sync"):
-        generator.update_weights(policy.export_weights())
+    producer.sync_weights(policy.export_weights(), timer)  # timed as "weight_sync"
 
     generated = metrics.pop("tokens/generated")
     trained = float(batch.loss_mask.sum())

@@ -73,6 +73,7 @@ def validate(config: Config) -> None:
         if _get(config, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {_get(config, key)}")
     _check_micro_batching(config.policy)
+    _check_rollout(config)
     if config.algorithm.num_refinements < 2:
         raise ConfigError("algorithm.num_refinements: a group needs at least 2 samples for a relative advantage")
     if not 0 < config.generation.top_p <= 1 or not 0 < config.eval.top_p <= 1:
@@ -108,6 +109,27 @@ def _check_registered(config: Config) -> None:
         names = value if isinstance(value, (list, dict)) else [] if value is None else [value]
         for name in names:
             registry.check(name, key)
+
+
+# generation backends that sample on the trainer's own device: Stage 1 drafted ahead would not overlap the update
+_COLOCATED_GENERATION = ("hf", "vllm")
+
+
+def _check_rollout(config: Config) -> None:
+    rollout = config.rollout
+    if rollout.max_off_policy_steps != 0:
+        raise ConfigError(f"rollout.max_off_policy_steps: asynchronous rollouts are not implemented yet; only 0 (the "
+                          f"synchronous loop) is supported, got {rollout.max_off_policy_steps}")
+    if not rollout.draft_ahead:
+        return
+    if config.generation.backend in _COLOCATED_GENERATION:
+        raise ConfigError(f"rollout.draft_ahead: generation.backend={config.generation.backend} generates in the "
+                          "trainer's process on the trainer's device, so drafts generated ahead would only queue "
+                          "behind the update instead of overlapping it; use generation.backend=server (generation "
+                          "in its own process or device) or set rollout.draft_ahead=false")
+    if config.algorithm.num_drafts == 0:
+        raise ConfigError("rollout.draft_ahead: needs Stage-1 drafts, but algorithm.num_drafts is 0 (GRPO has no "
+                          "drafts to generate ahead); set rollout.draft_ahead=false")
 
 
 def _check_micro_batching(policy: PolicyConfig) -> None:

@@ -6,6 +6,9 @@
 
 GRPO is the same rollout with N = 0 (Stage 2 then sees the plain problem prompt). No gradient flows through
 Stage 1: drafts only shape the Stage-2 prompt, and the draft tokens are prompt context with loss mask 0.
+
+Stage 1 can also run on its own (``draft_stage``) and be handed to ``rollout`` as a precomputed result: the
+rollout producer (``nemo_igrpo.rollout_producer``) drafts step t+1's problems while step t's update runs.
 """
 
 from __future__ import annotations
@@ -83,6 +86,18 @@ class StageSamples:
     reward_counters: dict[str, int] = _field(_COUNTERS, dict)  # e.g. grader timeouts, over both stages
 
 
+@dataclass
+class Drafts:
+    """Stage 1 of a rollout's first round, computed apart from Stage 2 (``draft_stage``): the problems, their
+    Stage-2 prompts (each with its best draft), and the draft fields, reward counters and seconds of their
+    ``StageSamples``."""
+
+    problems: list
+    refinement_prompts: list[list[int]]
+    samples: StageSamples
+    timings: dict[str, float]
+
+
 class DynamicSamplingError(RuntimeError):
     pass
 
@@ -97,6 +112,7 @@ def rollout(
     settings: RolloutSettings,
     pad_token_id: int,
     timings: dict[str, float] | None = None,
+    drafts: Drafts | None = None,
 ) -> tuple[RolloutBatch, dict[str, float]]:
     """Sample, score and select until ``num_problems`` groups are kept; return the Stage-2 batch and metrics.
 
@@ -104,6 +120,9 @@ def rollout(
     dropped; more problems are drawn (at most ``max_sampling_rounds`` rounds) until the batch is full.
     Seconds per phase are added to ``timings`` (``rollout/drafts``, ``rollout/refinements``, ``rollout/reward``,
     ``rollout/generation``). Random tie-breaks draw from torch's global RNG, which checkpoints save and restore.
+
+    ``drafts`` (from ``draft_stage``): the first round's Stage 1, already done; its problems are not drawn again
+    and only their refinements are sampled here. Later dynamic-sampling rounds run both stages as usual.
     """
     timings = {} if timings is None else timings
     kept: list[StageSamples] = []
@@ -111,8 +130,11 @@ def rollout(
     kept_groups = 0
     for round_index in range(settings.max_sampling_rounds if settings.dynamic_sampling else 1):
         needed = num_problems - kept_groups
-        samples = _sample_round(problems_source(needed), generator, reward, template, decode, settings, timings,
-                                first_group_id=len(set(seen.group_ids)))
+        if round_index == 0 and drafts is not None:
+            samples = _refine_drafts(drafts, generator, reward, decode, settings, timings)
+        else:
+            samples = _sample_round(problems_source(needed), generator, reward, template, decode, settings, timings,
+                                    first_group_id=len(set(seen.group_ids)))
         _extend(seen, samples)
         if settings.dynamic_sampling:
             samples = _drop_zero_variance(samples)
@@ -136,45 +158,112 @@ def rollout(
     return batch, metrics
 
 
-def _sample_round(problems, generator, reward, template, decode, settings, timings, first_group_id):
-    n, g = settings.num_drafts, settings.num_refinements
-    answers = [p.answer for p in problems]
-    samples = StageSamples()
-    clock = {"start": time.perf_counter(), "first_follow_up": None, "draft_reward": 0.0}
+class _DraftSelection:
+    """Stage 1 for one problem at a time: score its N drafts, select the best, return its Stage-2 prompt.
 
-    draft_rewards: dict[int, list[float]] = {}  # keyed by problem: streaming backends may finish out of order
-    draft_solved: dict[int, list[bool]] = {}
-    best_index: dict[int, int] = {}
-    best_drafts: dict[int, str] = {}
+    Called as each problem's drafts are done (streaming backends: in any order, under their lock); draft lengths
+    and reward counters go into ``samples``, the rest is put in problem order by ``fill``."""
 
-    def refinement_prompt(i: int, drafts: list[Completion]) -> list[int]:
+    def __init__(self, problems, reward, template, decode, settings: RolloutSettings, samples: StageSamples):
+        self.problems, self.reward, self.template, self.decode = problems, reward, template, decode
+        self.settings, self.samples = settings, samples
+        self.answers = [p.answer for p in problems]
+        self.first_follow_up: float | None = None  # when the first problem's drafts were done
+        self.reward_seconds = 0.0
+        # keyed by problem: streaming backends may finish out of order
+        self.draft_rewards: dict[int, list[float]] = {}
+        self.draft_solved: dict[int, list[bool]] = {}
+        self.best_index: dict[int, int] = {}
+        self.best_drafts: dict[int, str] = {}
+
+    def __call__(self, i: int, drafts: list[Completion]) -> list[int]:
+        n, settings, samples = self.settings.num_drafts, self.settings, self.samples
         started = time.perf_counter()
-        clock["first_follow_up"] = clock["first_follow_up"] or started
+        self.first_follow_up = self.first_follow_up or started
         if n == 0:
-            return template.problem_ids(problems[i].problem)
-        texts = faults.point("rollout.reward", [decode(d.token_ids) for d in drafts], stage="draft")
-        scored = _with_length_penalty(reward(texts, [answers[i]] * n), drafts, settings)
+            return self.template.problem_ids(self.problems[i].problem)
+        texts = faults.point("rollout.reward", [self.decode(d.token_ids) for d in drafts], stage="draft")
+        scored = _with_length_penalty(self.reward(texts, [self.answers[i]] * n), drafts, settings)
         faults.point("rollout.rewarded", stage="draft")
         _count(samples.reward_counters, scored.counters)
         _count_non_finite(samples.reward_counters, scored.scores)
         scores = scored.scores
         best = int(select_best(torch.tensor([scores]), settings.tie_break)[0])
-        clock["draft_reward"] += time.perf_counter() - started
-        draft_rewards[i], draft_solved[i] = list(scores), scored.solved()
-        best_index[i], best_drafts[i] = best, texts[best]
+        self.reward_seconds += time.perf_counter() - started
+        self.draft_rewards[i], self.draft_solved[i] = list(scores), scored.solved()
+        self.best_index[i], self.best_drafts[i] = best, texts[best]
         samples.draft_lengths.extend(len(d.token_ids) for d in drafts)
-        return template.refinement_ids(problems[i].problem, texts[best])
+        return self.template.refinement_ids(self.problems[i].problem, texts[best])
+
+    def fill(self) -> None:
+        samples = self.samples
+        samples.draft_rewards = [self.draft_rewards[i] for i in sorted(self.draft_rewards)]
+        samples.draft_solved = [self.draft_solved[i] for i in sorted(self.draft_solved)]
+        samples.best_draft_index = [self.best_index[i] for i in sorted(self.best_index)]
+        samples.best_drafts = [self.best_drafts[i] for i in sorted(self.best_drafts)]
+
+
+def draft_stage(problems_source: Callable[[int], Sequence[Problem]], num_problems: int,
+                generator: GenerationBackend, reward: RewardFn, template: PromptTemplate,
+                decode: Callable[[list[int]], str], settings: RolloutSettings) -> Drafts:
+    """Stage 1 alone, for ``rollout(..., drafts=...)``: draw ``num_problems`` problems, sample N drafts each,
+    score them and select the best. Seconds go to the result's ``timings`` (``rollout/drafts``,
+    ``rollout/generation``, ``rollout/reward``), counted into the step that consumes it."""
+    problems = list(problems_source(num_problems))
+    samples = StageSamples()
+    select = _DraftSelection(problems, reward, template, decode, settings, samples)
+    started = time.perf_counter()
+    prompts = [template.problem_ids(p.problem) for p in problems]
+    faults.point("rollout.generate")
+    drafts = (generator.generate(prompts, replace(settings.sampling, n=settings.num_drafts))
+              if settings.num_drafts > 0 else [[] for _ in problems])
+    generated = time.perf_counter() - started
+    refinement_prompts = [list(select(i, d)) for i, d in enumerate(drafts)]
+    select.fill()
+    return Drafts(problems, refinement_prompts, samples, {
+        "rollout/drafts": generated, "rollout/generation": generated, "rollout/reward": select.reward_seconds})
+
+
+def _refine_drafts(drafts: Drafts, generator, reward, decode, settings, timings) -> StageSamples:
+    """A first round whose Stage 1 is done: sample and score the refinements of ``drafts``."""
+    for key, seconds in drafts.timings.items():
+        _add(timings, key, seconds)
+    started = time.perf_counter()
+    refinements = generator.generate(drafts.refinement_prompts, replace(settings.sampling, n=settings.num_refinements))
+    generated = time.perf_counter() - started
+    _add(timings, "rollout/generation", generated)
+    _add(timings, "rollout/refinements", generated)
+    return _score_refinements(drafts.samples, drafts.problems, drafts.refinement_prompts, refinements, reward, decode,
+                              settings, timings, first_group_id=0)
+
+
+def _sample_round(problems, generator, reward, template, decode, settings, timings, first_group_id):
+    n, g = settings.num_drafts, settings.num_refinements
+    samples = StageSamples()
+    start = time.perf_counter()
+    select = _DraftSelection(problems, reward, template, decode, settings, samples)
 
     prompts = [template.problem_ids(p.problem) for p in problems]
     faults.point("rollout.generate")
     _, stage2_prompts, refinements = generator.generate_chained(
-        prompts, replace(settings.sampling, n=n), refinement_prompt, replace(settings.sampling, n=g))
-    samples.draft_rewards = [draft_rewards[i] for i in sorted(draft_rewards)]
-    samples.draft_solved = [draft_solved[i] for i in sorted(draft_solved)]
-    samples.best_draft_index = [best_index[i] for i in sorted(best_index)]
-    samples.best_drafts = [best_drafts[i] for i in sorted(best_drafts)]
-    generated = time.perf_counter() - clock["start"] - clock["draft_reward"]
+        prompts, replace(settings.sampling, n=n), select, replace(settings.sampling, n=g))
+    select.fill()
+    generated = time.perf_counter() - start - select.reward_seconds
 
+    drafts = (select.first_follow_up - start) if n else 0.0
+    _add(timings, "rollout/reward", select.reward_seconds)
+    _add(timings, "rollout/generation", generated)
+    _add(timings, "rollout/drafts", drafts)
+    _add(timings, "rollout/refinements", generated - drafts)
+    return _score_refinements(samples, problems, stage2_prompts, refinements, reward, decode, settings, timings,
+                              first_group_id)
+
+
+def _score_refinements(samples: StageSamples, problems, stage2_prompts, refinements, reward, decode, settings,
+                       timings, first_group_id) -> StageSamples:
+    """Score the G refinements per problem and put the round's rows into ``samples``."""
+    g = settings.num_refinements
+    answers = [p.answer for p in problems]
     started = time.perf_counter()
     texts = faults.point("rollout.reward", [decode(c.token_ids) for group in refinements for c in group],
                          stage="refinement")
@@ -183,11 +272,7 @@ def _sample_round(problems, generator, reward, template, decode, settings, timin
     faults.point("rollout.rewarded", stage="refinement")
     _count(samples.reward_counters, scored.counters)
     _count_non_finite(samples.reward_counters, scored.scores)
-    drafts = (clock["first_follow_up"] - clock["start"]) if n else 0.0
-    _add(timings, "rollout/reward", clock["draft_reward"] + time.perf_counter() - started)
-    _add(timings, "rollout/generation", generated)
-    _add(timings, "rollout/drafts", drafts)
-    _add(timings, "rollout/refinements", generated - drafts)
+    _add(timings, "rollout/reward", time.perf_counter() - started)
     samples.prompts = [list(stage2_prompts[i]) for i in range(len(problems)) for _ in range(g)]
     samples.completions = flat
     samples.rewards = list(scored.scores)

@@ -1,0 +1,250 @@
+"""Draft-ahead iGRPO (``rollout.draft_ahead``): Stage 1 split from Stage 2, the rollout producer's ordering (drafts
+of step t+1 during step t's update, the weight sync only after them), the refusals, and, through a real
+``nemo-igrpo serve``, on-policy refinements and exact prompts on resume."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nemo_igrpo.algorithms.igrpo import RolloutSettings, draft_stage, rollout
+from nemo_igrpo.config import ConfigError, load_config
+from nemo_igrpo.data.char_tokenizer import build_char_tokenizer
+from nemo_igrpo.data.dataset import Example, PromptSampler
+from nemo_igrpo.data.prompts import PromptBuilder
+from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
+from nemo_igrpo.progress import PhaseTimer
+from nemo_igrpo.rewards import BoxedMatchReward
+from nemo_igrpo.rollout_producer import RolloutProducer
+
+REPO = Path(__file__).resolve().parents[2]
+TOKENIZER = build_char_tokenizer()
+END = TOKENIZER.eos_token_id
+TEMPLATE = PromptBuilder(TOKENIZER, system_prompt=None, draft_header="Draft:")
+
+
+def decode(ids):
+    return TOKENIZER.decode(ids, skip_special_tokens=True)
+
+
+class RandomAnswers(GenerationBackend):
+    """Answers ``\\boxed{d}`` with d drawn from torch's global RNG (as real backends draw their seeds there), after
+    ``delay`` seconds. Records (stage, weights version) per call, and fails if weights change during a call."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.version, self.calls, self.busy = delay, 0, [], 0
+        self.lock = threading.Lock()
+
+    def generate(self, prompts, params):
+        with self.lock:
+            self.busy += 1
+        version = self.version
+        time.sleep(self.delay)
+        stage = "refine" if "Draft:" in decode(prompts[0]) else "draft"
+        self.calls.append((stage, version, len(prompts)))
+        out = []
+        for _ in prompts:
+            group = []
+            for _ in range(params.n):
+                ids = TOKENIZER.encode(f"\\boxed{{{int(torch.randint(0, 3, ()))}}}", add_special_tokens=False) + [END]
+                group.append(Completion(ids, [-0.25] * len(ids), "stop"))
+            out.append(group)
+        assert self.version == version, "weights changed while a request was in flight"
+        with self.lock:
+            self.busy -= 1
+        return out
+
+    def update_weights(self, weights):
+        assert self.busy == 0, "weight sync while a request is in flight"
+        self.version += 1
+
+
+def settings(**overrides):
+    base = dict(num_drafts=3, num_refinements=4, tie_break="random", advantage="grpo", adv_eps=1e-6,
+                dynamic_sampling=False, max_sampling_rounds=4, sampling=SamplingParams(max_new_tokens=16))
+    return RolloutSettings(**{**base, **overrides})
+
+
+PROBLEMS = [Example(f"Q{i}?", str(i % 3)) for i in range(40)]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_precomputed_drafts_give_exactly_the_chained_rollout(dynamic):
+    """Stage 1 run apart (draft_stage) then handed to rollout gives the same batch and metrics, bit for bit, as
+    the one-call rollout, with random tie-breaks and DAPO rounds after the first; only timings differ."""
+    s = settings(dynamic_sampling=dynamic)
+    results = []
+    for split in (False, True):
+        torch.manual_seed(7)
+        queue = list(PROBLEMS)
+
+        def source(k):
+            taken, queue[:] = queue[:k], queue[k:]
+            return taken
+
+        generator = RandomAnswers()
+        drafts = draft_stage(source, 6, generator, BoxedMatchReward(), TEMPLATE, decode, s) if split else None
+        timings = {}
+        batch, metrics = rollout(source, 6, generator, BoxedMatchReward(), TEMPLATE, decode, s, 0, timings,
+                                 drafts=drafts)
+        results.append((batch, metrics, generator.calls, len(queue)))
+        assert set(timings) >= {"rollout/drafts", "rollout/refinements", "rollout/generation", "rollout/reward"}
+    (a, ma, calls_a, left_a), (b, mb, calls_b, left_b) = results
+    for name in ("input_ids", "attention_mask", "loss_mask", "advantages", "group_ids", "gen_logprobs"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert ma == mb and left_a == left_b
+    assert [c[:1] + c[2:] for c in calls_a] == [c[:1] + c[2:] for c in calls_b]
+    if dynamic:  # the test covers refill rounds after the precomputed first one
+        assert ma["sampling_rounds"] > 1
+
+
+def fake_run(generator, s, group=None):
+    policy = SimpleNamespace(data_parallel_group=None, model_parallel_group=group)
+    return SimpleNamespace(policy=policy, generator=generator, reward=BoxedMatchReward(), template=TEMPLATE,
+                           decode=decode, rollout=s, tokenizer=SimpleNamespace(pad_token_id=0))
+
+
+def test_the_producer_drafts_ahead_during_the_update_and_syncs_only_after():
+    """Step t+1's drafts run on version t−1 during step t's "update"; the sync waits for them; Stage 2 of t+1 runs on
+    version t; the checkpointed sampler state is the step boundary's; no ahead job after the last step."""
+    generator = RandomAnswers(delay=0.05)
+    sampler = PromptSampler(PROBLEMS, seed=0)
+    producer = RolloutProducer(fake_run(generator, settings()), sampler, 4, draft_ahead=True, max_steps=3)
+    lags, overlaps, boundaries = [], [], []
+    for _ in range(3):
+        timer = PhaseTimer()
+        _, metrics = producer.next_batch(timer)
+        lags.append(metrics["rollout/draft_version_lag"])
+        overlaps.append(timer.seconds["rollout/draft_overlap"])
+        time.sleep(0.2)  # the "update": the draft job (one 0.05 s request) finishes within it
+        producer.sync_weights([], timer)
+        boundaries.append((producer.state_dict(), sampler.state_dict()))  # when a checkpoint is written
+    producer.close()
+    assert lags == [0.0, 1.0, 1.0]
+    # the job (≥ 0.05 s of sleep) ran beside the update; the upper bound only catches a unit error (loaded CPUs)
+    assert overlaps[0] == 0.0 and all(0.04 < o < 5.0 for o in overlaps[1:])
+    # drafts of step 1 on version 0, of steps 2 and 3 on versions 0 and 1 (ahead); refinements always current
+    assert [c[:2] for c in generator.calls] == [("draft", 0), ("refine", 0), ("draft", 0), ("refine", 1),
+                                                 ("draft", 1), ("refine", 2)]
+    # after steps 1 and 2 the sampler is 4 prompts ahead of the boundary a checkpoint records; after 3 it is not
+    assert boundaries == [({"epoch": 0, "position": 4}, {"epoch": 0, "position": 8}),
+                          ({"epoch": 0, "position": 8}, {"epoch": 0, "position": 12}),
+                          ({"epoch": 0, "position": 12}, {"epoch": 0, "position": 12})]
+
+
+def test_without_draft_ahead_the_producer_is_the_synchronous_rollout():
+    generator = RandomAnswers()
+    producer = RolloutProducer(fake_run(generator, settings()), PromptSampler(PROBLEMS, seed=0), 4)
+    timer = PhaseTimer()
+    _, metrics = producer.next_batch(timer)
+    producer.sync_weights([], timer)
+    assert metrics["rollout/draft_version_lag"] == 0.0 and set(timer.seconds) == {
+        "rollout", "rollout/drafts", "rollout/refinements", "rollout/generation", "rollout/reward", "weight_sync"}
+    assert generator.version == 1 and producer.state_dict() == {"epoch": 0, "position": 4}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["generation.backend=hf"], r"rollout\.draft_ahead: generation\.backend=hf generates in the trainer's process"),
+    (["generation.backend=vllm"], r"rollout\.draft_ahead: generation\.backend=vllm .* would only queue behind"),
+    (["generation.backend=server", "algorithm.preset=grpo"], r"rollout\.draft_ahead: .*num_drafts is 0 \(GRPO"),
+])
+def test_draft_ahead_is_refused_where_it_cannot_overlap(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "conf" / "quickstart.yaml", ["rollout.draft_ahead=true", *overrides])
+    assert load_config(REPO / "conf" / "quickstart.yaml",
+                       ["rollout.draft_ahead=true", "generation.backend=server"]).rollout.draft_ahead
+
+
+def test_asynchronous_rollouts_are_not_implemented_yet():
+    with pytest.raises(ConfigError, match="rollout.max_off_policy_steps: asynchronous rollouts are not implemented"):
+        load_config(None, ["rollout.max_off_policy_steps=1"])
+
+
+def test_tensor_parallel_peers_are_refused(monkeypatch):
+    monkeypatch.setattr("nemo_igrpo.rollout_producer.distributed.world_size", lambda group: 2)  # a TP pair
+    with pytest.raises(ConfigError, match="rollout.draft_ahead: not supported with tensor/pipeline-parallel peers"):
+        RolloutProducer(fake_run(RandomAnswers(), settings(), group=object()), PromptSampler(PROBLEMS), 4,
+                        draft_ahead=True)
+
+
+# ---------------------------------------------------------------------------------------------- through the server
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, request):
+    """A ``nemo-igrpo serve`` of the tiny training model (test_server's), stopped at the module's end."""
+    pytest.importorskip("vllm")
+    from test_server import TINY_TRAIN, start_server
+
+    from nemo_igrpo.models import load_model, load_tokenizer
+
+    config = load_config(REPO / "conf" / "quickstart.yaml", TINY_TRAIN)
+    torch.manual_seed(123)  # the trainer syncs its own weights before step 1
+    url, _ = start_server(load_model(config.model, load_tokenizer(config.model)), tmp_path_factory.mktemp("served"),
+                          request)
+    return url, TINY_TRAIN
+
+
+@pytest.mark.slow
+def test_draft_ahead_through_the_server_keeps_refinements_on_policy_and_resumes_with_the_same_prompts(
+        served, tmp_path, monkeypatch):
+    import json
+
+    import nemo_igrpo.algorithms.igrpo as igrpo
+    import nemo_igrpo.trainer as trainer_module
+    from test_server import TOKEN, TOLERANCE
+
+    from nemo_igrpo.tracking import read_metrics
+
+    url, tiny = served
+    monkeypatch.setenv("NEMO_IGRPO_SERVER_TOKEN", TOKEN)
+    consumed = []  # the problems of every Stage 2 (what a step trains on), in order
+    score = igrpo._score_refinements
+
+    def recording(samples, problems, *args, **kwargs):
+        consumed.append([p.problem for p in problems])
+        return score(samples, problems, *args, **kwargs)
+
+    monkeypatch.setattr(igrpo, "_score_refinements", recording)
+
+    def config(run_dir):
+        return load_config(REPO / "conf" / "quickstart.yaml", [
+            *tiny, "generation.backend=server", f"generation.server.url={url}", "rollout.draft_ahead=true",
+            f"trainer.output_dir={run_dir}", "trainer.save_every=1", "trainer.max_steps=3", "optim.lr=1e-3"])
+
+    trainer_module.train(config(tmp_path / "reference"))
+    reference, consumed[:] = list(consumed), []
+    records = [r for r in read_metrics(tmp_path / "reference" / "metrics.jsonl") if r["step"] > 0]
+    assert [r["rollout/draft_version_lag"] for r in records] == [0.0, 1.0, 1.0]
+    assert all(r["time/rollout/draft_overlap"] > 0 for r in records[1:])
+    # Refinements sampled on the weights the trainer scores them with, as in the synchronous server test (same
+    # tolerance): drafts one version old do not make the trained tokens off-policy.
+    assert all(abs(r["train/mismatch/token_prob_error"] - 1.0) < TOLERANCE for r in records)
+    assert len(reference) == 3 and all(len(step) == 4 for step in reference)
+
+    crashed = tmp_path / "crashed"
+    real_step, calls = trainer_module.train_step, []
+
+    def crash_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # step 3's prompts were drawn (and drafted) during step 2, before this crash
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", crash_in_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        trainer_module.train(config(crashed))
+    saved = json.loads((crashed / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert saved["sampler"] == {"epoch": 0, "position": 8}  # 2 steps × 4 prompts: not the 12 drawn by then
+    monkeypatch.setattr(trainer_module, "train_step", real_step)
+    assert trainer_module.train(config(crashed)).step == 3  # trainer.resume=auto, from step 2
+
+    assert consumed == reference  # the same prompts per step, in the same order: none lost, none repeated
+    resumed = [r for r in read_metrics(crashed / "metrics.jsonl") if r["step"] > 2]
+    assert [r["rollout/draft_version_lag"] for r in resumed] == [0.0]  # step 3's drafts redone after the resume
+    assert all(abs(r["train/mismatch/token_prob_error"] - 1.0) < TOLERANCE for r in resumed)
