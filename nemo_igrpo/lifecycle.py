@@ -54,8 +54,10 @@ def check_writable(run_dir: Path) -> None:
         raise ConfigError(error)
 
 
-def save_state(root: Path, state: TrainState, policy: PolicyBackend, sampler: PromptSampler, keep_last: int) -> None:
-    save_checkpoint(root, state.step, policy.save, {**dataclasses.asdict(state), "sampler": sampler.state_dict()},
+def save_state(root: Path, state: TrainState, policy: PolicyBackend, cursor, keep_last: int) -> None:
+    """The loop state, the policy and the data cursor: ``cursor.state_dict()`` is the sampler position to resume
+    from (the rollout producer's, which leaves out prompts it drew ahead of time)."""
+    save_checkpoint(root, state.step, policy.save, {**dataclasses.asdict(state), "sampler": cursor.state_dict()},
                     keep_last)
 
 
