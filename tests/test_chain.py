@@ -82,7 +82,8 @@ def test_unboxed_fraction_changes_only_the_ending():
     boxed = make_chain_split(100, 4, 30, 2, 4)
     mixed = make_chain_split(100, 4, 30, 2, 4, unboxed_fraction=1.0)
     assert [e.problem for e in boxed] == [e.problem for e in mixed]
-    assert mixed[0].solution == boxed[0].solution.replace(f" \\boxed{{{boxed[0].answer}}}", f", answer {boxed[0].answer}")
+    answer = boxed[0].answer
+    assert mixed[0].solution == boxed[0].solution.replace(f" \\boxed{{{answer}}}", f", answer {answer}")
 
 
 def test_bad_knob_values_raise():
