@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,6 +41,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="trainer.seed: warm-start batches and sampling")
     parser.add_argument("--two-pass", type=int, default=0, help="drafts for a final draft → refine evaluation")
     parser.add_argument("--out", type=Path, default=None, help="append one JSON line per probe")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="save the warm-started model here (an HF folder; as ROOT/warm-sSEED of the study "
+                             "script, with the same --seed and config, the study reuses it instead of redoing it)")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_args()
 
@@ -98,6 +103,13 @@ def main() -> None:
 
     warm_start(config, model, load_examples(config.data.train, config.data, "train"), template, tokenizer,
                ProbingConsole())
+    if args.save is not None:  # written beside, then renamed: a half-written folder is never reused
+        tmp = args.save.with_name(args.save.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, args.save)
+        print(f"saved the warm-started model to {args.save}", flush=True)
     if args.two_pass:
         generator = build_generation(config, model, tokenizer.pad_token_id)
         for selection in ("oracle", "majority"):
