@@ -56,6 +56,8 @@ class ArithmeticConfig:
     num_heldout: int = 200
     max_operand: int = 30
     unboxed_fraction: float = 0.0
+    min_steps: int = 2  # builtin:chain only: operations per problem are drawn from min_steps..max_steps
+    max_steps: int = 4
 
 
 @dataclass

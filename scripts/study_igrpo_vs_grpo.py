@@ -1,17 +1,42 @@
 #!/usr/bin/env python
-"""Multi-seed study: GRPO (8 samples) vs iGRPO (4 drafts + 4 refinements) on the embedded default task.
+"""Multi-seed study: GRPO (8 samples) vs iGRPO (4 drafts + 4 refinements), and DAPO vs iGRPO-DAPO, at matched
+rollout budget.
 
-Both arms consume the same number of rollouts per problem (8) and per step (trainer.prompts_per_step × 8), and
-for a given seed start from the same warm-started model: the quickstart's warm start (warm_start.steps supervised
-steps with trainer.seed = seed) runs once per seed and is saved to ROOT/warm-sSEED, and both arms load it
-(model.path=ROOT/warm-sSEED warm_start.steps=0), so each seed is a paired comparison. Each run is a plain
-``nemo-igrpo train`` in its own output directory under --root; finished warm starts and runs (a ``final/`` folder)
-are reused, so the script can be re-run to only rebuild the report.
+Arms (--arms): grpo (GRPO, 8 samples per problem), igrpo (iGRPO, 4 drafts + 4 refinements), dapo (DAPO, 8 samples,
+dynamic sampling) and igrpo_dapo (the iGRPO wrapper around DAPO, 4 + 4); each is ``algorithm.preset=ARM`` on top of
+--config (default conf/quickstart.yaml; conf/study/chain.yaml is the multi-step task). Paired arms (grpo/igrpo,
+dapo/igrpo_dapo) consume the same rollouts per problem (8) and per step (trainer.prompts_per_step × 8; the DAPO arms
+more when dynamic sampling draws extra problems), and for a given seed start from the same warm-started model: the
+config's warm start (warm_start.steps supervised steps with trainer.seed = seed) runs once per seed (or once for all,
+--warm-seed) and is saved to ROOT/warm-sSEED, and every arm loads it (model.path=ROOT/warm-sSEED warm_start.steps=0),
+so each seed is a paired comparison. Each run is a plain ``nemo-igrpo train`` in its own output directory under
+--root. The script is resumable: finished warm starts and runs (a ``final/`` folder) are reused, an interrupted run
+resumes from its last checkpoint (trainer.resume=auto), and --report-only rebuilds every table and plot from the
+runs' metrics.jsonl (and two_pass.json) without training.
 
-    python scripts/study_igrpo_vs_grpo.py --seeds 0 1 2 --root /tmp/igrpo_study --jobs 2
-    python scripts/study_igrpo_vs_grpo.py --report-only --root /tmp/igrpo_study   # tables + plots from existing runs
+With --two-pass N, every finished run's final model is also evaluated draft → refine
+(``nemo_igrpo.evaluation.two_pass``): N drafts per held-out problem at the evaluation sampling settings, the best
+selected by the reward against the gold answer (oracle, an upper bound) or by majority vote over the drafts' answers
+(no gold answer), then eval.samples_per_problem refinements of the Stage-2 prompt. Written to RUN/two_pass.json
+(reused when present), so the report says whether iGRPO taught refinement, single-pass skill, or both.
+
+The report has, per arm: held-out accuracy before / after RL per seed with mean ± 95% interval (t over seeds); the
+paired difference per seed with its mean ± 95% interval and an exact sign-flip permutation test; accuracy at every
+evaluation against rollouts consumed and training wall-clock; entropy and zero-variance-group fraction over training;
+Proposition 3.1 on the accuracy reward; refinement-minus-best-draft over training; the two-pass table.
+
+    # the multi-step study (5 seeds of GRPO vs iGRPO, 3 of DAPO vs iGRPO-DAPO), two parallel runs at 1 thread each
+    python scripts/study_igrpo_vs_grpo.py --config conf/study/chain.yaml --seeds 0 1 2 3 4 --arms grpo igrpo \\
+        --root /tmp/chain_study --jobs 2 --two-pass 4 --markdown docs/study_chain.md --plots docs/study_chain
+    python scripts/study_igrpo_vs_grpo.py --config conf/study/chain.yaml --seeds 0 1 2 --arms dapo igrpo_dapo \\
+        --root /tmp/chain_study --jobs 2 --two-pass 4 --markdown /tmp/chain_study/dapo.md --plots /tmp/chain_study/p
+    # one report over everything that finished (re-run any time; add --partial for runs still going)
+    python scripts/study_igrpo_vs_grpo.py --report-only --config conf/study/chain.yaml --seeds 0 1 2 3 4 \\
+        --arms grpo igrpo dapo igrpo_dapo --root /tmp/chain_study --two-pass 4 \\
+        --markdown docs/study_chain.md --plots docs/study_chain
 
 Writes ``docs/study.md`` (--markdown), PNG plots under ``docs/study/`` (--plots) and the numbers as JSON (--json).
+Text below ``<!-- discussion -->`` in the markdown file is written by hand and kept when it is regenerated.
 """
 
 from __future__ import annotations
@@ -38,6 +63,13 @@ if TYPE_CHECKING:
 # no progress bar (logs go to a file); add e.g. trainer.eval_every=5 for denser accuracy curves (costs more evals).
 STUDY_OVERRIDES = ["trainer.loggers=[]", "trainer.progress=false", "trainer.resume=auto"]
 ARMS = {"grpo": "GRPO 8", "igrpo": "iGRPO 4+4", "dapo": "DAPO 8", "igrpo_dapo": "iGRPO-DAPO 4+4"}
+PAIRS = [("grpo", "igrpo"), ("dapo", "igrpo_dapo")]  # (baseline, its iGRPO wrapper): same budget, same warm start
+TWO_PASS_FILE = "two_pass.json"
+# Two-sided 95% quantiles of Student's t by degrees of freedom (intervals over 2-31 seeds); normal beyond.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042}
 
 
 @dataclass
@@ -46,6 +78,7 @@ class RunSpec:
     seed: int
     root: Path
     warm_seed: int | None = None  # whose warm start the run loads; None = its own seed's
+    config: Path | None = None  # the study's YAML; None = conf/quickstart.yaml
 
     @property
     def directory(self) -> Path:
@@ -56,13 +89,19 @@ class RunSpec:
         return self.root / f"warm-s{self.seed if self.warm_seed is None else self.warm_seed}"
 
     def command(self, extra: list[str]) -> list[str]:
-        return [sys.executable, "-m", "nemo_igrpo.cli", "train", f"algorithm.preset={self.arm}",
+        config = ["--config", str(self.config)] if self.config is not None else []
+        return [sys.executable, "-m", "nemo_igrpo.cli", "train", *config, f"algorithm.preset={self.arm}",
                 f"trainer.seed={self.seed}", f"trainer.output_dir={self.directory}",
                 f"model.path={self.warm_directory}", "warm_start.steps=0", *STUDY_OVERRIDES, *extra]
 
     def warm_command(self, extra: list[str]) -> list[str]:
-        return [sys.executable, os.path.abspath(__file__), "--warm-start-to", str(self.warm_directory),
+        config = ["--config", str(self.config)] if self.config is not None else []
+        return [sys.executable, os.path.abspath(__file__), "--warm-start-to", str(self.warm_directory), *config,
                 "--seeds", str(self.seed if self.warm_seed is None else self.warm_seed), *extra]
+
+    def two_pass_command(self, num_drafts: int) -> list[str]:
+        return [sys.executable, os.path.abspath(__file__), "--two-pass-of", str(self.directory),
+                "--two-pass", str(num_drafts)]
 
 
 def _run_logged(command: list[str], log_path: Path, timeout_s: float, nice: int) -> float:
@@ -77,18 +116,25 @@ def _run_logged(command: list[str], log_path: Path, timeout_s: float, nice: int)
     return time.perf_counter() - started
 
 
-def warm_one(spec: RunSpec, extra: list[str], timeout_s: float, nice: int) -> tuple[RunSpec, float | None]:
-    """The seed's warm-started model, unless already saved; returns wall-clock seconds (None when reused)."""
+def warm_one(spec: RunSpec, extra: list[str], timeout_s: float, nice: int,
+             two_pass: int = 0) -> tuple[RunSpec, float | None]:
+    """The seed's warm-started model, unless already saved; returns wall-clock seconds (None when reused).
+    (``two_pass`` is accepted so that every task takes the same arguments; it concerns runs only.)"""
     if (spec.warm_directory / "config.json").is_file():
         return spec, None
     return spec, _run_logged(spec.warm_command(extra), spec.warm_directory.with_suffix(".log"), timeout_s, nice)
 
 
-def run_one(spec: RunSpec, extra: list[str], timeout_s: float, nice: int) -> tuple[RunSpec, float | None]:
-    """Train one arm × seed unless it already finished; returns its wall-clock seconds (None when reused)."""
-    if (spec.directory / "final").is_dir():
-        return spec, None
-    return spec, _run_logged(spec.command(extra), spec.directory / "train.log", timeout_s, nice)
+def run_one(spec: RunSpec, extra: list[str], timeout_s: float, nice: int,
+            two_pass: int = 0) -> tuple[RunSpec, float | None]:
+    """Train one arm × seed unless it already finished, then (``two_pass`` > 0) its two-pass evaluation unless
+    already written; returns the training wall-clock seconds (None when reused)."""
+    seconds = None
+    if not (spec.directory / "final").is_dir():
+        seconds = _run_logged(spec.command(extra), spec.directory / "train.log", timeout_s, nice)
+    if two_pass and not (spec.directory / TWO_PASS_FILE).is_file():
+        _run_logged(spec.two_pass_command(two_pass), spec.directory / "two_pass.log", timeout_s, nice)
+    return spec, seconds
 
 
 def schedule(seeds: list[int], arms: list[str], jobs: int,
@@ -107,7 +153,7 @@ def schedule(seeds: list[int], arms: list[str], jobs: int,
 
 
 def train_all(seeds: list[int], arms: list[str], root: Path, jobs: int, call,
-              warm_seed: int | None = None) -> dict[str, float | None]:
+              warm_seed: int | None = None, config: Path | None = None) -> dict[str, float | None]:
     """Warm starts and runs on a pool of ``jobs`` workers; a run waits for its seed's warm start. ``call(task)``
     runs ``warm_one``/``run_one`` bound to a spec with the remaining arguments."""
     wall: dict[str, float | None] = {}
@@ -115,7 +161,7 @@ def train_all(seeds: list[int], arms: list[str], root: Path, jobs: int, call,
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = []
         for kind, seed, arm in schedule(seeds, arms, jobs, warm_seed):
-            spec = RunSpec(arm or arms[0], seed, root, warm_seed)
+            spec = RunSpec(arm or arms[0], seed, root, warm_seed, config)
             if kind == "warm":
                 warm_done[spec.warm_directory] = pool.submit(call, lambda *a, spec=spec: warm_one(spec, *a))
                 futures.append((spec.warm_directory.name, warm_done[spec.warm_directory]))
@@ -131,9 +177,10 @@ def train_all(seeds: list[int], arms: list[str], root: Path, jobs: int, call,
     return wall
 
 
-def save_warm_start(seed: int, directory: Path, overrides: list[str]) -> None:
-    """The quickstart's warm start from random init with trainer.seed = seed (as ``nemo-igrpo train`` runs it
-    before RL), saved as an HF folder (written beside, then renamed, so a half-written folder is never reused)."""
+def save_warm_start(seed: int, directory: Path, overrides: list[str], config_path: Path | None = None) -> None:
+    """The config's warm start (default: the quickstart's) from random init with trainer.seed = seed (as
+    ``nemo-igrpo train`` runs it before RL), saved as an HF folder (written beside, then renamed, so a half-written
+    folder is never reused)."""
     import shutil
 
     from rich.console import Console
@@ -144,7 +191,7 @@ def save_warm_start(seed: int, directory: Path, overrides: list[str]) -> None:
     from nemo_igrpo.models import load_model, load_tokenizer
     from nemo_igrpo.assembly import build_template, seed_everything, warm_start_model
 
-    config = load_config(default_config_path(), [f"trainer.seed={seed}", *overrides])
+    config = load_config(config_path or default_config_path(), [f"trainer.seed={seed}", *overrides])
     seed_everything(seed)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, tokenizer)
@@ -157,7 +204,105 @@ def save_warm_start(seed: int, directory: Path, overrides: list[str]) -> None:
     os.replace(tmp, directory)
 
 
+def save_two_pass(run_dir: Path, num_drafts: int) -> None:
+    """Two-pass evaluation of a finished run's final model on its own held-out problems and evaluation sampling
+    (run_dir/config.yaml, as the trainer wrote it), once per selection rule; written to run_dir/two_pass.json."""
+    import torch
+
+    from nemo_igrpo.backends import build_generation
+    from nemo_igrpo.config import load_config
+    from nemo_igrpo.data.sources import load_examples
+    from nemo_igrpo.evaluation.run import evaluate
+    from nemo_igrpo.evaluation.two_pass import SELECTIONS, evaluate_two_pass
+    from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
+    from nemo_igrpo.rewards import build_training_reward
+    from nemo_igrpo.trainer import eval_sampling, prompt_builder, seed_everything
+
+    final = run_dir / "final"
+    config = load_config(run_dir / "config.yaml", [f"model.path={final}", f"model.tokenizer={final}",
+                                                    "warm_start.steps=0", "trainer.resume=none"])
+    seed_everything(config.trainer.seed)
+    tokenizer = load_tokenizer(config.model)
+    model = load_model(config.model, tokenizer)
+    generator = build_generation(config, model, tokenizer.pad_token_id)
+    template = prompt_builder(config, tokenizer)
+    reward = build_training_reward(config)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    params = eval_sampling(config, stop_token_ids(tokenizer, model))
+    problems = load_examples(config.data.eval, config.data, "eval")[: config.eval.num_problems or None]
+    result = {"num_drafts": num_drafts, "refinements": params.n, "temperature": params.temperature,
+              "top_p": params.top_p, "problems": len(problems)}
+    try:
+        with torch.inference_mode():
+            torch.manual_seed(config.trainer.seed + 104729)  # a stream apart from training's evaluations
+            result["single_pass"] = evaluate(problems, generator, template.problem_ids, reward, decode, params).summary
+            for selection in SELECTIONS:
+                result[selection] = evaluate_two_pass(problems, generator, template, reward, decode, params,
+                                                      num_drafts, selection=selection,
+                                                      tie_break=config.algorithm.tie_break).summary
+    finally:
+        generator.close()
+        reward.close()
+    tmp = run_dir / (TWO_PASS_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, run_dir / TWO_PASS_FILE)
+
+
 # --------------------------------------------------------------------------------------------------- analysis
+
+def interval95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval, mean ± t(0.975, n − 1) · s / √n over seeds (NaN for n < 2)."""
+    if len(values) < 2:
+        return (values[0] if values else math.nan), math.nan
+    t = T_975.get(len(values) - 1, 1.96)
+    return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def sign_flip_p_value(differences: list[float]) -> float:
+    """Two-sided exact paired permutation test: under "no difference" each seed's sign is a coin flip; the p-value
+    is the share of the 2^n sign patterns whose |mean| is at least the observed one. With n seeds the smallest
+    possible p is 2 / 2^n (0.0625 for 5 seeds): fewer than 6 seeds can never reach p < 0.05."""
+    if not differences:
+        return math.nan
+    observed = abs(sum(differences)) - 1e-12  # tolerance: equal means summed in another order
+    n = len(differences)
+    hits = 0
+    for pattern in range(2 ** n):
+        total = sum(d if pattern >> i & 1 else -d for i, d in enumerate(differences))
+        hits += abs(total) >= observed
+    return hits / 2 ** n
+
+
+def cumulative_seconds(records: list[dict]) -> dict[int, float]:
+    """Training wall-clock after each step (the sum of time/step, evaluation excluded); 0 at step 0."""
+    total, seconds = 0.0, {0: 0.0}
+    for record in sorted(records, key=lambda r: r["step"]):
+        total += record.get("time/step", 0.0)
+        seconds[record["step"]] = total
+    return seconds
+
+
+def accuracy_curve(records: list[dict], prompts_per_step: int | None) -> list[dict]:
+    """Every held-out evaluation of a run: step, rollouts consumed (both stages; with dynamic sampling an upper
+    bound, as in ``nemo_igrpo.plotting.rollouts_consumed``), training seconds so far, accuracy."""
+    seconds = cumulative_seconds(records)
+    rollouts, total = {0: 0.0}, 0.0
+    for record in sorted(records, key=lambda r: r["step"]):
+        if "rollouts_per_prompt/total" in record and prompts_per_step:
+            total += prompts_per_step * record["rollouts_per_prompt/total"] * record.get("sampling_rounds", 1.0)
+        rollouts[record["step"]] = total
+    return [{"step": r["step"], "rollouts": rollouts.get(r["step"], math.nan), "seconds": seconds.get(r["step"]),
+             "accuracy": r["eval/accuracy"]} for r in records if "eval/accuracy" in r]
+
+
+def _read_two_pass(directory: Path) -> dict | None:
+    path = directory / TWO_PASS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _mean_of(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if key in r and math.isfinite(r[key])]
+    return statistics.fmean(values) if values else None
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
@@ -200,13 +345,15 @@ def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict:
     """Per arm: accuracy before/after per seed, mean ± std, entropy and Proposition 3.1 numbers."""
     summary = {}
     for arm, by_seed in runs.items():
-        before, after, entropy_first, entropy_last, prop = {}, {}, {}, {}, {}
+        before, after, entropy_first, entropy_last, prop, zero_variance, refine_gap = {}, {}, {}, {}, {}, {}, {}
         for seed, records in sorted(by_seed.items()):
             before[seed], after[seed] = final_accuracy(records)
             entropies = [r["train/entropy"] for r in records if "train/entropy" in r]
             if entropies:
                 entropy_first[seed], entropy_last[seed] = entropies[0], entropies[-1]
             prop[seed] = best_draft_vs_prediction(records)
+            zero_variance[seed] = _mean_of(records, "zero_variance_fraction")
+            refine_gap[seed] = _mean_of(records, "reward/refinement_minus_best_draft")
         finals = [v for v in after.values() if v is not None]
         starts = [v for v in before.values() if v is not None]
         summary[arm] = {
@@ -215,6 +362,8 @@ def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict:
             "entropy_first": entropy_first, "entropy_last": entropy_last,
             "entropy_last_mean_std": mean_std(list(entropy_last.values())), "proposition_3_1": prop,
             "last_step": {seed: max(r["step"] for r in records) for seed, records in sorted(by_seed.items())},
+            "final_interval95": interval95(finals), "zero_variance_mean": zero_variance,
+            "refinement_minus_best_draft_mean": refine_gap,
         }
     return summary
 
@@ -257,6 +406,83 @@ def proposition_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _ci(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """"mean ± 95% half-width" of values (× scale); "–" when empty."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "–"
+    mean, half = interval95(values)
+    return f"{scale * mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {scale * half:.{digits}f}")
+
+
+def pair_table(summary: dict) -> str:
+    """Paired differences (iGRPO wrapper − its baseline) in final accuracy, per seed, with a 95% interval and the
+    exact sign-flip p-value."""
+    lines = ["| comparison | seeds | difference per seed (points) | mean ± 95% interval (points) | sign-flip p |",
+             "|---|---|---|---|---|"]
+    for base, wrapped in PAIRS:
+        if {base, wrapped} <= summary.keys():
+            diffs = paired_differences(summary, base, wrapped)
+            if diffs:
+                lines.append(f"| {summary[wrapped]['label']} − {summary[base]['label']} | {len(diffs)} | "
+                             f"{', '.join(f'{100 * d:+.1f}' for d in diffs)} | {_ci(diffs)} | "
+                             f"{sign_flip_p_value(diffs):.3f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def curve_table(summary: dict) -> str:
+    """Held-out accuracy at every evaluation: rollouts consumed, training minutes, mean ± 95% interval over seeds."""
+    lines = ["| arm | step | rollouts consumed | training minutes (mean) | accuracy (%), mean ± 95% interval |",
+             "|---|---|---|---|---|"]
+    for s in summary.values():
+        by_step: dict[int, list[dict]] = {}
+        for curve in s.get("curves", {}).values():
+            for point in curve:
+                by_step.setdefault(point["step"], []).append(point)
+        for step, points in sorted(by_step.items()):
+            rollouts = statistics.fmean(p["rollouts"] for p in points)
+            minutes = statistics.fmean(p["seconds"] or 0.0 for p in points) / 60
+            lines.append(f"| {s['label']} | {step} | {rollouts:,.0f} | {minutes:.1f} | "
+                         f"{_ci([p['accuracy'] for p in points])} (n={len(points)}) |")
+    return "\n".join(lines)
+
+
+def dynamics_table(summary: dict) -> str:
+    """Means over training, then over seeds (± 95% interval): zero-variance groups, entropy, refinement − best
+    draft."""
+    lines = ["| arm | zero-variance group fraction | entropy first → last (nats/token) | "
+             "refinement − best-draft reward |", "|---|---|---|---|"]
+    for s in summary.values():
+        gap = _ci(list(s["refinement_minus_best_draft_mean"].values()), scale=1.0, digits=3)
+        zero = _ci(list(s["zero_variance_mean"].values()), scale=1.0, digits=3)
+        first, last = (_ci(list(s[key].values()), scale=1.0, digits=3) for key in ("entropy_first", "entropy_last"))
+        lines.append(f"| {s['label']} | {zero} | {first} → {last} | {gap if gap != '–' else '– (no drafts)'} |")
+    return "\n".join(lines)
+
+
+def two_pass_table(summary: dict) -> str:
+    """Final models evaluated single-pass and draft → refine (RUN/two_pass.json), mean ± 95% interval over seeds."""
+    rows = []
+    for s in summary.values():
+        results = [r for r in s.get("two_pass", {}).values() if r]
+        if not results:
+            continue
+        single = [next(v for k, v in r["single_pass"].items() if k.startswith("avg@")) for r in results]
+        rows.append(f"| {s['label']} | {len(results)} | {_ci(single)} | "
+                    f"{_ci([r['oracle']['any_draft_correct'] for r in results])} | "
+                    f"{_ci([r['oracle']['refined_accuracy'] for r in results])} | "
+                    f"{_ci([r['oracle']['refined_given_wrong_draft'] for r in results])} | "
+                    f"{_ci([r['majority']['selected_draft_accuracy'] for r in results])} | "
+                    f"{_ci([r['majority']['refined_accuracy'] for r in results])} |")
+    if not rows:
+        return ""
+    n = next(r for s in summary.values() for r in s.get("two_pass", {}).values() if r)["num_drafts"]
+    return "\n".join([
+        f"| arm | seeds | single pass avg@k (%) | best of {n} drafts, oracle (%) | refined on the oracle draft (%) | "
+        f"… when that draft is wrong (%) | majority-vote draft (%) | refined on the majority draft (%) |",
+        "|---|---|---|---|---|---|---|---|", *rows])
+
+
 def load_runs(root: Path, arms: list[str], seeds: list[int], partial: bool = False) -> dict[str, dict[int, Run]]:
     """Finished runs (a final/ folder); with ``partial``, unfinished ones too (labelled, reported up to their last
     logged step)."""
@@ -286,45 +512,96 @@ def write_plots(runs: dict[str, dict[int, Run]], directory: Path) -> list[Path]:
             ("eval/accuracy", "accuracy_vs_rollouts", "Held-out accuracy", "avg@4"),
             ("train/entropy", "entropy_vs_rollouts", "Policy entropy", "nats / token"),
             ("reward/refinement_mean", "reward_vs_rollouts", "Training reward (refinements / GRPO samples)",
-             "mean reward")]:
+             "mean reward"),
+            ("zero_variance_fraction", "zero_variance_vs_rollouts", "Zero-variance groups", "fraction of groups"),
+            ("reward/refinement_minus_best_draft", "refinement_minus_best_draft_vs_rollouts",
+             "Refinement − best-draft reward (iGRPO arms)", "reward difference")]:
         written.append(plot_mean_std(groups, key, directory / f"{name}.png", title, ylabel).path)
+    written.append(plot_accuracy_vs_wall_clock(runs, directory / "accuracy_vs_wall_clock.png"))
     return written
+
+
+def plot_accuracy_vs_wall_clock(runs: dict[str, dict[int, Run]], path: Path) -> Path:
+    """Mean held-out accuracy over seeds against mean training minutes (time/step summed; evaluations excluded)."""
+    from nemo_igrpo.plotting import _pyplot
+
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, by_seed in runs.items():
+        by_step: dict[int, list[dict]] = {}
+        for run in by_seed.values():
+            for point in accuracy_curve(run.records, run.prompts_per_step):
+                by_step.setdefault(point["step"], []).append(point)
+        steps = [step for step, points in sorted(by_step.items()) if len(points) == len(by_seed)]
+        if steps:
+            xs = [statistics.fmean((p["seconds"] or 0.0) / 60 for p in by_step[st]) for st in steps]
+            ys = [statistics.fmean(p["accuracy"] for p in by_step[st]) for st in steps]
+            ax.plot(xs, ys, marker="o", markersize=3, label=f"{ARMS.get(arm, arm)} (n={len(by_seed)})")
+    ax.set_xlabel("training minutes (mean over seeds; CPU shared, not a benchmark)")
+    ax.set_ylabel("avg@4")
+    ax.set_title("Held-out accuracy vs training wall-clock (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=["grpo", "igrpo"], choices=sorted(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="trainer.seed of the runs (and of their warm starts unless --warm-seed)")
+    parser.add_argument("--arms", nargs="+", default=["grpo", "igrpo"], choices=sorted(ARMS),
+                        help="algorithm presets to run: grpo igrpo (the main pair), dapo igrpo_dapo (the DAPO pair)")
     parser.add_argument("--root", type=Path, default=Path("/tmp/igrpo_study"), help="one output dir per run here")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets OMP_NUM_THREADS=1)")
     parser.add_argument("--nice", type=int, default=5, help="niceness of the training processes")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before one run is killed")
     parser.add_argument("--report-only", action="store_true", help="do not train; report the finished runs")
-    parser.add_argument("--markdown", type=Path, default=Path("docs/study.md"))
-    parser.add_argument("--plots", type=Path, default=Path("docs/study"))
+    parser.add_argument("--markdown", type=Path, default=Path("docs/study.md"),
+                        help="report to write (its text below <!-- discussion --> is kept)")
+    parser.add_argument("--plots", type=Path, default=Path("docs/study"), help="folder for the PNG plots")
     parser.add_argument("--json", type=Path, default=None, help="numbers as JSON (default: ROOT/study.json)")
     parser.add_argument("--partial", action="store_true",
                         help="also report unfinished runs (up to their last logged step), marked as such")
     parser.add_argument("--warm-seed", type=int, default=None,
                         help="one warm start (with this seed) shared by every run; default: one per seed")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="the study's YAML (default conf/quickstart.yaml); e.g. conf/study/chain.yaml")
+    parser.add_argument("--two-pass", type=int, default=0, metavar="N",
+                        help="also evaluate each final model draft → refine with N drafts (0 = off)")
     parser.add_argument("--warm-start-to", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one seed
+    parser.add_argument("--two-pass-of", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one run
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
     if args.warm_start_to is not None:
-        save_warm_start(args.seeds[0], args.warm_start_to, args.overrides)
+        save_warm_start(args.seeds[0], args.warm_start_to, args.overrides, args.config)
+        return
+    if args.two_pass_of is not None:
+        save_two_pass(args.two_pass_of, args.two_pass)
         return
 
     wall = {}
     if not args.report_only:
         wall = train_all(args.seeds, args.arms, args.root, args.jobs,
-                         lambda task: task(args.overrides, args.timeout, args.nice), args.warm_seed)
+                         lambda task: task(args.overrides, args.timeout, args.nice, args.two_pass),
+                         args.warm_seed, args.config)
 
     runs = load_runs(args.root, args.arms, args.seeds, args.partial)
     if not runs:
         sys.exit(f"no finished runs under {args.root}")
     summary = summarize({arm: {seed: run.records for seed, run in by_seed.items()} for arm, by_seed in runs.items()})
+    for arm, by_seed in runs.items():
+        summary[arm]["curves"] = {seed: accuracy_curve(run.records, run.prompts_per_step)
+                                  for seed, run in by_seed.items()}
+        summary[arm]["two_pass"] = {seed: _read_two_pass(RunSpec(arm, seed, args.root).directory)
+                                    for seed in by_seed}
     print(markdown_table(summary))
+    print(pair_table(summary))
     print(proposition_table(summary))
+    print(two_pass_table(summary))
 
     written = write_plots(runs, args.plots)
     result = {"machine": machine_info(), "command": shlex.join(sys.argv), "overrides": STUDY_OVERRIDES + args.overrides,
@@ -362,33 +639,44 @@ def render_markdown(result: dict, summary: dict, args) -> str:
         dm, ds = mean_std(diffs)
         diff_line = (f"\nPaired difference iGRPO − GRPO in final accuracy (same seed = same warm-started model): "
                      f"{', '.join(f'{100 * d:+.1f}' for d in diffs)} points; mean {100 * dm:+.1f} ± {100 * ds:.1f}.\n")
-    warm_text = (f"one shared warm start (trainer.seed={args.warm_seed}, warm_start.steps of the quickstart) loaded by "
+    config = str(args.config) if args.config is not None else "conf/quickstart.yaml"
+    task = "the embedded default task" if args.config is None else f"`{config}`"
+    warm_text = (f"one shared warm start (trainer.seed={args.warm_seed}, warm_start.steps of the config) loaded by "
                  "every run; seeds differ in RL sampling, prompt order and evaluation samples"
                  if args.warm_seed is not None else
-                 "one per seed (the quickstart's, with trainer.seed = seed), shared by both arms of that seed")
+                 "one per seed (the config's, with trainer.seed = seed), shared by every arm of that seed")
     rel = os.path.relpath(args.plots, args.markdown.parent)
     plots = "\n\n".join(f"![{Path(p).stem}]({rel}/{Path(p).name})" for p in result["plots"])
-    return f"""# iGRPO vs GRPO on the embedded default task (multi-seed study)
+    pairs, curves, two_pass = pair_table(summary), curve_table(summary), two_pass_table(summary)
+    sections = [
+        ("Paired differences in final accuracy (95% interval: t over seeds; p: exact sign-flip test)", pairs),
+        ("Held-out accuracy at every evaluation (against rollouts consumed and training wall-clock)", curves),
+        ("Training dynamics (means over the steps of each run, then mean ± 95% interval over seeds)",
+         dynamics_table(summary)),
+        ("Proposition 3.1: best-draft success vs 1 − (1 − p)^N (averaged over the training steps)",
+         proposition_table(summary)),
+        ("Two-pass inference: single pass vs draft → refine with the model's own drafts (final models; oracle "
+         "selection uses the gold answer and is an upper bound, majority vote does not)", two_pass),
+    ]
+    body = "\n".join(f"## {title}\n\n{table}\n" for title, table in sections if table)
+    return f"""# iGRPO vs GRPO on {task} (multi-seed study)
 
 Generated by `scripts/study_igrpo_vs_grpo.py`; numbers are re-derived from the runs' `metrics.jsonl` each time.
 
 - Command: `{result['command']}`
-- Settings: `conf/quickstart.yaml` + `{' '.join(result['overrides'])}`; arms differ only in `algorithm.preset`.
+- Settings: `{config}` + `{' '.join(result['overrides'])}`; arms differ only in `algorithm.preset`.
   Warm start: {warm_text}.
-  Both arms use 8 rollouts per problem (GRPO: 8 samples; iGRPO: 4 drafts + 4 refinements) and the same problems
-  per step, so rollouts consumed = step × prompts_per_step × 8 for both.
+  Paired arms use 8 rollouts per problem (GRPO/DAPO: 8 samples; iGRPO: 4 drafts + 4 refinements) and the same
+  problems per step, so rollouts consumed = step × prompts_per_step × 8 (DAPO's dynamic sampling: an upper bound).
 - Machine: {m['platform']}, {m['cpus']} CPUs ({m['processor']}), Python {m['python']}, torch {m['torch']},
   transformers {m['transformers']}, OMP_NUM_THREADS={m['torch_threads_per_run']} per run, `--jobs {args.jobs}`,
   CPU shared with other work (wall times are not benchmarks).
 
-## Final held-out accuracy (200 held-out problems × 4 samples, temperature 0.6)
+## Final held-out accuracy (held-out problems × eval.samples_per_problem samples, evaluation sampling)
 
 {markdown_table(summary)}
 {diff_line}
-## Proposition 3.1: best-draft success vs 1 − (1 − p)^N (averaged over the training steps)
-
-{proposition_table(summary)}
-
+{body}
 ## Plots
 
 {plots}

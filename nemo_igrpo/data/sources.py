@@ -3,6 +3,8 @@
 A source is one of:
 
 * ``builtin:arithmetic``: the generated task (``split`` picks its training or held-out part);
+* ``builtin:chain``: the generated multi-step task (``nemo_igrpo.data.chain``; 2-4 operations by default, set by
+  ``data.arithmetic.min_steps`` / ``max_steps``), split as ``builtin:arithmetic``;
 * ``PATH.jsonl`` or ``PATH.parquet``: one problem per row, fields named by ``data.problem_key``, ``data.answer_key``
   and ``data.solution_key`` (an ``id`` field is kept when present);
 * a folder: one written by ``datasets``' ``save_to_disk`` (of a ``DatasetDict``, the split named by
@@ -26,6 +28,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal
 
 from nemo_igrpo.data.arithmetic import arithmetic_train_and_heldout
+from nemo_igrpo.data.chain import chain_train_and_heldout
 from nemo_igrpo.data.dataset import DatasetError, Example, examples_from_rows, load_jsonl
 from nemo_igrpo.data.presets import get_preset
 
@@ -35,6 +38,7 @@ if TYPE_CHECKING:  # annotations only: data sits below the config and must not i
 log = logging.getLogger(__name__)
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
+BUILTIN_CHAIN = "builtin:chain"
 HF_PREFIX = "hf:"
 PRESET_PREFIX = "preset:"
 
@@ -51,6 +55,14 @@ def load_examples(source: str, config: DataConfig, split: Literal["train", "eval
         train, heldout = arithmetic_train_and_heldout(a.num_train, a.num_heldout, a.seed, a.max_operand,
                                                       a.unboxed_fraction)
         return train if split == "train" else heldout
+    if source == BUILTIN_CHAIN:
+        a = config.arithmetic
+        try:
+            train, heldout = chain_train_and_heldout(a.num_train, a.num_heldout, a.seed, a.max_operand, a.min_steps,
+                                                     a.max_steps, a.unboxed_fraction)
+        except ValueError as error:  # e.g. min_steps > max_steps: name the keys
+            raise DatasetError(f"data.{split}: {BUILTIN_CHAIN} with data.arithmetic.*: {error}") from None
+        return train if split == "train" else heldout
     if source.startswith(PRESET_PREFIX):
         return load_preset(source.removeprefix(PRESET_PREFIX))
 
@@ -66,8 +78,9 @@ def load_examples(source: str, config: DataConfig, split: Literal["train", "eval
     elif Path(source).suffix == ".parquet" or Path(source).is_dir():
         rows = _local_rows(Path(source), default_split, columns, source)
     else:
-        raise DatasetError(f"data.{split}: unsupported source {source!r} (expected {BUILTIN_ARITHMETIC}, a .jsonl or "
-                           f".parquet file, a datasets folder, {HF_PREFIX}NAME[@SPLIT] or {PRESET_PREFIX}NAME)")
+        raise DatasetError(f"data.{split}: unsupported source {source!r} (expected {BUILTIN_ARITHMETIC}, "
+                           f"{BUILTIN_CHAIN}, a .jsonl or .parquet file, a datasets folder, {HF_PREFIX}NAME[@SPLIT] "
+                           f"or {PRESET_PREFIX}NAME)")
     return examples_from_rows(rows, source, **keys)
 
 

@@ -182,6 +182,10 @@ def test_study_summary_tables_and_report(tmp_path, monkeypatch):
     assert "mean +7.5 ± 3.5" in text  # paired differences +5 and +10 points
     assert text.endswith("<!-- discussion -->\nkept by hand\n")
     assert "![accuracy_vs_rollouts](study/accuracy_vs_rollouts.png)" in text
+    assert "![accuracy_vs_wall_clock](study/accuracy_vs_wall_clock.png)" in text
+    assert "| iGRPO 4+4 − GRPO 8 | 2 | +5.0, +10.0 | 7.5 ± 31.8 | 0.500 |" in text  # the paired-test section
+    # accuracy per evaluation: step 2 = 2 steps × 2 problems × 8 rollouts; 30 and 40% → 35 ± 12.706 · 7.07 / √2
+    assert "| GRPO 8 | 2 | 32 | 0.0 | 35.0 ± 63.5 (n=2) |" in text
     assert (plots / "accuracy_vs_rollouts.png").read_bytes().startswith(b"\x89PNG")
     saved = json.loads((root / "study.json").read_text())
     assert saved["summary"]["igrpo"]["final_mean_std"] == pytest.approx([0.425, math.sqrt(0.01125)])
@@ -197,3 +201,46 @@ def test_study_schedule_runs_each_seed_after_its_warm_start():
     command = spec.command(["x=1"])
     assert "model.path=/r/warm-s3" in command and "trainer.seed=4" in command and "warm_start.steps=0" in command
     assert command[-1] == "x=1"
+
+
+def test_study_intervals_and_paired_test():
+    mean, half = study.interval95([0.30, 0.40])
+    # s = 0.0707, n = 2: t(0.975, 1) = 12.706, so 12.706 · 0.0707 / √2 = 0.635
+    assert (mean, half) == pytest.approx((0.35, 0.6353), abs=1e-4)
+    assert math.isnan(study.interval95([0.3])[1])
+    assert study.sign_flip_p_value([0.05, 0.10]) == 0.5  # sums ±0.15 reach 0.15: 2 of 4 sign patterns
+    assert study.sign_flip_p_value([1, 2, 3, 4, 5]) == 2 / 32  # all one sign: the smallest p 5 seeds can give
+    assert study.sign_flip_p_value([3, -1, 2]) == 4 / 8  # |sum| >= 4: 4, 6, -6, -4 of the 8 patterns
+
+
+def test_study_accuracy_curve_has_rollouts_and_wall_clock():
+    records = [{"step": 0, "eval/accuracy": 0.2},
+               {"step": 1, "time/step": 10.0, "rollouts_per_prompt/total": 8.0},
+               {"step": 2, "time/step": 20.0, "rollouts_per_prompt/total": 8.0, "sampling_rounds": 2.0,
+                "eval/accuracy": 0.5}]
+    # 4 problems × 8 rollouts at step 1, then two sampling rounds at step 2: 32 + 64; seconds 10 + 20
+    assert study.accuracy_curve(records, prompts_per_step=4) == [
+        {"step": 0, "rollouts": 0.0, "seconds": 0.0, "accuracy": 0.2},
+        {"step": 2, "rollouts": 96.0, "seconds": 30.0, "accuracy": 0.5}]
+
+
+def test_study_pair_and_two_pass_tables():
+    def two_pass(single, best, refined):
+        return {"num_drafts": 4, "single_pass": {"avg@4": single, "pass@1": single},
+                "oracle": {"any_draft_correct": best, "refined_accuracy": refined, "refined_given_wrong_draft": 0.1},
+                "majority": {"selected_draft_accuracy": 0.4, "refined_accuracy": 0.45}}
+
+    summary = {"grpo": {"label": "GRPO 8", "accuracy_final": {0: 0.30, 1: 0.40}, "two_pass": {0: None, 1: None}},
+               "igrpo": {"label": "iGRPO 4+4", "accuracy_final": {0: 0.35, 1: 0.50},
+                         "two_pass": {0: two_pass(0.3, 0.6, 0.5), 1: two_pass(0.5, 0.8, 0.7)}}}
+    # +5 and +10 points: mean 7.5, s = 3.54, t(1) = 12.706 → ± 31.8; sign-flip p = 0.5
+    assert "| iGRPO 4+4 − GRPO 8 | 2 | +5.0, +10.0 | 7.5 ± 31.8 | 0.500 |" in study.pair_table(summary)
+    table = study.two_pass_table(summary)
+    assert "best of 4 drafts" in table and "GRPO 8 |" not in table  # no two-pass results for GRPO
+    # single 40 ± 12.706·14.14/√2 = 127.1; best 70 ± 127.1; refined 60 ± 127.1; wrong-draft 10; majority 40, 45
+    row = "| iGRPO 4+4 | 2 | 40.0 ± 127.1 | 70.0 ± 127.1 | 60.0 ± 127.1 | 10.0 ± 0.0 | 40.0 ± 0.0 | 45.0 ± 0.0 |"
+    assert row in table
+    spec = study.RunSpec("igrpo", 1, Path("/r"), config=Path("conf/study/chain.yaml"))
+    assert spec.command([])[3:6] == ["train", "--config", "conf/study/chain.yaml"]
+    assert "--config" in spec.warm_command([]) and spec.two_pass_command(4)[2:] == [
+        "--two-pass-of", "/r/igrpo-s1", "--two-pass", "4"]
