@@ -31,20 +31,21 @@ class LossSpec:
     """Every choice that defines the training loss, made once (``nemo_igrpo.assembly.build_loss``).
 
     The KL decision lives here alone: ``needs_reference`` tells the assembly to build a reference policy and the
-    loop to score the batch with it; ``build`` applies the penalty.
+    loop to score the batch with it; ``build`` applies the penalty. No defaults here: they live in the config
+    schema (``AlgorithmConfig``), and every field is given.
     """
 
-    policy_loss: str = "ppo"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = None
-    loss_agg: str = "seq-mean-token-mean"
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    kl_clamp: float | None = 10.0
-    importance_correction: str = "none"
-    importance_cap: float = 2.0
-    max_tokens: int = 4096  # the completion budget: Dr.GRPO's constant denominator
+    policy_loss: str
+    eps_low: float
+    eps_high: float
+    dual_clip: float | None
+    loss_agg: str
+    kl_coef: float
+    kl_estimator: str
+    kl_clamp: float | None
+    importance_correction: str
+    importance_cap: float
+    max_tokens: int  # the completion budget: Dr.GRPO's constant denominator
 
     @property
     def needs_reference(self) -> bool:

@@ -51,7 +51,10 @@ def test_custom_loss_example_is_one_function_that_config_and_the_loss_accept():
         batch = RolloutBatch(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3),
                              loss_mask=mask, advantages=torch.tensor([1.0, -2.0]), group_ids=torch.tensor([0, 0]),
                              gen_logprobs=logprobs.detach().clone())
-        loss_fn = LossSpec(policy_loss="reinforce", loss_agg="token-mean").build(LossNormalizer.from_mask(mask, 3))
+        spec = LossSpec(policy_loss="reinforce", eps_low=0.2, eps_high=0.2, dual_clip=None, loss_agg="token-mean",
+                        kl_coef=0.0, kl_estimator="k3", kl_clamp=None, importance_correction="none",
+                        importance_cap=2.0, max_tokens=3)
+        loss_fn = spec.build(LossNormalizer.from_mask(mask, 3))
         loss, metrics = loss_fn(TokenStats(logprobs=logprobs, entropy=torch.zeros(2, 3)), batch)
         loss.backward()
         assert loss.item() == pytest.approx((-1.0 - 1.0 + 2.0) / 3)  # exact in binary: 0.0
