@@ -38,8 +38,7 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> C
 
 
 def clipping_enabled(max_grad_norm: float) -> bool:
-    """``policy.max_grad_norm``: None (→ inf) or a value ≤ 0 means no clipping (Megatron's and HF Trainer's
-    rule)."""
+    """``optim.max_grad_norm``: inf or a value ≤ 0 means no clipping (Megatron's and HF Trainer's rule)."""
     return math.isfinite(max_grad_norm) and max_grad_norm > 0
 
 
