@@ -333,10 +333,6 @@ def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def to_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 
 
