@@ -96,8 +96,9 @@ class RunSpec:
 
     def warm_command(self, extra: list[str]) -> list[str]:
         config = ["--config", str(self.config)] if self.config is not None else []
+        # the overrides go before --seeds, which would take every word after it as a seed
         return [sys.executable, os.path.abspath(__file__), "--warm-start-to", str(self.warm_directory), *config,
-                "--seeds", str(self.seed if self.warm_seed is None else self.warm_seed), *extra]
+                *extra, "--seeds", str(self.seed if self.warm_seed is None else self.warm_seed)]
 
     def two_pass_command(self, num_drafts: int) -> list[str]:
         return [sys.executable, os.path.abspath(__file__), "--two-pass-of", str(self.directory),

@@ -244,3 +244,5 @@ def test_study_pair_and_two_pass_tables():
     assert spec.command([])[3:6] == ["train", "--config", "conf/study/chain.yaml"]
     assert "--config" in spec.warm_command([]) and spec.two_pass_command(4)[2:] == [
         "--two-pass-of", "/r/igrpo-s1", "--two-pass", "4"]
+    # overrides before --seeds (nargs="+"), which would otherwise read them as seeds
+    assert spec.warm_command(["trainer.eval_every=15"])[-3:] == ["trainer.eval_every=15", "--seeds", "1"]
