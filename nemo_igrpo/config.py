@@ -159,7 +159,7 @@ class GenerationConfig:
 @dataclass
 class RolloutConfig:
     draft_ahead: bool = False  # step t+1's Stage-1 drafts generated during step t's update (rollout_producer)
-    max_off_policy_steps: int = 0  # asynchronous rollouts (issue 13): declared, only 0 is implemented
+    max_off_policy_steps: int = 0  # k > 0: asynchronous rollouts up to k policy versions old (rollout_producer)
 
 
 @dataclass

@@ -1,51 +1,51 @@
 """Where each step's rollout comes from, and the one place where generation may overlap training.
 
-The loop asks ``next_batch`` for step t's batch and routes the weight sync through ``sync_weights``. Without
-``rollout.draft_ahead`` that is exactly today's synchronous rollout (a thin call of ``algorithms.igrpo.rollout``)
-followed by ``generator.update_weights``.
+The loop asks ``next_batch`` for step t's batch and routes the weight sync after its update through
+``sync_weights``; ``state_dict`` is what a checkpoint records of the prompt stream. ``make_producer`` picks one of
+three producers from the ``rollout`` config section:
 
-Draft-ahead iGRPO (``rollout.draft_ahead: true``): right after step t's Stage 2, a background thread runs step t+1's
-Stage 1 (draw the prompts, sample N drafts each, score, select the best: ``igrpo.draft_stage``) on the generator,
-while the loop computes step t's update on the trainer. Timeline of one step, with W_t the weights after update t::
+* :class:`RolloutProducer` (the default): today's synchronous rollout, a thin call of ``algorithms.igrpo.rollout``
+  followed by ``generator.update_weights``; bit-identical to the loop before producers existed.
+* :class:`DraftAheadProducer` (``rollout.draft_ahead``): step t+1's Stage-1 drafts during step t's update, the
+  refinements (the trained tokens) exactly on-policy.
+* :class:`AsyncRolloutProducer` (``rollout.max_off_policy_steps: k > 0``): whole rollouts up to k policy versions
+  ahead of the trainer, corrected by truncated importance sampling against the generator's log-probs.
 
-    main thread   | Stage 2 (t) on W_{t-1} | update t ............... | wait | sync W_t | Stage 2 (t+1) on W_t |
-    draft thread  |                        | Stage 1 (t+1) on W_{t-1} |
+Shared rules of the overlapping producers:
 
-* ``sync_weights`` waits for the draft job before it pushes new weights: the generator never changes weights in
-  the middle of a draft job, so every draft of a step comes from one policy version (W_{t-1}) and the server's
-  in-flight requests are never mixed across a sync (in-flight weight updates, issue 13 item 3, are for later).
-* Stage 2 of step t+1 runs after the sync, on W_t: the refinements, the only tokens that carry loss, are exactly
-  on-policy. Only the drafts that condition them are one version old (``rollout/draft_version_lag`` = 1; 0 for a
-  step whose drafts were made synchronously: the first step of a run or of a resume, and always without
-  draft-ahead). ``time/rollout/draft_overlap`` is how long the draft job ran beside the update (seconds), and
-  ``time/draft_wait`` how long the sync then waited for it.
-* Exact resume: the prompts of step t+1 are drawn from the sampler ahead of time, so ``state_dict`` (what a
-  checkpoint written after step t records) is the sampler's state from *before* that draw. A run resumed from it
-  draws step t+1's prompts again, the same ones, and regenerates their drafts synchronously from the checkpointed
-  weights W_t (lag 0 for that step): no prompt is lost or repeated, but those drafts are not the ones the
-  interrupted run would have used.
-* The draft job uses the same generator, reward and torch global RNG (sampling seeds, random tie-breaks) as the
-  loop. While it runs, the loop only computes log-probs and the update, which draw no random numbers unless the
-  model has dropout (e.g. ``policy.lora.dropout``); then the interleaving, and so the run, is not bitwise
-  reproducible. Nothing in the job is collective across ranks (each rank drafts its own slice; ranks re-align
-  their samplers in the main thread), which is why peers that share one request (Megatron tensor/pipeline peers)
-  are refused.
+* **Versions.** ``version`` counts the updates in the generator's weights (the step a run resumed at, plus the
+  syncs since). A sample generated on version v and trained at step t (whose policy is version t − 1) is
+  t − 1 − v versions stale.
+* **In-flight requests at a sync** (issue 13, item 3): a sync never changes the weights under a running job. It
+  waits until the job in flight has finished on the old weights (both of its stages: a group's drafts and
+  refinements always come from one version, and every sample is tagged with it); jobs not started yet run on the
+  new weights. The server therefore never holds requests of two versions, and no sequence mixes two policies.
+  The wait is timed as ``time/sync_wait``.
+* **Exact resume.** Prompts are drawn from the sampler by the jobs, ahead of the step that trains on them, so
+  ``state_dict`` is the sampler state from before the oldest unconsumed job's first draw. A run resumed from it
+  draws those prompts again, in the same order, and regenerates them on the checkpointed weights: no prompt is
+  lost or repeated. ``rollout/sampler_start`` / ``rollout/sampler_end`` (every producer) log which stretch of the
+  sampler's stream each step trained on, so a run's consumed prompts can be audited after the fact.
+* **Threads, not processes.** A job runs in one background thread on the same generator, reward and torch global
+  RNG as the loop. The loop meanwhile only computes log-probs and the update, which draw no random numbers unless
+  the model has dropout; even so, which thread draws first is timing, so an overlapping run is not bitwise
+  reproducible (the synchronous one is). Nothing in a job is collective across ranks (each data-parallel rank
+  produces its own slice), which is why peers that share one request (Megatron tensor/pipeline peers) are refused.
 
-It is refused where it cannot overlap (``generation.backend`` hf or vllm, which generate on the trainer's own
-device) and for GRPO (``algorithm.num_drafts: 0``: there is no Stage 1): see ``config.validate``.
-
-Extending to ``rollout.max_off_policy_steps: k > 0`` (bounded-staleness asynchronous rollouts): the job becomes a
-whole rollout (both stages) tagged with the version it ran on, a queue of at most k of them replaces the single
-``_ahead`` slot, ``sync_weights`` stops waiting (or defines the in-flight policy), and ``state_dict`` returns the
-sampler state before the oldest unconsumed job's draw.
+Both overlapping producers are refused where they cannot overlap (``generation.backend`` hf or vllm, which generate
+on the trainer's own device): see ``validation``.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
+
+import torch
 
 from nemo_igrpo import distributed
 from nemo_igrpo.algorithms.batch import RolloutBatch
@@ -56,65 +56,33 @@ from nemo_igrpo.progress import PhaseTimer
 from nemo_igrpo.sharding import ShardedSource
 
 
-@dataclass
-class _AheadJob:
-    future: Future  # -> Drafts
-    version: int  # the policy version (number of weight syncs) the drafts were sampled with
-    started: float  # perf_counter at submission
-    finished: list  # [perf_counter at completion], set by the job itself
-    overlap: float = 0.0  # seconds it ran beside the loop, set when the loop first waits for it
-
-
 class RolloutProducer:
-    """Step t's training batch on request (``next_batch``), and the weight sync after its update
-    (``sync_weights``); with ``draft_ahead``, step t+1's Stage 1 in a background thread between the two."""
+    """The synchronous producer: step t's rollout when the loop asks for it, on the weights of update t − 1."""
 
-    def __init__(self, run, sampler: PromptSampler, prompts_per_step: int, *, draft_ahead: bool = False,
-                 start_step: int = 0, max_steps: int | None = None) -> None:
+    def __init__(self, run, sampler: PromptSampler, prompts_per_step: int, *, start_step: int = 0,
+                 max_steps: int | None = None) -> None:
         self.run = run
         self.sampler = sampler
         self.source = ShardedSource(sampler, prompts_per_step, run.policy.data_parallel_group)
-        self.draft_ahead = draft_ahead
         self.step = start_step  # steps whose batch was handed out
         self.max_steps = max_steps
-        self.version = 0  # weight syncs so far: the generator's policy version
-        self._ahead: _AheadJob | None = None
+        self.version = start_step  # updates in the generator's weights
         self._boundary = sampler.state_dict()  # the sampler at the last step boundary (nothing drawn ahead)
-        self._executor = None
-        if draft_ahead:
-            peers = run.policy.model_parallel_group
-            if peers is not None and distributed.world_size(peers) > 1:
-                raise ConfigError("rollout.draft_ahead: not supported with tensor/pipeline-parallel peers "
-                                  "(policy.megatron.*_parallel_size > 1): peers share one generation request "
-                                  "through collectives, which cannot run beside the update; set "
-                                  "rollout.draft_ahead=false")
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-ahead")
 
     # ------------------------------------------------------------------------------------------ the loop's calls
 
     def next_batch(self, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:
-        """Step t's batch and rollout metrics; its phases are timed into ``timer`` (``rollout``, ``draft_wait``)."""
-        run = self.run
-        drafts, lag, overlap = self._take_drafts(timer)
+        """Step t's batch and rollout metrics; its phases are timed into ``timer``."""
+        start = self._position()
         with timer("rollout"):
-            batch, metrics = rollout(self.source.draw, self.source.per_rank, run.generator, run.reward, run.template,
-                                     run.decode, run.rollout, run.tokenizer.pad_token_id, timings=timer.seconds,
-                                     drafts=drafts)
+            batch, metrics = self._rollout(timer.seconds)
         self.source.synchronize()
-        self.step += 1
-        self._boundary = self.sampler.state_dict()
-        metrics["rollout/draft_version_lag"] = float(lag)
-        if self.draft_ahead:
-            timer.seconds["rollout/draft_overlap"] = overlap
-            if self.max_steps is None or self.step < self.max_steps:
-                self._start_ahead()
+        self._handed_out(metrics, start)
+        metrics["rollout/draft_version_lag"] = 0.0
         return batch, metrics
 
     def sync_weights(self, weights: Iterable, timer: PhaseTimer) -> None:
-        """Push the updated weights to the generator, after the draft job (if any) is done with the old ones."""
-        if self._ahead is not None:
-            with timer("draft_wait"):
-                self._wait(self._ahead)
+        """Push the updated weights to the generator."""
         with timer("weight_sync"):
             self.run.generator.update_weights(weights)
         self.version += 1
@@ -125,6 +93,94 @@ class RolloutProducer:
         return dict(self._boundary)
 
     def close(self) -> None:
+        """Nothing runs in the background here (see the overlapping producers)."""
+
+    # ------------------------------------------------------------------------------------------ shared pieces
+
+    def _rollout(self, timings: dict[str, float], drafts: Drafts | None = None):
+        run = self.run
+        return rollout(self.source.draw, self.source.per_rank, run.generator, run.reward, run.template, run.decode,
+                       run.rollout, run.tokenizer.pad_token_id, timings=timings, drafts=drafts)
+
+    def _position(self) -> int:
+        """How many prompts the sampler has handed out since the start of its stream (epoch 0, position 0)."""
+        return self.sampler.epoch * len(self.sampler) + self.sampler.position
+
+    def _handed_out(self, metrics: dict[str, float], start: int, end: int | None = None) -> None:
+        """Bookkeeping once a batch is handed to the loop: it drew the sampler's stream [start, end)."""
+        self.step += 1
+        self._boundary = self.sampler.state_dict()
+        metrics["rollout/sampler_start"] = float(start)
+        metrics["rollout/sampler_end"] = float(self._position() if end is None else end)
+
+    def _refuse_model_parallel_peers(self, key: str) -> None:
+        peers = self.run.policy.model_parallel_group
+        if peers is not None and distributed.world_size(peers) > 1:
+            raise ConfigError(f"{key}: not supported with tensor/pipeline-parallel peers "
+                              "(policy.megatron.*_parallel_size > 1): peers share one generation request through "
+                              f"collectives, which cannot run beside the update; turn {key} off")
+
+
+# ---------------------------------------------------------------------------------------------- draft-ahead
+
+
+@dataclass
+class _DraftJob:
+    future: Future  # -> Drafts
+    version: int  # the policy version the drafts were sampled with
+    start: int  # the sampler's stream position before the job drew its prompts
+    started: float  # perf_counter at submission
+    finished: list  # [perf_counter at completion], set by the job itself
+    overlap: float = 0.0  # seconds it ran beside the loop, set when the loop first waits for it
+
+
+class DraftAheadProducer(RolloutProducer):
+    """Draft-ahead iGRPO (``rollout.draft_ahead: true``): right after step t's Stage 2, a background thread runs
+    step t+1's Stage 1 (draw the prompts, sample N drafts each, score, select the best: ``igrpo.draft_stage``) on
+    the generator, while the loop computes step t's update. With W_t the weights after update t::
+
+        main thread   | Stage 2 (t) on W_{t-1} | update t ............... | wait | sync W_t | Stage 2 (t+1) on W_t |
+        draft thread  |                        | Stage 1 (t+1) on W_{t-1} |
+
+    The refinements, the only tokens that carry loss, are exactly on-policy; only the drafts that condition them
+    are one version old (``rollout/draft_version_lag`` = 1; 0 for a step drafted synchronously: the first step of a
+    run or of a resume). ``time/rollout/draft_overlap`` is how long the draft job ran beside the update, and
+    ``time/draft_wait`` how long the loop then waited for it. A resumed run redoes the drafts of the step after the
+    checkpoint synchronously from the checkpointed weights (same prompts; not the same drafts).
+    """
+
+    def __init__(self, run, sampler: PromptSampler, prompts_per_step: int, *, start_step: int = 0,
+                 max_steps: int | None = None) -> None:
+        super().__init__(run, sampler, prompts_per_step, start_step=start_step, max_steps=max_steps)
+        self._refuse_model_parallel_peers("rollout.draft_ahead")
+        self._ahead: _DraftJob | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-ahead")
+
+    def next_batch(self, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:
+        job, self._ahead = self._ahead, None
+        drafts, lag, overlap, start = None, 0, 0.0, self._position()
+        if job is not None:
+            with timer("draft_wait"):
+                drafts = self._wait(job)
+            lag, overlap, start = self.version - job.version, job.overlap, job.start
+        with timer("rollout"):
+            batch, metrics = self._rollout(timer.seconds, drafts)
+        self.source.synchronize()
+        self._handed_out(metrics, start)
+        metrics["rollout/draft_version_lag"] = float(lag)
+        timer.seconds["rollout/draft_overlap"] = overlap
+        if self.max_steps is None or self.step < self.max_steps:
+            self._start_ahead()
+        return batch, metrics
+
+    def sync_weights(self, weights: Iterable, timer: PhaseTimer) -> None:
+        """Push the updated weights once the draft job is done with the old ones."""
+        if self._ahead is not None:
+            with timer("draft_wait"):
+                self._wait(self._ahead)
+        super().sync_weights(weights, timer)
+
+    def close(self) -> None:
         """Finish (and drop) a pending draft job before the generator is closed."""
         if self._ahead is not None:
             try:
@@ -132,14 +188,10 @@ class RolloutProducer:
             except Exception:  # noqa: BLE001  (the run is ending; the job's own error does not matter now)
                 pass
             self._ahead = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
-    # ------------------------------------------------------------------------------------------ the draft job
+        self._executor.shutdown(wait=True)
 
     def _start_ahead(self) -> None:
-        run, finished = self.run, []
+        run, finished, start = self.run, [], self._position()  # before the job can draw
 
         def job() -> Drafts:
             try:
@@ -148,9 +200,10 @@ class RolloutProducer:
             finally:
                 finished.append(time.perf_counter())
 
-        self._ahead = _AheadJob(self._executor.submit(job), self.version, time.perf_counter(), finished)
+        self._ahead = _DraftJob(self._executor.submit(job), self.version, start, time.perf_counter(), finished)
 
-    def _wait(self, job: _AheadJob) -> Drafts:
+    @staticmethod
+    def _wait(job: _DraftJob) -> Drafts:
         if not job.overlap and not job.future.done():
             job.overlap = time.perf_counter() - job.started
         drafts = job.future.result()  # re-raises the job's error in the loop
@@ -158,11 +211,145 @@ class RolloutProducer:
             job.overlap = job.finished[0] - job.started
         return drafts
 
-    def _take_drafts(self, timer: PhaseTimer) -> tuple[Drafts | None, int, float]:
-        job, self._ahead = self._ahead, None
-        if job is None:
-            return None, 0, 0.0
-        with timer("draft_wait"):
-            drafts = self._wait(job)
-        return drafts, self.version - job.version, job.overlap
 
+# ---------------------------------------------------------------------------------------------- asynchronous
+
+
+@dataclass
+class _RolloutJob:
+    step: int  # the training step that will consume it
+    future: Future | None = None  # -> (RolloutBatch, metrics)
+    version: int | None = None  # the policy version it ran on, set when it starts
+    sampler_before: dict | None = None  # the sampler state before its first draw, set when it starts
+    start: int = 0  # the sampler's stream position then
+    end: int = 0  # ... and after its last draw
+    timings: dict[str, float] = field(default_factory=dict)  # its phases (rollout/*), and its whole duration
+
+
+class AsyncRolloutProducer(RolloutProducer):
+    """Bounded-staleness asynchronous rollouts (``rollout.max_off_policy_steps: k > 0``).
+
+    One background thread runs whole rollouts (both stages, dynamic-sampling rounds included) back to back, in step
+    order; the rollout of step s may start once the generator holds version s − 1 − k or newer, so the trainer at
+    step s (version s − 1) trains on samples at most k versions old. At ``next_batch(t)`` the jobs of steps
+    t … t + k are queued and step t's is waited for. With k = 1 and a rollout as long as an update::
+
+        main thread  | wait | update t .............. | sync W_t | update t+1 ............ | sync W_{t+1} |
+        rollouts     | rollout t on W_{t-2} ... | rollout t+1 on W_{t-1} | rollout t+2 on W_t |
+
+    The behaviour policy is the generator: ``batch.gen_logprobs`` are the log-probs of the version that sampled
+    each token, and ``algorithm.importance_correction`` (required, see ``validation``) weights every token's loss by
+    min(π_θ / π_gen, cap). Every row records its version (``batch.policy_version``). Logged per step:
+    ``rollout/policy_version``, ``rollout/staleness`` (versions behind the trainer), ``rollout/stale_token_fraction``
+    (share of the step's trained tokens sampled by an older version), ``rollout/staleness_hist/j`` (share of rows
+    j versions old, j = 0 … k; summed over steps it is the run's histogram), ``time/rollout_wait`` (the loop waiting
+    for a batch), ``time/rollout/job`` (the job's own duration) and ``time/sync_wait``; the importance-weight
+    statistics come from the loss (``train/mismatch/is_weight_mean``, ``is_capped_fraction``, ``token_prob_error``).
+
+    With several data-parallel ranks every rank produces its own slice; dynamic sampling is then refused, because
+    ranks would draw different numbers of prompts and their samplers could no longer be aligned between jobs.
+    """
+
+    def __init__(self, run, sampler: PromptSampler, prompts_per_step: int, *, max_off_policy_steps: int,
+                 start_step: int = 0, max_steps: int | None = None) -> None:
+        super().__init__(run, sampler, prompts_per_step, start_step=start_step, max_steps=max_steps)
+        if max_off_policy_steps < 1:
+            raise ValueError(f"max_off_policy_steps must be >= 1, got {max_off_policy_steps}")
+        self._refuse_model_parallel_peers("rollout.max_off_policy_steps")
+        if self.source.world > 1 and run.rollout.dynamic_sampling:
+            raise ConfigError("rollout.max_off_policy_steps > 0 with several data-parallel ranks: not supported with "
+                              "algorithm.dynamic_sampling (ranks would draw different numbers of prompts ahead of "
+                              "the steps that align them); set algorithm.dynamic_sampling=false or "
+                              "rollout.max_off_policy_steps=0")
+        self.k = max_off_policy_steps
+        self._jobs: deque[_RolloutJob] = deque()  # queued or done, not consumed yet, in step order
+        self._queued_to = start_step  # the last step with a job
+        self._gate = threading.Condition()  # guards the three fields below and the sampler/version reads of a job
+        self._generating = False  # a job is running on the generator
+        self._sync_pending = False  # the loop waits to change the weights: no job may start
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
+
+    def next_batch(self, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:
+        step = self.step + 1
+        last = step + self.k if self.max_steps is None else min(step + self.k, self.max_steps)
+        while self._queued_to < last:  # version = step − 1 here, so these may all start (staleness ≤ k)
+            self._queued_to += 1
+            self._queue(_RolloutJob(self._queued_to))
+        job = self._jobs.popleft()
+        assert job.step == step, (job.step, step)
+        with timer("rollout_wait"):
+            batch, metrics = job.future.result()  # re-raises the job's error in the loop
+        timer.seconds.update(job.timings)
+        self._handed_out(metrics, job.start, job.end)
+        staleness = self.version - job.version
+        rows = batch.size
+        batch.policy_version = torch.full((rows,), job.version, dtype=torch.long)
+        metrics["rollout/draft_version_lag"] = float(staleness)  # drafts are as old as their refinements here
+        metrics["rollout/policy_version"] = float(job.version)
+        metrics["rollout/staleness"] = float(staleness)
+        metrics["rollout/stale_token_fraction"] = 1.0 if staleness > 0 and batch.loss_mask.sum() > 0 else 0.0
+        for j in range(self.k + 1):
+            metrics[f"rollout/staleness_hist/{j}"] = 1.0 if staleness == j else 0.0
+        return batch, metrics
+
+    def sync_weights(self, weights: Iterable, timer: PhaseTimer) -> None:
+        """Change the weights between jobs: wait for the job in flight to finish on the old ones, keep the next from
+        starting, push, release."""
+        with timer("sync_wait"):
+            with self._gate:
+                self._sync_pending = True
+                self._gate.wait_for(lambda: not self._generating)
+        try:
+            super().sync_weights(weights, timer)
+        finally:
+            with self._gate:
+                self._sync_pending = False
+                self._gate.notify_all()
+
+    def state_dict(self) -> dict[str, int]:
+        """The sampler state before the oldest unconsumed job's first draw (the current state if it has not started:
+        then nothing was drawn beyond the consumed steps)."""
+        with self._gate:
+            oldest = self._jobs[0] if self._jobs else None
+            if oldest is not None and oldest.sampler_before is not None:
+                return dict(oldest.sampler_before)
+            return self.sampler.state_dict()
+
+    def close(self) -> None:
+        """Drop the queued jobs, let the running one finish (before the generator is closed)."""
+        for job in self._jobs:
+            job.future.cancel()
+        self._jobs.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _queue(self, job: _RolloutJob) -> None:
+        def produce():
+            with self._gate:
+                self._gate.wait_for(lambda: not self._sync_pending)
+                self._generating = True
+                job.version = self.version
+                job.sampler_before, job.start = self.sampler.state_dict(), self._position()
+            began = time.perf_counter()
+            try:
+                return self._rollout(job.timings)
+            finally:
+                with self._gate:
+                    job.end = self._position()
+                    job.timings["rollout/job"] = time.perf_counter() - began
+                    self._generating = False
+                    self._gate.notify_all()
+
+        job.future = self._executor.submit(produce)
+        self._jobs.append(job)
+
+
+def make_producer(run, sampler: PromptSampler, prompts_per_step: int, *, draft_ahead: bool = False,
+                  max_off_policy_steps: int = 0, start_step: int = 0,
+                  max_steps: int | None = None) -> RolloutProducer:
+    """The producer the ``rollout`` config section asks for (``validation`` refuses the combinations that cannot
+    overlap)."""
+    if max_off_policy_steps > 0:
+        return AsyncRolloutProducer(run, sampler, prompts_per_step, max_off_policy_steps=max_off_policy_steps,
+                                    start_step=start_step, max_steps=max_steps)
+    kind = DraftAheadProducer if draft_ahead else RolloutProducer
+    return kind(run, sampler, prompts_per_step, start_step=start_step, max_steps=max_steps)

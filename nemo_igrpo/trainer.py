@@ -36,7 +36,7 @@ from nemo_igrpo.lifecycle import (
 )
 from nemo_igrpo.policy.microbatch import balance_across_ranks
 from nemo_igrpo.progress import PhaseTimer, TrainingProgress
-from nemo_igrpo.rollout_producer import RolloutProducer
+from nemo_igrpo.rollout_producer import RolloutProducer, make_producer
 from nemo_igrpo.sharding import global_normalizer, reduce_metrics, sharded_eval
 from nemo_igrpo.tracking import MetricsLogger, build_loggers
 
@@ -95,8 +95,9 @@ def _train(config: Config, console: Console) -> TrainResult:
             return sharded_eval(run.heldout, generator, run.template, run.reward, run.decode, run.eval_sampling,
                                 policy.data_parallel_group)
 
-    producer = RolloutProducer(run, sampler, config.trainer.prompts_per_step, draft_ahead=config.rollout.draft_ahead,
-                               start_step=state.step, max_steps=config.trainer.max_steps)
+    producer = make_producer(run, sampler, config.trainer.prompts_per_step, draft_ahead=config.rollout.draft_ahead,
+                             max_off_policy_steps=config.rollout.max_off_policy_steps, start_step=state.step,
+                             max_steps=config.trainer.max_steps)
     logger = MetricsLogger(run_dir, build_loggers(config, run_dir, state.step) if main else [],
                            resume_step=state.step if resume_from is not None else None, enabled=main)
     initial = final = None
@@ -162,7 +163,7 @@ def train_step(config: Config, run: Run, producer: RolloutProducer) -> dict[str,
     timer = PhaseTimer()
     policy = run.policy
     group = policy.data_parallel_group
-    batch, metrics = producer.next_batch(timer)  # timed as "rollout" (and "draft_wait" with rollout.draft_ahead)
+    batch, metrics = producer.next_batch(timer)  # timed as "rollout" ("rollout_wait" / "draft_wait" if it overlaps)
     if config.policy.max_tokens_per_micro_batch is not None:  # long-tailed lengths: equal tokens per DP rank
         batch = balance_across_ranks(batch, group)
     if run.loss.needs_reference:
@@ -176,7 +177,7 @@ def train_step(config: Config, run: Run, producer: RolloutProducer) -> dict[str,
     with timer("update"):
         updates = [policy.train_step(batch, loss_fn) for _ in range(epochs)]
     faults.point("train.updated")
-    producer.sync_weights(policy.export_weights(), timer)  # timed as "weight_sync"
+    producer.sync_weights(policy.export_weights(), timer)  # timed as "weight_sync" (and "sync_wait")
 
     generated = metrics.pop("tokens/generated")
     trained = float(batch.loss_mask.sum())

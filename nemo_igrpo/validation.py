@@ -111,23 +111,31 @@ def _check_registered(config: Config) -> None:
             registry.check(name, key)
 
 
-# generation backends that sample on the trainer's own device: Stage 1 drafted ahead would not overlap the update
+# generation backends that sample on the trainer's own device: rollouts generated ahead would not overlap the update
 _COLOCATED_GENERATION = ("hf", "vllm")
 
 
 def _check_rollout(config: Config) -> None:
-    rollout = config.rollout
-    if rollout.max_off_policy_steps != 0:
-        raise ConfigError(f"rollout.max_off_policy_steps: asynchronous rollouts are not implemented yet; only 0 (the "
-                          f"synchronous loop) is supported, got {rollout.max_off_policy_steps}")
-    if not rollout.draft_ahead:
+    rollout, k = config.rollout, config.rollout.max_off_policy_steps
+    if k < 0:
+        raise ConfigError(f"rollout.max_off_policy_steps: must be >= 0 (0 = the synchronous loop), got {k}")
+    if k > 0 and rollout.draft_ahead:
+        raise ConfigError("rollout.draft_ahead and rollout.max_off_policy_steps > 0 are alternatives (asynchronous "
+                          "rollouts already generate both stages ahead); set one of them")
+    if k > 0 and config.algorithm.importance_correction == "none":
+        raise ConfigError(f"rollout.max_off_policy_steps={k} trains on samples up to {k} policy versions old, which "
+                          "needs algorithm.importance_correction (token or sequence: truncated importance sampling "
+                          "against the generator's log-probs); it is none")
+    key = "rollout.max_off_policy_steps" if k > 0 else "rollout.draft_ahead" if rollout.draft_ahead else None
+    if key is None:
         return
+    off = "rollout.max_off_policy_steps=0" if k > 0 else "rollout.draft_ahead=false"
     if config.generation.backend in _COLOCATED_GENERATION:
-        raise ConfigError(f"rollout.draft_ahead: generation.backend={config.generation.backend} generates in the "
-                          "trainer's process on the trainer's device, so drafts generated ahead would only queue "
-                          "behind the update instead of overlapping it; use generation.backend=server (generation "
-                          "in its own process or device) or set rollout.draft_ahead=false")
-    if config.algorithm.num_drafts == 0:
+        raise ConfigError(f"{key}: generation.backend={config.generation.backend} generates in the trainer's process "
+                          "on the trainer's device, so rollouts generated ahead would only queue behind the update "
+                          "instead of overlapping it; use generation.backend=server (generation in its own process "
+                          f"or device) or set {off}")
+    if rollout.draft_ahead and config.algorithm.num_drafts == 0:
         raise ConfigError("rollout.draft_ahead: needs Stage-1 drafts, but algorithm.num_drafts is 0 (GRPO has no "
                           "drafts to generate ahead); set rollout.draft_ahead=false")
 

@@ -29,3 +29,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, request):
+    """(url, overrides) of a ``nemo-igrpo serve`` of the tiny training model (test_server's), shared by the modules
+    that train through a server without breaking it (draft-ahead, asynchronous rollouts); stopped at the session's
+    end. Tests must not depend on its weights: every trainer syncs its own before step 1."""
+    pytest.importorskip("vllm")
+    from test_server import REPO, TINY_TRAIN, start_server
+
+    from nemo_igrpo.config import load_config
+    from nemo_igrpo.models import load_model, load_tokenizer
+
+    config = load_config(REPO / "conf" / "quickstart.yaml", TINY_TRAIN)
+    torch.manual_seed(123)
+    url, _ = start_server(load_model(config.model, load_tokenizer(config.model)), tmp_path_factory.mktemp("served"),
+                          request)
+    return url, TINY_TRAIN

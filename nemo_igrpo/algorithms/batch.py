@@ -23,6 +23,7 @@ class RolloutBatch:
     gen_logprobs: torch.Tensor  # [B, L] float: sampling log-probs reported by the generator (0 off-mask)
     old_logprobs: torch.Tensor | None = None  # [B, L] π_old; None ⇒ on-policy, use detached current log-probs
     ref_logprobs: torch.Tensor | None = None  # [B, L] reference policy, only when the KL coefficient > 0
+    policy_version: torch.Tensor | None = None  # [B] long: the generator version that sampled the row (async only)
 
     @property
     def size(self) -> int:

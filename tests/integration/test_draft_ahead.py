@@ -20,7 +20,7 @@ from nemo_igrpo.data.prompts import PromptBuilder
 from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
 from nemo_igrpo.progress import PhaseTimer
 from nemo_igrpo.rewards import BoxedMatchReward
-from nemo_igrpo.rollout_producer import RolloutProducer
+from nemo_igrpo.rollout_producer import DraftAheadProducer, RolloutProducer
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = build_char_tokenizer()
@@ -114,18 +114,20 @@ def test_the_producer_drafts_ahead_during_the_update_and_syncs_only_after():
     version t; the checkpointed sampler state is the step boundary's; no ahead job after the last step."""
     generator = RandomAnswers(delay=0.05)
     sampler = PromptSampler(PROBLEMS, seed=0)
-    producer = RolloutProducer(fake_run(generator, settings()), sampler, 4, draft_ahead=True, max_steps=3)
-    lags, overlaps, boundaries = [], [], []
+    producer = DraftAheadProducer(fake_run(generator, settings()), sampler, 4, max_steps=3)
+    lags, overlaps, boundaries, ranges = [], [], [], []
     for _ in range(3):
         timer = PhaseTimer()
         _, metrics = producer.next_batch(timer)
         lags.append(metrics["rollout/draft_version_lag"])
+        ranges.append((metrics["rollout/sampler_start"], metrics["rollout/sampler_end"]))
         overlaps.append(timer.seconds["rollout/draft_overlap"])
         time.sleep(0.2)  # the "update": the draft job (one 0.05 s request) finishes within it
         producer.sync_weights([], timer)
         boundaries.append((producer.state_dict(), sampler.state_dict()))  # when a checkpoint is written
     producer.close()
     assert lags == [0.0, 1.0, 1.0]
+    assert ranges == [(0, 4), (4, 8), (8, 12)]  # each step's stretch of the prompt stream, drawn ahead or not
     # the job (≥ 0.05 s of sleep) ran beside the update; the upper bound only catches a unit error (loaded CPUs)
     assert overlaps[0] == 0.0 and all(0.04 < o < 5.0 for o in overlaps[1:])
     # drafts of step 1 on version 0, of steps 2 and 3 on versions 0 and 1 (ahead); refinements always current
@@ -143,6 +145,7 @@ def test_without_draft_ahead_the_producer_is_the_synchronous_rollout():
     timer = PhaseTimer()
     _, metrics = producer.next_batch(timer)
     producer.sync_weights([], timer)
+    assert metrics["rollout/sampler_start"] == 0 and metrics["rollout/sampler_end"] == 4
     assert metrics["rollout/draft_version_lag"] == 0.0 and set(timer.seconds) == {
         "rollout", "rollout/drafts", "rollout/refinements", "rollout/generation", "rollout/reward", "weight_sync"}
     assert generator.version == 1 and producer.state_dict() == {"epoch": 0, "position": 4}
@@ -160,34 +163,13 @@ def test_draft_ahead_is_refused_where_it_cannot_overlap(overrides, message):
                        ["rollout.draft_ahead=true", "generation.backend=server"]).rollout.draft_ahead
 
 
-def test_asynchronous_rollouts_are_not_implemented_yet():
-    with pytest.raises(ConfigError, match="rollout.max_off_policy_steps: asynchronous rollouts are not implemented"):
-        load_config(None, ["rollout.max_off_policy_steps=1"])
-
-
 def test_tensor_parallel_peers_are_refused(monkeypatch):
     monkeypatch.setattr("nemo_igrpo.rollout_producer.distributed.world_size", lambda group: 2)  # a TP pair
     with pytest.raises(ConfigError, match="rollout.draft_ahead: not supported with tensor/pipeline-parallel peers"):
-        RolloutProducer(fake_run(RandomAnswers(), settings(), group=object()), PromptSampler(PROBLEMS), 4,
-                        draft_ahead=True)
+        DraftAheadProducer(fake_run(RandomAnswers(), settings(), group=object()), PromptSampler(PROBLEMS), 4)
 
 
 # ---------------------------------------------------------------------------------------------- through the server
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, request):
-    """A ``nemo-igrpo serve`` of the tiny training model (test_server's), stopped at the module's end."""
-    pytest.importorskip("vllm")
-    from test_server import TINY_TRAIN, start_server
-
-    from nemo_igrpo.models import load_model, load_tokenizer
-
-    config = load_config(REPO / "conf" / "quickstart.yaml", TINY_TRAIN)
-    torch.manual_seed(123)  # the trainer syncs its own weights before step 1
-    url, _ = start_server(load_model(config.model, load_tokenizer(config.model)), tmp_path_factory.mktemp("served"),
-                          request)
-    return url, TINY_TRAIN
 
 
 @pytest.mark.slow

@@ -1,0 +1,236 @@
+"""Bounded-staleness asynchronous rollouts (``rollout.max_off_policy_steps: k > 0``): the producer's schedule
+(whole rollouts up to k versions ahead, one version per job, syncs only between jobs), its checkpointed sampler
+state, exact prompts across a resume, the refusals, and, through a real ``nemo-igrpo serve``, a SIGKILL mid-step
+followed by a resume that trains on exactly the prompts of the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import torch
+from test_draft_ahead import PROBLEMS, REPO, RandomAnswers, decode, fake_run, settings
+
+from nemo_igrpo.config import ConfigError, load_config
+from nemo_igrpo.data.dataset import PromptSampler
+from nemo_igrpo.progress import PhaseTimer
+from nemo_igrpo.rollout_producer import AsyncRolloutProducer, make_producer
+
+
+def problems_of(batch) -> list[int]:
+    """The problem numbers a batch trains on, one per group, read back from its token ids (``Q<i>?``)."""
+    firsts = [int(torch.nonzero(batch.group_ids == g)[0]) for g in batch.group_ids.unique(sorted=True)]
+    return [int(re.search(r"Q(\d+)\?", decode(batch.input_ids[row].tolist())).group(1)) for row in firsts]
+
+
+def drive(producer, steps: int, update_s: float) -> list[dict]:
+    """What the trainer does with a producer: take a batch, "update" for ``update_s`` seconds, sync; per step the
+    metrics, the problems trained on, the timings, and the sampler state a checkpoint would record."""
+    out = []
+    for _ in range(steps):
+        timer = PhaseTimer()
+        batch, metrics = producer.next_batch(timer)
+        time.sleep(update_s)
+        producer.sync_weights([], timer)
+        out.append({"metrics": metrics, "problems": problems_of(batch), "seconds": timer.seconds,
+                    "versions": batch.policy_version.tolist(), "checkpoint": producer.state_dict()})
+    return out
+
+
+def test_one_step_off_rollouts_run_during_the_update_on_the_previous_weights():
+    """k = 1: step t+1's whole rollout (drafts and refinements) runs on version t−1 while update t runs; the sync
+    waits for it; every row is tagged with its version; the checkpoint records the sampler from before the drawn-ahead
+    prompts; nothing is queued past max_steps."""
+    generator = RandomAnswers(delay=0.05)
+    sampler = PromptSampler(PROBLEMS, seed=0)
+    producer = AsyncRolloutProducer(fake_run(generator, settings()), sampler, 4, max_off_policy_steps=1, max_steps=4)
+    steps = drive(producer, 4, update_s=0.3)
+    producer.close()
+    staleness = [s["metrics"]["rollout/staleness"] for s in steps]
+    assert staleness == [0.0, 1.0, 1.0, 1.0]
+    assert [s["metrics"]["rollout/policy_version"] for s in steps] == [0.0, 0.0, 1.0, 2.0]
+    assert [s["versions"] for s in steps] == [[v] * 16 for v in (0, 0, 1, 2)]  # 4 groups × 4 refinements
+    assert [s["metrics"]["rollout/stale_token_fraction"] for s in steps] == [0.0, 1.0, 1.0, 1.0]
+    assert [(s["metrics"]["rollout/staleness_hist/0"], s["metrics"]["rollout/staleness_hist/1"]) for s in steps] == [
+        (1.0, 0.0), (0.0, 1.0), (0.0, 1.0), (0.0, 1.0)]
+    # both stages of every job on one version: (draft, v), (refine, v) pairs, versions 0, 0, 1, 2
+    assert [c[:2] for c in generator.calls] == [(stage, v) for v in (0, 0, 1, 2) for stage in ("draft", "refine")]
+    # the job ran beside the 0.3 s update: the loop never waited for steps 2-4's batches; the upper bound only
+    # catches a unit error on a loaded machine
+    assert all(s["seconds"]["rollout_wait"] < 0.25 for s in steps[1:])
+    assert all(0.09 < s["seconds"]["rollout/job"] < 5.0 for s in steps)  # two 0.05 s requests each
+    assert [(s["metrics"]["rollout/sampler_start"], s["metrics"]["rollout/sampler_end"]) for s in steps] == [
+        (0, 4), (4, 8), (8, 12), (12, 16)]
+    # after steps 1-3 the next step's prompts were already drawn: the checkpoint goes back to the step boundary
+    assert [s["checkpoint"]["position"] for s in steps] == [4, 8, 12, 16] and sampler.state_dict()["position"] == 16
+
+
+@pytest.mark.parametrize("k, rollout_s, update_s", [(2, 0.01, 0.15), (2, 0.1, 0.0), (3, 0.02, 0.1)])
+def test_staleness_never_exceeds_k(k, rollout_s, update_s):
+    """Fast rollouts run as far ahead as allowed (staleness reaches k and stays there); slow ones are consumed as
+    soon as they are done (staleness below k). Never more than k."""
+    producer = AsyncRolloutProducer(fake_run(RandomAnswers(delay=rollout_s), settings()), PromptSampler(PROBLEMS),
+                                    4, max_off_policy_steps=k, max_steps=8)
+    steps = drive(producer, 8, update_s)
+    producer.close()
+    staleness = [int(s["metrics"]["rollout/staleness"]) for s in steps]
+    assert staleness[0] == 0 and max(staleness) <= k
+    if update_s > rollout_s * 4:  # rollouts far faster than updates: the queue fills up to k
+        assert staleness[k:] == [k] * (8 - k)
+    assert all(sum(s["metrics"][f"rollout/staleness_hist/{j}"] for j in range(k + 1)) == 1.0 for s in steps)
+
+
+def test_a_resume_from_the_checkpointed_state_trains_on_the_same_prompts():
+    """Stop after step 2 (step 3's prompts already drawn ahead), resume a new producer from the recorded sampler
+    state: steps 3-4 train on exactly the prompts of the uninterrupted run: none lost, none repeated."""
+    def run(steps: int, state=None, start: int = 0):
+        sampler = PromptSampler(PROBLEMS, seed=3)
+        if state is not None:
+            sampler.load_state_dict(state)
+        producer = AsyncRolloutProducer(fake_run(RandomAnswers(delay=0.02), settings()), sampler, 4,
+                                        max_off_policy_steps=2, start_step=start, max_steps=start + steps)
+        out = drive(producer, steps, update_s=0.05)
+        producer.close()
+        return out
+
+    reference = run(4)
+    first = run(2)
+    resumed = run(2, first[-1]["checkpoint"], start=2)
+    assert [s["problems"] for s in first + resumed] == [s["problems"] for s in reference]
+    assert [s["metrics"]["rollout/staleness"] for s in resumed][0] == 0.0  # regenerated on the checkpointed weights
+    assert sorted(p for s in reference for p in s["problems"]) == sorted(
+        p for s in first + resumed for p in s["problems"])
+
+
+def test_close_drops_queued_jobs_and_waits_for_the_running_one():
+    generator = RandomAnswers(delay=0.1)
+    producer = AsyncRolloutProducer(fake_run(generator, settings()), PromptSampler(PROBLEMS), 4,
+                                    max_off_policy_steps=3)
+    producer.next_batch(PhaseTimer())  # queues steps 1-4; step 2's job starts at once
+    producer.close()
+    calls = len(generator.calls)
+    time.sleep(0.3)
+    assert calls == len(generator.calls) and generator.busy == 0  # nothing runs after close()
+    assert calls <= 4  # steps 1 and 2 at most (2 requests each): the queued jobs never started
+
+
+def test_an_error_in_a_rollout_reaches_the_loop():
+    class Failing(RandomAnswers):
+        def generate(self, prompts, params):
+            raise RuntimeError("server gone")
+
+    producer = AsyncRolloutProducer(fake_run(Failing(), settings()), PromptSampler(PROBLEMS), 4,
+                                    max_off_policy_steps=1)
+    with pytest.raises(RuntimeError, match="server gone"):
+        producer.next_batch(PhaseTimer())
+    producer.close()
+
+
+def test_make_producer_picks_by_config():
+    run = fake_run(RandomAnswers(), settings())
+    kinds = [type(make_producer(run, PromptSampler(PROBLEMS), 4, **kw)).__name__
+             for kw in ({}, {"draft_ahead": True}, {"max_off_policy_steps": 2})]
+    assert kinds == ["RolloutProducer", "DraftAheadProducer", "AsyncRolloutProducer"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.max_off_policy_steps=-1"], r"rollout\.max_off_policy_steps: must be >= 0"),
+    (["rollout.max_off_policy_steps=1"],
+     r"rollout\.max_off_policy_steps=1 trains on samples up to 1 policy versions old, which needs "
+     r"algorithm\.importance_correction .* it is none"),
+    (["rollout.max_off_policy_steps=1", "algorithm.importance_correction=token"],
+     r"rollout\.max_off_policy_steps: generation\.backend=hf generates in the trainer's process"),
+    (["rollout.max_off_policy_steps=1", "algorithm.importance_correction=token", "generation.backend=server",
+      "rollout.draft_ahead=true"], r"rollout\.draft_ahead and rollout\.max_off_policy_steps > 0 are alternatives"),
+])
+def test_asynchronous_rollouts_are_refused_where_they_cannot_be_corrected_or_overlap(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "conf" / "quickstart.yaml", overrides)
+    ok = load_config(REPO / "conf" / "quickstart.yaml", ["rollout.max_off_policy_steps=2", "generation.backend=server",
+                                                         "algorithm.importance_correction=sequence",
+                                                         "algorithm.preset=grpo"])  # GRPO may run asynchronously
+    assert ok.rollout.max_off_policy_steps == 2
+
+
+def test_dynamic_sampling_with_several_data_parallel_ranks_is_refused(monkeypatch):
+    monkeypatch.setattr("nemo_igrpo.sharding.distributed.world_size", lambda group: 2)
+    monkeypatch.setattr("nemo_igrpo.sharding.distributed.rank", lambda group: 0)
+    run = fake_run(RandomAnswers(), settings(dynamic_sampling=True))
+    run.policy.data_parallel_group = object()
+    with pytest.raises(ConfigError, match="several data-parallel ranks: not supported with algorithm.dynamic_sampl"):
+        AsyncRolloutProducer(run, PromptSampler(PROBLEMS), 4, max_off_policy_steps=1)
+
+
+# ---------------------------------------------------------------------------------------------- through the server
+
+
+def consumed_prompts(run_dir, config) -> tuple[list[tuple[int, int]], Counter]:
+    """Per step, the stretch [start, end) of the prompt stream it trained on (metrics.jsonl), and the multiset of
+    those prompts, replayed from a sampler with the run's seed (the stream is deterministic)."""
+    from nemo_igrpo.assembly import build_template, load_datasets
+    from nemo_igrpo.models import load_tokenizer
+    from nemo_igrpo.tracking import read_metrics
+
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > 0]
+    ranges = [(int(r["rollout/sampler_start"]), int(r["rollout/sampler_end"])) for r in records]
+    train_set, _ = load_datasets(config, build_template(config.prompt, load_tokenizer(config.model)))
+    sampler, prompts = PromptSampler(train_set, seed=config.trainer.seed), Counter()
+    for start, end in ranges:
+        while sampler.epoch * len(sampler) + sampler.position < start:
+            sampler.next_batch(1)
+        prompts.update(e.problem for e in sampler.next_batch(end - start))
+    return ranges, prompts
+
+
+@pytest.mark.slow
+def test_sigkill_mid_step_then_resume_trains_on_exactly_the_uninterrupted_runs_prompts(served, tmp_path,
+                                                                                      monkeypatch):
+    """k = 1 through the server. The uninterrupted run: stale steps, importance weights logged, step 1 on-policy.
+    Then the same run SIGKILLed during step 3, after its update (step 4's rollout already drawn and running on the
+    server), resumed with trainer.resume=auto: the steps' prompt stretches, and so the multiset of consumed prompts,
+    equal the uninterrupted run's — nothing lost, nothing repeated (NeMo-RL's async GRPO lost ~30%, PR 3599)."""
+    from test_server import TOKEN, TOLERANCE
+
+    import nemo_igrpo.trainer as trainer_module
+    from nemo_igrpo.tracking import read_metrics
+
+    url, tiny = served
+    monkeypatch.setenv("NEMO_IGRPO_SERVER_TOKEN", TOKEN)
+    overrides = [*tiny, "generation.backend=server", f"generation.server.url={url}",
+                 "rollout.max_off_policy_steps=1", "algorithm.importance_correction=token", "trainer.save_every=1",
+                 "trainer.max_steps=4", "optim.lr=1e-3"]
+
+    reference_dir = tmp_path / "reference"
+    config = load_config(REPO / "conf" / "quickstart.yaml", [*overrides, f"trainer.output_dir={reference_dir}"])
+    trainer_module.train(config)
+    records = [r for r in read_metrics(reference_dir / "metrics.jsonl") if r["step"] > 0]
+    assert [r["rollout/staleness"] for r in records] == [0.0, 1.0, 1.0, 1.0]
+    # step 1 is on-policy (the server test's tolerance); the importance weights of the stale steps are logged
+    assert abs(records[0]["train/mismatch/token_prob_error"] - 1.0) < TOLERANCE
+    assert all(0 < r["train/mismatch/is_weight_mean"] <= 2.0 for r in records)  # min(π_θ/π_gen, cap 2)
+
+    crashed = tmp_path / "crashed"
+    command = [sys.executable, "-m", "nemo_igrpo.cli", "train", "--config", str(REPO / "conf" / "quickstart.yaml"),
+               *overrides, f"trainer.output_dir={crashed}"]
+    env = {**os.environ, "NEMO_IGRPO_FAULTS": "train.updated=kill,step=3"}
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    saved = json.loads((crashed / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert saved["sampler"] == {"epoch": 0, "position": 8}  # 2 steps × 4 prompts, not the 12 drawn by then
+    env.pop("NEMO_IGRPO_FAULTS")
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "Resumed from" in resumed.stdout
+
+    reference_ranges, reference_prompts = consumed_prompts(reference_dir, config)
+    ranges, prompts = consumed_prompts(crashed, config)
+    assert reference_ranges == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert ranges == reference_ranges and prompts == reference_prompts and sum(prompts.values()) == 16
+    after = [r for r in read_metrics(crashed / "metrics.jsonl") if r["step"] > 2]
+    assert [r["rollout/staleness"] for r in after] == [0.0, 1.0]  # step 3 regenerated on the checkpointed weights
