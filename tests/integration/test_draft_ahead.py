@@ -197,7 +197,8 @@ def test_draft_ahead_through_the_server_keeps_refinements_on_policy_and_resumes_
     def config(run_dir):
         return load_config(REPO / "conf" / "quickstart.yaml", [
             *tiny, "generation.backend=server", f"generation.server.url={url}", "rollout.draft_ahead=true",
-            f"trainer.output_dir={run_dir}", "trainer.save_every=1", "trainer.max_steps=3", "optim.lr=1e-3"])
+            f"trainer.output_dir={run_dir}", "trainer.save_every=1", "trainer.max_steps=3", "optim.lr=1e-3",
+            "reward.overlong_buffer=11"])  # a length reward: the untrained model's groups get variance, weights move
 
     trainer_module.train(config(tmp_path / "reference"))
     reference, consumed[:] = list(consumed), []
@@ -205,7 +206,9 @@ def test_draft_ahead_through_the_server_keeps_refinements_on_policy_and_resumes_
     assert [r["rollout/draft_version_lag"] for r in records] == [0.0, 1.0, 1.0]
     assert all(r["time/rollout/draft_overlap"] > 0 for r in records[1:])
     # Refinements sampled on the weights the trainer scores them with, as in the synchronous server test (same
-    # tolerance): drafts one version old do not make the trained tokens off-policy.
+    # tolerance), although every update moved the weights: drafts one version old do not make the trained tokens
+    # off-policy.
+    assert all(r["train/grad_norm"] > 0 for r in records)
     assert all(abs(r["train/mismatch/token_prob_error"] - 1.0) < TOLERANCE for r in records)
     assert len(reference) == 3 and all(len(step) == 4 for step in reference)
 
