@@ -210,14 +210,18 @@ def save_two_pass(run_dir: Path, num_drafts: int) -> None:
     (run_dir/config.yaml, as the trainer wrote it), once per selection rule; written to run_dir/two_pass.json."""
     import torch
 
-    from nemo_igrpo.backends import build_generation
+    from nemo_igrpo.assembly import (
+        build_eval_sampling,
+        build_generation,
+        build_template,
+        build_training_reward,
+        seed_everything,
+    )
     from nemo_igrpo.config import load_config
     from nemo_igrpo.data.sources import load_examples
     from nemo_igrpo.evaluation.run import evaluate
     from nemo_igrpo.evaluation.two_pass import SELECTIONS, evaluate_two_pass
     from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
-    from nemo_igrpo.rewards import build_training_reward
-    from nemo_igrpo.trainer import eval_sampling, prompt_builder, seed_everything
 
     final = run_dir / "final"
     config = load_config(run_dir / "config.yaml", [f"model.path={final}", f"model.tokenizer={final}",
@@ -226,10 +230,10 @@ def save_two_pass(run_dir: Path, num_drafts: int) -> None:
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, tokenizer)
     generator = build_generation(config, model, tokenizer.pad_token_id)
-    template = prompt_builder(config, tokenizer)
+    template = build_template(config.prompt, tokenizer)
     reward = build_training_reward(config)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    params = eval_sampling(config, stop_token_ids(tokenizer, model))
+    params = build_eval_sampling(config, stop_token_ids(tokenizer, model))
     problems = load_examples(config.data.eval, config.data, "eval")[: config.eval.num_problems or None]
     result = {"num_drafts": num_drafts, "refinements": params.n, "temperature": params.temperature,
               "top_p": params.top_p, "problems": len(problems)}

@@ -47,16 +47,19 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_args()
 
-    from nemo_igrpo.backends import build_generation
+    from nemo_igrpo.assembly import (
+        build_generation,
+        build_template,
+        build_training_reward,
+        seed_everything,
+        warm_start_model,
+    )
     from nemo_igrpo.config import load_config
     from nemo_igrpo.data.sources import load_examples
     from nemo_igrpo.evaluation.run import evaluate
     from nemo_igrpo.evaluation.two_pass import evaluate_two_pass
     from nemo_igrpo.generation.base import SamplingParams
     from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
-    from nemo_igrpo.rewards import build_training_reward
-    from nemo_igrpo.trainer import prompt_builder, seed_everything
-    from nemo_igrpo.warm_start import warm_start
 
     overrides = [f"trainer.seed={args.seed}", *args.overrides]
     if args.steps is not None:
@@ -65,7 +68,7 @@ def main() -> None:
     seed_everything(config.trainer.seed)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, tokenizer)
-    template = prompt_builder(config, tokenizer)
+    template = build_template(config.prompt, tokenizer)
     reward = build_training_reward(config)
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     heldout = load_examples(config.data.eval, config.data, "eval")[: args.problems]
@@ -101,8 +104,8 @@ def main() -> None:
             if "warm start " in text and "/" in text:
                 probe(int(text.split("warm start ", 1)[1].split("/", 1)[0]))
 
-    warm_start(config, model, load_examples(config.data.train, config.data, "train"), template, tokenizer,
-               ProbingConsole())
+    warm_start_model(config, model, load_examples(config.data.train, config.data, "train"), template, tokenizer,
+                     ProbingConsole())
     if args.save is not None:  # written beside, then renamed: a half-written folder is never reused
         tmp = args.save.with_name(args.save.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
