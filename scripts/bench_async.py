@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -133,22 +132,15 @@ def measure(mode: str, server: PinnedServer, model_dir: Path, steps: int, core: 
 
 
 def environment() -> dict:
-    import torch
+    """bench_igrpo_overhead's record of the machine (one torch thread per process here), plus the CPU model."""
+    from bench_igrpo_overhead import environment as machine
 
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "loadavg_at_start": os.getloadavg()}
+    info = machine(threads=1)
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line)
     except (OSError, StopIteration):
         pass
-    try:
-        import vllm
-
-        info["vllm"] = vllm.__version__
-    except Exception:  # noqa: BLE001
-        info["vllm"] = None
     return info
 
 
