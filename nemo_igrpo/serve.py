@@ -177,6 +177,19 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM the process group of ``process`` (started with ``start_new_session=True``: a server and its engine
+    processes), wait up to ``timeout_s`` seconds, then SIGKILL the group. Scripts that start a server use it."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
 def wait_until_healthy(url: str, process: subprocess.Popen | None, timeout_s: float, log: Path | None = None) -> None:
     """Poll ``url``/health until the server answers 200. Raises RuntimeError when ``process`` exits first (with the
     end of ``log``, if given) or after ``timeout_s`` seconds."""

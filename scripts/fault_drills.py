@@ -590,13 +590,9 @@ class _GenerationServer:
         self.restart_seconds = time.perf_counter() - start
 
     def _stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
+        from nemo_igrpo.serve import stop_process_group
+
+        stop_process_group(self.process)
         self.log.close()
 
     def __exit__(self, *exc_info) -> None:
