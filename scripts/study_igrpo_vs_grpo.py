@@ -411,7 +411,7 @@ def proposition_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _ci(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+def interval_text(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     """"mean ± 95% half-width" of values (× scale); "–" when empty."""
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
@@ -430,7 +430,7 @@ def pair_table(summary: dict) -> str:
             diffs = paired_differences(summary, base, wrapped)
             if diffs:
                 lines.append(f"| {summary[wrapped]['label']} − {summary[base]['label']} | {len(diffs)} | "
-                             f"{', '.join(f'{100 * d:+.1f}' for d in diffs)} | {_ci(diffs)} | "
+                             f"{', '.join(f'{100 * d:+.1f}' for d in diffs)} | {interval_text(diffs)} | "
                              f"{sign_flip_p_value(diffs):.3f} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -448,7 +448,7 @@ def curve_table(summary: dict) -> str:
             rollouts = statistics.fmean(p["rollouts"] for p in points)
             minutes = statistics.fmean(p["seconds"] or 0.0 for p in points) / 60
             lines.append(f"| {s['label']} | {step} | {rollouts:,.0f} | {minutes:.1f} | "
-                         f"{_ci([p['accuracy'] for p in points])} (n={len(points)}) |")
+                         f"{interval_text([p['accuracy'] for p in points])} (n={len(points)}) |")
     return "\n".join(lines)
 
 
@@ -458,9 +458,10 @@ def dynamics_table(summary: dict) -> str:
     lines = ["| arm | zero-variance group fraction | entropy first → last (nats/token) | "
              "refinement − best-draft reward |", "|---|---|---|---|"]
     for s in summary.values():
-        gap = _ci(list(s["refinement_minus_best_draft_mean"].values()), scale=1.0, digits=3)
-        zero = _ci(list(s["zero_variance_mean"].values()), scale=1.0, digits=3)
-        first, last = (_ci(list(s[key].values()), scale=1.0, digits=3) for key in ("entropy_first", "entropy_last"))
+        gap = interval_text(list(s["refinement_minus_best_draft_mean"].values()), scale=1.0, digits=3)
+        zero = interval_text(list(s["zero_variance_mean"].values()), scale=1.0, digits=3)
+        first, last = (interval_text(list(s[key].values()), scale=1.0, digits=3)
+                       for key in ("entropy_first", "entropy_last"))
         lines.append(f"| {s['label']} | {zero} | {first} → {last} | {gap if gap != '–' else '– (no drafts)'} |")
     return "\n".join(lines)
 
@@ -473,12 +474,12 @@ def two_pass_table(summary: dict) -> str:
         if not results:
             continue
         single = [next(v for k, v in r["single_pass"].items() if k.startswith("avg@")) for r in results]
-        rows.append(f"| {s['label']} | {len(results)} | {_ci(single)} | "
-                    f"{_ci([r['oracle']['any_draft_correct'] for r in results])} | "
-                    f"{_ci([r['oracle']['refined_accuracy'] for r in results])} | "
-                    f"{_ci([r['oracle']['refined_given_wrong_draft'] for r in results])} | "
-                    f"{_ci([r['majority']['selected_draft_accuracy'] for r in results])} | "
-                    f"{_ci([r['majority']['refined_accuracy'] for r in results])} |")
+        rows.append(f"| {s['label']} | {len(results)} | {interval_text(single)} | "
+                    f"{interval_text([r['oracle']['any_draft_correct'] for r in results])} | "
+                    f"{interval_text([r['oracle']['refined_accuracy'] for r in results])} | "
+                    f"{interval_text([r['oracle']['refined_given_wrong_draft'] for r in results])} | "
+                    f"{interval_text([r['majority']['selected_draft_accuracy'] for r in results])} | "
+                    f"{interval_text([r['majority']['refined_accuracy'] for r in results])} |")
     if not rows:
         return ""
     n = next(r for s in summary.values() for r in s.get("two_pass", {}).values() if r)["num_drafts"]
