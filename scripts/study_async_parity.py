@@ -15,10 +15,10 @@ same model, problem order and sampling seeds, and (at step 0) the same held-out 
 trainer are pinned to one core each, as in bench_async.py; runs go one after another.
 
 The report: final held-out accuracy per mode and seed, mean ± 95% interval (t over seeds), the synchronous seeds'
-range and whether each overlapped run falls inside it, the paired difference to sync per seed with its interval,
-accuracy at every evaluation, and per mode the seconds per step, staleness and importance-weight statistics.
-Resumable: a finished run (its ``final/`` folder) is reused, and --report-only rebuilds the report from the runs'
-metrics.jsonl.
+range and whether each overlapped run falls inside it, the paired difference to sync per seed with its interval
+and an exact sign-flip test, accuracy at every evaluation, and per mode the seconds per step, staleness and the
+importance-weight statistics. Resumable: a finished run (its ``final/`` folder) is reused, and --report-only
+rebuilds the report from the runs' metrics.jsonl.
 
     python scripts/study_async_parity.py --seeds 0 1 2 --root /tmp/async_parity --markdown docs/study_async.md
 """
@@ -30,20 +30,23 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_async import COMMON, MODES, TOKEN, PinnedServer, environment, pinned  # noqa: E402
-from study_igrpo_vs_grpo import final_accuracy, interval95, interval_text  # noqa: E402
+from study_igrpo_vs_grpo import final_accuracy, interval95, interval_text, sign_flip_p_value  # noqa: E402
 
 PARITY_MODES = ["sync", "draft-ahead", "k=1"]
+EQUAL_TIME = "k=1 equal time"  # k=1 for as many steps as the sync runs' training time allows
 # bench_async's settings, but with the quickstart's evaluations and checkpoints (resumable runs).
 SETTINGS = [o for o in COMMON if not o.startswith(("trainer.eval_every", "trainer.save_every", "trainer.resume"))]
 SETTINGS.append("trainer.resume=auto")
 RUN_MEANS = {"s/step": "time/step", "staleness": "rollout/staleness", "stale tokens": "rollout/stale_token_fraction",
-             "IS weight": "mismatch/is_weight_mean", "IS capped": "mismatch/is_capped_fraction"}
+             "IS weight": "train/mismatch/is_weight_mean", "IS capped": "train/mismatch/is_capped_fraction",
+             "sampler–trainer KL": "train/mismatch/seq_kl"}
 
 
 # ------------------------------------------------------------------------------------------ pure parts (tested)
@@ -57,7 +60,19 @@ def run_summary(records: list[dict]) -> dict:
         values = [float(r[key]) for r in records if key in r and math.isfinite(float(r[key]))]
         means[name] = sum(values) / len(values) if values else None
     curve = {r["step"]: r["eval/accuracy"] for r in records if "eval/accuracy" in r}
-    return {"before": before, "final": final, "curve": curve, "means": means}
+    seconds = sum(float(r.get("time/step", 0.0)) for r in records)
+    return {"before": before, "final": final, "curve": curve, "means": means, "training_seconds": seconds,
+            "steps": max((r["step"] for r in records), default=0)}
+
+
+def equal_time_steps(summaries: dict[str, dict[int, dict]]) -> int:
+    """Steps of k=1 that take as long as the sync runs' training: their mean training seconds (the sum of
+    time/step, evaluations excluded) over k=1's mean seconds per step."""
+    sync, k1 = list(summaries.get("sync", {}).values()), list(summaries.get("k=1", {}).values())
+    if not sync or not k1:
+        raise ValueError("--equal-time needs finished sync and k=1 runs")
+    sync_seconds = statistics.fmean(s["training_seconds"] for s in sync)
+    return round(sync_seconds / statistics.fmean(s["means"]["s/step"] for s in k1))
 
 
 def parity(summaries: dict[str, dict[int, dict]], baseline: str = "sync") -> dict[str, dict]:
@@ -79,15 +94,16 @@ def parity(summaries: dict[str, dict[int, dict]], baseline: str = "sync") -> dic
 
 def parity_table(result: dict[str, dict], baseline: str = "sync") -> str:
     lines = [f"| mode | final accuracy per seed (%) | mean ± 95% interval (%) | inside {baseline}'s seed range | "
-             f"paired difference to {baseline} per seed (points) | mean ± 95% interval (points) |",
-             "|---|---|---|---|---|---|"]
+             f"paired difference to {baseline} per seed (points) | mean ± 95% interval (points) | sign-flip p |",
+             "|---|---|---|---|---|---|---|"]
     for mode, r in result.items():
         per_seed = ", ".join(f"s{seed}: {100 * acc:.1f}" for seed, acc in r["finals"].items())
         inside = sum(r["inside_range"].values())
         diffs = "—" if mode == baseline else ", ".join(f"{100 * d:+.1f}" for d in r["differences"].values())
         diff_ci = "—" if mode == baseline else interval_text(list(r["differences"].values()))
+        p = "—" if mode == baseline else f"{sign_flip_p_value(list(r['differences'].values())):.3f}"
         lines.append(f"| {mode} | {per_seed} | {interval_text(list(r['finals'].values()))} | "
-                     f"{inside}/{len(r['inside_range'])} | {diffs} | {diff_ci} |")
+                     f"{inside}/{len(r['inside_range'])} | {diffs} | {diff_ci} | {p} |")
     return "\n".join(lines)
 
 
@@ -103,11 +119,14 @@ def curve_table(summaries: dict[str, dict[int, dict]]) -> str:
 
 
 def dynamics_table(summaries: dict[str, dict[int, dict]]) -> str:
-    """Per mode, the per-step means of RUN_MEANS, then mean ± 95% interval over seeds (unscaled)."""
-    lines = ["| mode | " + " | ".join(RUN_MEANS) + " |", "|---" * (len(RUN_MEANS) + 1) + "|"]
+    """Per mode: steps, training seconds (the sum of time/step) and the per-step means of RUN_MEANS, each as mean ±
+    95% interval over seeds (unscaled)."""
+    lines = ["| mode | steps | training s | " + " | ".join(RUN_MEANS) + " |", "|---" * (len(RUN_MEANS) + 3) + "|"]
     for mode, by_seed in summaries.items():
-        cells = [interval_text([s["means"][name] for s in by_seed.values()], scale=1.0, digits=3)
-                 for name in RUN_MEANS]
+        cells = [interval_text([s["steps"] for s in by_seed.values()], scale=1.0, digits=0),
+                 interval_text([s["training_seconds"] for s in by_seed.values()], scale=1.0, digits=0)]
+        cells += [interval_text([s["means"][name] for s in by_seed.values()], scale=1.0, digits=3)
+                  for name in RUN_MEANS]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -115,15 +134,16 @@ def dynamics_table(summaries: dict[str, dict[int, dict]]) -> str:
 # ------------------------------------------------------------------------------------------ running
 
 def run_directory(root: Path, mode: str, seed: int) -> Path:
-    return root / f"{mode.replace('=', '')}-s{seed}"
+    return root / f"{mode.replace('=', '').replace(' ', '-')}-s{seed}"
 
 
 def train_run(mode: str, seed: int, server: PinnedServer, model_dir: Path, core: int | None, out: Path,
               overrides: list[str]) -> None:
-    """One quickstart run in ``mode`` with trainer.seed = ``seed`` (a pinned subprocess, logged to out/train.log)."""
+    """One quickstart run with trainer.seed = ``seed`` and ``overrides`` (the mode's first), in a pinned subprocess
+    logged to out/train.log."""
     command = pinned(core, [sys.executable, "-m", "nemo_igrpo.cli", "train", *SETTINGS, f"model.path={model_dir}",
                             f"generation.server.url={server.url}", f"trainer.seed={seed}", f"trainer.output_dir={out}",
-                            *MODES[mode], *overrides, "warm_start.steps=0"])  # the warm start is model_dir
+                            *overrides, "warm_start.steps=0"])  # the warm start is model_dir
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "NEMO_IGRPO_SERVER_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
     with open(out / "train.log", "a") as log:
@@ -180,6 +200,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="trainer.seed of the runs")
     parser.add_argument("--modes", nargs="+", default=PARITY_MODES, choices=list(MODES))
+    parser.add_argument("--equal-time", action="store_true",
+                        help=f"also run '{EQUAL_TIME}': k=1 for as many steps as fit in the sync runs' training time "
+                             "(needs finished sync and k=1 runs of every seed)")
     parser.add_argument("--root", type=Path, default=Path("/tmp/async_parity"), help="one output dir per run here")
     parser.add_argument("--server-core", type=int, default=1, help="CPU core of the server (-1: not pinned)")
     parser.add_argument("--trainer-core", type=int, default=0, help="CPU core of the trainer (-1: not pinned)")
@@ -187,25 +210,38 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, default=None, help="write the report here too")
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (and the warm start)")
     args = parser.parse_args()
+    if args.equal_time and not {"sync", "k=1"} <= set(args.modes):
+        parser.error("--equal-time needs the sync and k=1 modes")
     server_core = None if args.server_core < 0 else args.server_core
     trainer_core = None if args.trainer_core < 0 else args.trainer_core
 
     from nemo_igrpo.tracking import read_metrics
 
+    def finished(modes: list[str]) -> dict[str, dict[int, dict]]:
+        return {mode: {seed: run_summary(read_metrics(run_directory(args.root, mode, seed) / "metrics.jsonl"))
+                       for seed in args.seeds if (run_directory(args.root, mode, seed) / "final").is_dir()}
+                for mode in modes}
+
     args.root.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         model_dir = warm_start(args.root, args.overrides)
         with PinnedServer(model_dir, server_core, args.root / "server.log") as server:
+            def train(mode: str, seed: int, mode_overrides: list[str]) -> None:
+                out = run_directory(args.root, mode, seed)
+                if not (out / "final").is_dir():
+                    train_run(mode, seed, server, model_dir, trainer_core, out, [*mode_overrides, *args.overrides])
+                print(f"{out.name}: done", flush=True)
+
             for seed in args.seeds:  # seed-major: an interrupted study still has whole pairs
                 for mode in args.modes:
-                    out = run_directory(args.root, mode, seed)
-                    if not (out / "final").is_dir():
-                        train_run(mode, seed, server, model_dir, trainer_core, out, args.overrides)
-                    print(f"{out.name}: done", flush=True)
+                    train(mode, seed, MODES[mode])
+            if args.equal_time:
+                steps = equal_time_steps(finished(["sync", "k=1"]))
+                for seed in args.seeds:
+                    train(EQUAL_TIME, seed, [*MODES["k=1"], f"trainer.max_steps={steps}"])
 
-    summaries = {mode: {seed: run_summary(read_metrics(run_directory(args.root, mode, seed) / "metrics.jsonl"))
-                        for seed in args.seeds if (run_directory(args.root, mode, seed) / "final").is_dir()}
-                 for mode in args.modes}
+    modes = args.modes + ([EQUAL_TIME] if args.equal_time else [])
+    summaries = finished(modes)
     result = {"parity": parity(summaries), "summaries": summaries, "environment": environment(),
               "command": shlex.join(["python", "scripts/study_async_parity.py", *sys.argv[1:]])}
     table = parity_table(result["parity"])

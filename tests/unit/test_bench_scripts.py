@@ -27,6 +27,7 @@ overhead = load_script("bench_igrpo_overhead")
 memory = load_script("bench_memory")
 study = load_script("study_igrpo_vs_grpo")
 bench_async = load_script("bench_async")
+parity = load_script("study_async_parity")
 
 
 # ------------------------------------------------------------------------------------------ bench_vs_trl
@@ -270,3 +271,44 @@ def test_bench_async_summary_and_table():
     assert bench_async.pinned(1, ["x"]) == ["taskset", "-c", "1", "x"] and bench_async.pinned(None, ["x"]) == ["x"]
     with pytest.raises(ValueError, match="no measured steps"):
         bench_async.summarize([])
+
+
+# ------------------------------------------------------------------------------------------ study_async_parity
+
+
+def test_parity_run_summary_means_skip_steps_without_the_key():
+    records = [{"step": 0, "eval/accuracy": 0.5},
+               {"step": 1, "time/step": 2.0, "rollout/staleness": 1.0},
+               {"step": 2, "time/step": 4.0, "rollout/staleness": 0.0, "train/mismatch/is_weight_mean": 1.01,
+                "eval/accuracy": 0.9}]
+    got = parity.run_summary(records)
+    assert (got["before"], got["final"], got["curve"]) == (0.5, 0.9, {0: 0.5, 2: 0.9})
+    assert got["means"] == {"s/step": 3.0, "staleness": 0.5, "stale tokens": None, "IS weight": 1.01,
+                            "IS capped": None, "sampler–trainer KL": None}
+
+
+def test_parity_range_paired_differences_and_intervals():
+    def runs(finals):
+        return {seed: {"final": acc, "curve": {0: 0.5, 30: acc}, "means": dict.fromkeys(parity.RUN_MEANS, 1.0)}
+                for seed, acc in enumerate(finals)}
+
+    summaries = {"sync": runs([0.90, 0.80, 0.85]), "k=1": runs([0.88, 0.95, 0.82])}
+    got = parity.parity(summaries)
+    # sync: mean 0.85, s = 0.05 → 95% half-width t(0.975, 2) · s / √3 = 4.303 · 0.05 / 1.732 = 0.1242
+    assert got["sync"]["mean"] == pytest.approx(0.85) and got["sync"]["half_width"] == pytest.approx(0.12422, abs=1e-5)
+    assert got["k=1"]["baseline_range"] == [0.80, 0.90]
+    assert got["k=1"]["inside_range"] == {0: True, 1: False, 2: True}
+    # paired differences −0.02, +0.15, −0.03: mean 0.0333, s = 0.1012 → half-width 4.303 · 0.1012 / √3 = 0.2513
+    assert list(got["k=1"]["differences"].values()) == pytest.approx([-0.02, 0.15, -0.03])
+    assert got["k=1"]["difference_mean"] == pytest.approx(0.03333, abs=1e-5)
+    assert got["k=1"]["difference_half_width"] == pytest.approx(0.25132, abs=1e-5)
+    table = parity.parity_table(got)
+    assert "| sync | s0: 90.0, s1: 80.0, s2: 85.0 | 85.0 ± 12.4 | 3/3 | — | — | — |" in table
+    # sign flips of (−2, +15, −3): ±15 dominates, so all 8 patterns have |sum| ≥ 10 (10, 14, 16, 20, mirrored):
+    # p = 1
+    assert "| k=1 | s0: 88.0, s1: 95.0, s2: 82.0 | 88.3 ± 16.2 | 2/3 | -2.0, +15.0, -3.0 | 3.3 ± 25.1 | 1.000 |" \
+        in table
+    curves = parity.curve_table(summaries)
+    assert "| 0 | 50.0 ± 0.0 | 50.0 ± 0.0 |" in curves and "| 30 | 85.0 ± 12.4 | 88.3 ± 16.2 |" in curves
+    assert "| k=1 | 1.000 ± 0.000 |" in parity.dynamics_table(summaries)
+    assert parity.run_directory(Path("r"), "k=1", 2) == Path("r/k1-s2")
