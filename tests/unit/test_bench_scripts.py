@@ -285,14 +285,16 @@ def test_parity_run_summary_means_skip_steps_without_the_key():
     assert (got["before"], got["final"], got["curve"]) == (0.5, 0.9, {0: 0.5, 2: 0.9})
     assert got["means"] == {"s/step": 3.0, "staleness": 0.5, "stale tokens": None, "IS weight": 1.01,
                             "IS capped": None, "sampler–trainer KL": None}
+    assert (got["steps"], got["training_seconds"]) == (2, 6.0)
 
 
 def test_parity_range_paired_differences_and_intervals():
-    def runs(finals):
-        return {seed: {"final": acc, "curve": {0: 0.5, 30: acc}, "means": dict.fromkeys(parity.RUN_MEANS, 1.0)}
+    def runs(finals, seconds_per_step=1.0):
+        return {seed: {"final": acc, "curve": {0: 0.5, 30: acc}, "steps": 30, "training_seconds": 30 * seconds_per_step,
+                       "means": {**dict.fromkeys(parity.RUN_MEANS, 1.0), "s/step": seconds_per_step}}
                 for seed, acc in enumerate(finals)}
 
-    summaries = {"sync": runs([0.90, 0.80, 0.85]), "k=1": runs([0.88, 0.95, 0.82])}
+    summaries = {"sync": runs([0.90, 0.80, 0.85], 3.5), "k=1": runs([0.88, 0.95, 0.82], 2.0)}
     got = parity.parity(summaries)
     # sync: mean 0.85, s = 0.05 → 95% half-width t(0.975, 2) · s / √3 = 4.303 · 0.05 / 1.732 = 0.1242
     assert got["sync"]["mean"] == pytest.approx(0.85) and got["sync"]["half_width"] == pytest.approx(0.12422, abs=1e-5)
@@ -310,5 +312,9 @@ def test_parity_range_paired_differences_and_intervals():
         in table
     curves = parity.curve_table(summaries)
     assert "| 0 | 50.0 ± 0.0 | 50.0 ± 0.0 |" in curves and "| 30 | 85.0 ± 12.4 | 88.3 ± 16.2 |" in curves
-    assert "| k=1 | 1.000 ± 0.000 |" in parity.dynamics_table(summaries)
+    assert "| k=1 | 30 ± 0 | 60 ± 0 | 2.000 ± 0.000 | 1.000 ± 0.000 |" in parity.dynamics_table(summaries)
+    # sync trains 30 × 3.5 = 105 s; k=1 fits 105 / 2.0 = 52.5 → 52 steps (round half to even) in that time
+    assert parity.equal_time_steps(summaries) == 52
+    with pytest.raises(ValueError, match="needs finished sync and k=1 runs"):
+        parity.equal_time_steps({"sync": summaries["sync"]})
     assert parity.run_directory(Path("r"), "k=1", 2) == Path("r/k1-s2")
