@@ -209,7 +209,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="trainer.seed of the runs")
     parser.add_argument("--modes", nargs="+", default=PARITY_MODES, choices=list(MODES),
-                        help="rollout modes to compare with sync (bench_async.MODES)")
+                        help="rollout modes to run (bench_async.MODES; sync is the baseline of the comparison)")
     parser.add_argument("--equal-time", action="store_true",
                         help=f"also run '{EQUAL_TIME}': k=1 for as many steps as fit in the sync runs' training time "
                              "(after the sync and k=1 runs, from their mean times)")
