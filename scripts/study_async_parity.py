@@ -42,7 +42,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_async import COMMON, MODES, TOKEN, PinnedServer, environment, pinned  # noqa: E402
-from study_igrpo_vs_grpo import final_accuracy, interval95, interval_text, sign_flip_p_value  # noqa: E402
+from study_igrpo_vs_grpo import (  # noqa: E402
+    final_accuracy,
+    interval95,
+    interval_text,
+    mean_of,
+    save_warm_start,
+    sign_flip_p_value,
+)
 
 PARITY_MODES = ["sync", "draft-ahead", "k=1"]
 DISCUSSION = "<!-- discussion -->"  # text below it in the --markdown file is written by hand and kept
@@ -61,10 +68,7 @@ def run_summary(records: list[dict]) -> dict:
     """One run's metrics.jsonl records → first and final held-out accuracy, accuracy at every evaluation, and the
     per-step means of RUN_MEANS (steps that did not log a key are left out of its mean)."""
     before, final = final_accuracy(records)
-    means = {}
-    for name, key in RUN_MEANS.items():
-        values = [float(r[key]) for r in records if key in r and math.isfinite(float(r[key]))]
-        means[name] = sum(values) / len(values) if values else None
+    means = {name: mean_of(records, key) for name, key in RUN_MEANS.items()}
     curve = {r["step"]: r["eval/accuracy"] for r in records if "eval/accuracy" in r}
     seconds = sum(float(r.get("time/step", 0.0)) for r in records)
     return {"before": before, "final": final, "curve": curve, "means": means, "training_seconds": seconds,
@@ -160,18 +164,11 @@ def train_run(mode: str, seed: int, server: PinnedServer, model_dir: Path, core:
 
 
 def warm_start(root: Path, overrides: list[str]) -> Path:
-    """The quickstart's warm start (trainer.seed 0), once: written beside and renamed, so a half-written one is
-    never loaded."""
-    from bench_igrpo_overhead import warm_started_model
-
-    from nemo_igrpo.cli import default_config_path
-    from nemo_igrpo.config import load_config
-
+    """The quickstart's warm start (trainer.seed 0), once (the study script's, which never leaves a half-written
+    folder behind)."""
     directory = root / "warm"
     if not (directory / "config.json").is_file():
-        tmp = root / "warm.tmp"
-        warm_started_model(load_config(default_config_path(), ["trainer.seed=0", *overrides]), tmp)
-        os.replace(tmp, directory)
+        save_warm_start(0, directory, overrides)
     return directory
 
 

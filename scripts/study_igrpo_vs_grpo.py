@@ -305,7 +305,8 @@ def _read_two_pass(directory: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _mean_of(records: list[dict], key: str) -> float | None:
+def mean_of(records: list[dict], key: str) -> float | None:
+    """Mean of ``key`` over the records that logged a finite value; None when none did."""
     values = [r[key] for r in records if key in r and math.isfinite(r[key])]
     return statistics.fmean(values) if values else None
 
@@ -357,8 +358,8 @@ def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict:
             if entropies:
                 entropy_first[seed], entropy_last[seed] = entropies[0], entropies[-1]
             prop[seed] = best_draft_vs_prediction(records)
-            zero_variance[seed] = _mean_of(records, "zero_variance_fraction")
-            refine_gap[seed] = _mean_of(records, "reward/refinement_minus_best_draft")
+            zero_variance[seed] = mean_of(records, "zero_variance_fraction")
+            refine_gap[seed] = mean_of(records, "reward/refinement_minus_best_draft")
         finals = [v for v in after.values() if v is not None]
         starts = [v for v in before.values() if v is not None]
         summary[arm] = {
