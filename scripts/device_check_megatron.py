@@ -65,7 +65,8 @@ def loss_fn_for(batch):
     from nemo_igrpo.algorithms.loss import make_loss_fn
 
     return make_loss_fn(policy_loss="ppo", eps_low=0.2, eps_high=0.28, dual_clip=None, loss_agg="token-mean",
-                        kl_coef=0.0, kl_estimator="k3", kl_clamp=None,
+                        kl_coef=0.0, kl_estimator="k3", kl_clamp=None, importance_correction="none",
+                        importance_cap=2.0,
                         normalizer=LossNormalizer.from_mask(batch.loss_mask, batch.input_ids.shape[1]))
 
 

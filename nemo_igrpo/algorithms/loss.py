@@ -69,8 +69,8 @@ def make_loss_fn(
     kl_estimator: str,
     kl_clamp: float | None,
     normalizer: LossNormalizer,
-    importance_correction: str = "none",
-    importance_cap: float = 2.0,
+    importance_correction: str,
+    importance_cap: float,
 ) -> LossFn:
     """Build ``loss_fn(stats, micro_batch) -> (loss, metrics)`` for one optimizer step.
 

@@ -35,8 +35,8 @@ def _batch() -> RolloutBatch:
 def _loss_fn(batch: RolloutBatch):
     # Normalised by the whole batch's counts, as the trainer does after all-reducing them.
     return make_loss_fn(policy_loss="ppo", eps_low=0.2, eps_high=0.2, dual_clip=None, loss_agg="seq-mean-token-mean",
-                        kl_coef=0.0, kl_estimator="k3", kl_clamp=None,
-                        normalizer=LossNormalizer.from_mask(batch.loss_mask, 16))
+                        kl_coef=0.0, kl_estimator="k3", kl_clamp=None, importance_correction="none",
+                        importance_cap=2.0, normalizer=LossNormalizer.from_mask(batch.loss_mask, 16))
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:

@@ -57,6 +57,7 @@ def loss_fn_for(batch):
 
     return make_loss_fn(policy_loss="ppo", eps_low=0.2, eps_high=0.28, dual_clip=None,
                         loss_agg="seq-mean-token-mean", kl_coef=0.05, kl_estimator="k3", kl_clamp=None,
+                        importance_correction="none", importance_cap=2.0,
                         normalizer=LossNormalizer.from_mask(batch.loss_mask, 16))
 
 

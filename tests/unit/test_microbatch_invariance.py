@@ -83,6 +83,8 @@ def _check(policy_loss: str, loss_agg: str, kl_coef: float, on_policy: bool) -> 
         kl_estimator="k3",
         kl_clamp=10.0,
         normalizer=LossNormalizer.from_mask(batch.loss_mask, MAX_NEW),
+        importance_correction="none",
+        importance_cap=2.0,
     )
     parts = batch.split(2)
     assert [p.input_ids.shape[1] for p in parts] == [12, 7, 4, 10]  # trimming is exercised

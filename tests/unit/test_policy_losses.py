@@ -178,7 +178,8 @@ def _stats():
 
 
 def _make(kl_coef, kl_estimator="k1", **kw):
-    args = dict(policy_loss="ppo", eps_low=0.2, eps_high=0.28, dual_clip=None, loss_agg="token-mean")
+    args = dict(policy_loss="ppo", eps_low=0.2, eps_high=0.28, dual_clip=None, loss_agg="token-mean",
+                importance_correction="none", importance_cap=2.0)
     args.update(kw)
     return make_loss_fn(**args, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_clamp=None, normalizer=NORM)
 
