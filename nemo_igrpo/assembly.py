@@ -1,13 +1,13 @@
 """Config → every component of a run: the one place that reads a ``Config`` to build things.
 
 Each builder hands its component explicit arguments (or one config section), never the whole ``Config``: the policy
-and generation backends (registered by name in ``POLICY_BACKENDS`` / ``GENERATION_BACKENDS``), the reward (a judge's
-generator included), the prompt template, the rollout settings, the evaluation sampling and the loss. ``build_run``
-puts them together for the training loop; evaluation, the warm start and the scripts call the same builders.
+and generation backends (registered by name, with their capabilities, in ``nemo_igrpo.backends``), the reward (a
+judge's generator included), the prompt template, the rollout settings, the evaluation sampling, the loss and the
+rollout producer. ``build_run`` puts them together for the training loop, once; evaluation, the warm start and the
+scripts call the same builders.
 
-This module imports the config schema for type checking only, so ``nemo_igrpo.config`` can validate backend names
-against ``POLICY_BACKENDS`` / ``GENERATION_BACKENDS`` without an import cycle. Heavy engines (vLLM, Megatron-Core)
-are imported inside their builders only.
+This module imports the config schema for type checking only, and the schema never imports it (validation reads
+the light ``nemo_igrpo.backends``). Heavy engines (vLLM, Megatron-Core) are imported inside their builders only.
 """
 
 from __future__ import annotations
@@ -21,23 +21,25 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from nemo_igrpo.algorithms.igrpo import RolloutSettings
+from nemo_igrpo.algorithms.igrpo import BatchCollector, RolloutSettings
 from nemo_igrpo.algorithms.loss import LossSpec
+from nemo_igrpo.backends import GENERATION_BACKENDS, POLICY_BACKENDS, PolicyBackendEntry  # noqa: F401  (re-exported)
 from nemo_igrpo.data.prompts import PAPER_SYSTEM_PROMPT, PromptBuilder
 from nemo_igrpo.errors import ConfigError
 from nemo_igrpo.generation.base import GenerationBackend, SamplingParams
-from nemo_igrpo.policy.base import PolicyBackend
-from nemo_igrpo.registry import Registry
+from nemo_igrpo.policy.base import PolicyBackend, TrainingArguments
 from nemo_igrpo.rewards import REWARDS, ChatModel, Reward, RewardContext, WeightedReward
 
 if TYPE_CHECKING:
     from nemo_igrpo.config import Config, OptimConfig, PromptConfig
     from nemo_igrpo.data.dataset import Example
+    from nemo_igrpo.rollout_producer import RolloutProducer
+    from nemo_igrpo.sharding import ShardedSource
 
 
 def seed_everything(seed: int) -> None:
@@ -125,36 +127,25 @@ def build_chat_model(config: Config, path: str | None) -> ChatModel:
 
 
 # ---------------------------------------------------------------------------------------------- policy backends
+# The builders that ``nemo_igrpo.backends``' entries name (with each backend's capabilities).
 
 
-@dataclass(frozen=True)
-class PolicyBackendEntry:
-    """How to build a policy backend, and a cheap check of its settings against the model and the world size that
-    runs before any training work (None: nothing to check)."""
-
-    build: Callable[..., PolicyBackend]  # (config, model, training_arguments: dict) -> PolicyBackend
-    check: Callable[[Config, torch.nn.Module], None] | None = None
-
-
-POLICY_BACKENDS: Registry[PolicyBackendEntry] = Registry("policy backend", "policy.backend")
-
-
-def _hf_policy(config: Config, model: torch.nn.Module, training: dict) -> PolicyBackend:
+def _hf_policy(config: Config, model: torch.nn.Module, training: TrainingArguments) -> PolicyBackend:
     from nemo_igrpo.models import resolve_device
     from nemo_igrpo.policy.hf import HFPolicy
 
     p = config.policy
-    return HFPolicy(model, **training, logprob_chunk_size=p.logprob_chunk_size,
+    return HFPolicy(model, **training.as_kwargs(), logprob_chunk_size=p.logprob_chunk_size,
                     gradient_checkpointing=p.gradient_checkpointing,
                     autocast_dtype="bfloat16" if p.precision == "bf16" else None,
                     device=resolve_device(p.device), lora=p.lora)
 
 
-def _megatron_policy(config: Config, model: torch.nn.Module, training: dict) -> PolicyBackend:
+def _megatron_policy(config: Config, model: torch.nn.Module, training: TrainingArguments) -> PolicyBackend:
     from nemo_igrpo.policy.megatron.policy import MegatronPolicy
 
-    return MegatronPolicy(model, megatron=config.policy.megatron, **training, bf16=config.policy.precision == "bf16",
-                          seed=config.trainer.seed)
+    return MegatronPolicy(model, megatron=config.policy.megatron, **training.as_kwargs(),
+                          bf16=config.policy.precision == "bf16", seed=config.trainer.seed)
 
 
 def _megatron_check(config: Config, model: torch.nn.Module) -> None:
@@ -165,13 +156,9 @@ def _megatron_check(config: Config, model: torch.nn.Module) -> None:
     validate_sizes(config.policy.megatron, world, model.config, resolve_impl(config.policy.megatron.transformer_impl))
 
 
-POLICY_BACKENDS.register("hf", PolicyBackendEntry(_hf_policy))
-POLICY_BACKENDS.register("megatron", PolicyBackendEntry(_megatron_policy, _megatron_check))
-
-
 def check_policy(config: Config, model: torch.nn.Module) -> None:
     """Raise ConfigError (naming the key) when ``policy.*`` cannot work with this model and world size."""
-    check = POLICY_BACKENDS[config.policy.backend].check
+    check = POLICY_BACKENDS[config.policy.backend].checker()
     if check is not None:
         check(config, model)
 
@@ -186,7 +173,7 @@ def build_policy(config: Config, model: torch.nn.Module, *, optim: OptimConfig |
     optim = optim or config.optim
     if total_steps is None:
         total_steps = config.trainer.max_steps * config.algorithm.ppo_epochs
-    training = dict(
+    training = TrainingArguments(
         lr=optim.lr, weight_decay=optim.weight_decay, betas=(optim.betas[0], optim.betas[1]),
         max_grad_norm=optim.max_grad_norm, warmup_steps=math.ceil(optim.warmup_ratio * total_steps),
         total_steps=total_steps, min_lr_ratio=optim.min_lr_ratio,
@@ -196,18 +183,14 @@ def build_policy(config: Config, model: torch.nn.Module, *, optim: OptimConfig |
         temperature=config.generation.temperature if temperature is None else temperature,
         use_reference=build_loss(config).needs_reference if use_reference is None else use_reference,
     )
-    return POLICY_BACKENDS[config.policy.backend].build(config, model, training)
+    return POLICY_BACKENDS[config.policy.backend].builder()(config, model, training)
 
 
 # ---------------------------------------------------------------------------------------------- generation backends
-
 # (config, model, pad_token_id) -> GenerationBackend; the engine gets the model's weights once here, later ones
-# only through update_weights
-GenerationBuilder = Callable[["Config", torch.nn.Module, int], GenerationBackend]
-GENERATION_BACKENDS: Registry[GenerationBuilder] = Registry("generation backend", "generation.backend")
+# only through update_weights. ``nemo_igrpo.backends``' entries name these builders.
 
 
-@GENERATION_BACKENDS.register("hf")
 def _hf_generation(config: Config, model: torch.nn.Module, pad_token_id: int) -> GenerationBackend:
     from nemo_igrpo.generation.hf import HFGeneration
     from nemo_igrpo.models import resolve_device
@@ -217,7 +200,6 @@ def _hf_generation(config: Config, model: torch.nn.Module, pad_token_id: int) ->
                         batch_size=config.generation.batch_size, device=resolve_device(config.policy.device))
 
 
-@GENERATION_BACKENDS.register("vllm")
 def _vllm_generation(config: Config, model: torch.nn.Module, pad_token_id: int) -> GenerationBackend:
     """An in-process engine loaded from ``model`` saved as an HF folder in a temporary directory (token ids in and
     out: no pad token needed)."""
@@ -249,7 +231,6 @@ def default_max_model_len(config: Config, model: torch.nn.Module) -> int:
     return min(longest, limit) if limit else longest
 
 
-@GENERATION_BACKENDS.register("server")
 def _server_generation(config: Config, model: torch.nn.Module | None, pad_token_id: int = 0) -> GenerationBackend:
     """The client of ``nemo-igrpo serve``. When weights are synced, ``model``'s weights are sent once now, so step 0
     samples from the same model the trainer scores."""
@@ -272,7 +253,7 @@ def _server_generation(config: Config, model: torch.nn.Module | None, pad_token_
 
 def build_generation(config: Config, model: torch.nn.Module | None, pad_token_id: int) -> GenerationBackend:
     """The generation backend named by ``generation.backend``, starting from ``model``'s weights."""
-    return GENERATION_BACKENDS[config.generation.backend](config, model, pad_token_id)
+    return GENERATION_BACKENDS[config.generation.backend].builder()(config, model, pad_token_id)
 
 
 # ---------------------------------------------------------------------------------------------- a whole run
@@ -296,9 +277,21 @@ def warm_start_model(config: Config, model: torch.nn.Module, train_set: list[Exa
                config.trainer.seed, console)
 
 
+def build_producer(config: Config, collector: BatchCollector, source: ShardedSource) -> RolloutProducer:
+    """The rollout producer the ``rollout`` section asks for (synchronous, draft-ahead or asynchronous), around the
+    bound rollout ``collector`` and this rank's prompt ``source``; with a token budget per micro-batch it re-deals
+    every batch over the data-parallel ranks by tokens. A resumed run then calls its ``resume_at``."""
+    from nemo_igrpo.rollout_producer import make_producer
+
+    return make_producer(collector, source, draft_ahead=config.rollout.draft_ahead,
+                         max_off_policy_steps=config.rollout.max_off_policy_steps,
+                         balance_tokens=config.policy.max_tokens_per_micro_batch is not None,
+                         max_steps=config.trainer.max_steps)
+
+
 @dataclass
 class Run:
-    """Every component the training loop uses, built from one config."""
+    """Every component the training loop uses, built once from one config."""
 
     tokenizer: object
     template: PromptBuilder
@@ -307,7 +300,7 @@ class Run:
     reward: Reward
     policy: PolicyBackend
     generator: GenerationBackend
-    rollout: RolloutSettings
+    producer: RolloutProducer  # each step's batch, and the weight sync
     eval_sampling: SamplingParams
     loss: LossSpec
 
@@ -315,16 +308,20 @@ class Run:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def close(self) -> None:
+        self.producer.close()  # a background rollout finishes before the generator goes
         self.generator.close()
         self.reward.close()  # e.g. a grading process pool
 
 
 def build_run(config: Config, *, warm_start: bool, console) -> Run:
-    """Tokenizer, data, reward, policy (after the warm start when ``warm_start`` and ``warm_start.steps > 0``) and
-    generator, in the order that fails fastest: settings that cannot work are refused before any training."""
+    """Tokenizer, data, reward, policy (after the warm start when ``warm_start`` and ``warm_start.steps > 0``),
+    generator and rollout producer, in the order that fails fastest: settings that cannot work are refused before
+    any training."""
     from nemo_igrpo import distributed
+    from nemo_igrpo.data.dataset import PromptSampler
     from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
-    from nemo_igrpo.sharding import check_divisible
+    from nemo_igrpo.sharding import ShardedSource
+    from nemo_igrpo.validation import check_rollout_parallelism
 
     tokenizer = load_tokenizer(config.model)
     template = build_template(config.prompt, tokenizer)
@@ -337,13 +334,19 @@ def build_run(config: Config, *, warm_start: bool, console) -> Run:
             console.print(f"[bold]Warm start[/]: {config.warm_start.steps} supervised steps on reference solutions")
             warm_start_model(config, model, train_set, template, tokenizer, console)
         policy = build_policy(config, model)
-        check_divisible(config.trainer.prompts_per_step, distributed.world_size(policy.data_parallel_group))
+        # this rank's prompts; refuses a prompts_per_step that does not split over the data-parallel ranks
+        source = ShardedSource(PromptSampler(train_set, seed=config.trainer.seed), config.trainer.prompts_per_step,
+                               policy.data_parallel_group)
+        peers = policy.model_parallel_group
+        check_rollout_parallelism(config, distributed.world_size(peers) if peers is not None else 1, source.world)
         generator = build_generation(config, model, tokenizer.pad_token_id)
     except BaseException:
         reward.close()
         raise
     generator.set_rollout_peers(policy.model_parallel_group)  # TP/PP peers must train on identical samples
     stops = stop_token_ids(tokenizer, model)
+    collector = BatchCollector(generator, reward, template, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                               build_rollout_settings(config, stops), tokenizer.pad_token_id)
     return Run(tokenizer=tokenizer, template=template, train_set=train_set, heldout=heldout, reward=reward,
-               policy=policy, generator=generator, rollout=build_rollout_settings(config, stops),
+               policy=policy, generator=generator, producer=build_producer(config, collector, source),
                eval_sampling=build_eval_sampling(config, stops), loss=build_loss(config))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from nemo_igrpo.backends import GENERATION_BACKENDS, POLICY_BACKENDS
 from nemo_igrpo.config import Config, ConfigError
 
 
@@ -98,10 +99,10 @@ def batch_plan(config: Config, training_nodes: int | None = None, gpus_per_node:
     trained = prompts * algorithm.num_refinements
 
     megatron = config.policy.megatron
-    if config.policy.backend == "megatron":
+    if POLICY_BACKENDS[config.policy.backend].model_parallel:
         tp, pp, cp = (megatron.tensor_model_parallel_size, megatron.pipeline_model_parallel_size,
                       megatron.context_parallel_size)
-    else:  # the HF backend keeps a whole model per GPU
+    else:  # e.g. the HF backend keeps a whole model per GPU
         tp = pp = cp = 1
     model_parallel = tp * pp * cp
     if training_nodes is None:
@@ -122,7 +123,7 @@ def batch_plan(config: Config, training_nodes: int | None = None, gpus_per_node:
     max_new = config.generation.max_new_tokens
     draft = max_new if algorithm.num_drafts > 0 and config.prompt.draft_content == "full" else 0
     longest = config.data.max_prompt_tokens + draft + max_new
-    generation_nodes = 1 if config.generation.backend == "server" else 0
+    generation_nodes = 1 if GENERATION_BACKENDS[config.generation.backend].own_nodes else 0
     rounds = algorithm.max_sampling_rounds if algorithm.dynamic_sampling else 1
     return BatchPlan(
         prompts_per_step=prompts,
@@ -160,7 +161,8 @@ def check_recipe(config: Config, plan: BatchPlan) -> list[str]:
     the longest sequence, a micro-batch size that leaves a short last micro-batch."""
     problems = []
     limit = config.generation.vllm.max_model_len
-    if config.generation.backend in ("vllm", "server") and limit is not None and limit < plan.max_sequence_tokens:
+    vllm_context = GENERATION_BACKENDS[config.generation.backend].vllm_context
+    if vllm_context and limit is not None and limit < plan.max_sequence_tokens:
         problems.append(f"generation.vllm.max_model_len: {limit} is shorter than the longest sequence "
                         f"({plan.max_sequence_tokens} tokens)")
     if plan.micro_batches_per_rank * plan.micro_batch_size != plan.sequences_per_rank:

@@ -1,10 +1,12 @@
 """Where each step's rollout comes from, and the one place where generation may overlap training.
 
 The loop asks ``next_batch`` for step t's batch and routes the weight sync after its update through
-``sync_weights``; ``state_dict`` is what a checkpoint records of the prompt stream. ``make_producer`` picks one of
-three producers from the ``rollout`` config section:
+``sync_weights``; ``state_dict`` is what a checkpoint records of the prompt stream. The assembly builds the producer
+once (``assembly.build_producer``), around a ``BatchCollector`` (the iGRPO batch bound to the run's generator, reward,
+template and settings) and this rank's ``ShardedSource``; ``make_producer`` picks one of three producers from the
+``rollout`` config section:
 
-* :class:`RolloutProducer` (the default): today's synchronous rollout, a thin call of ``algorithms.igrpo.rollout``
+* :class:`RolloutProducer` (the default): today's synchronous rollout, a thin call of ``BatchCollector.collect``
   followed by ``generator.update_weights``; bit-identical to the loop before producers existed.
 * :class:`DraftAheadProducer` (``rollout.draft_ahead``): step t+1's Stage-1 drafts during step t's update, the
   refinements (the trained tokens) exactly on-policy.
@@ -32,8 +34,11 @@ Shared rules of the overlapping producers:
   reproducible (the synchronous one is). Nothing in a job is collective across ranks (each data-parallel rank
   produces its own slice), which is why peers that share one request (Megatron tensor/pipeline peers) are refused.
 
-Both overlapping producers are refused where they cannot overlap (``generation.backend`` hf or vllm, which generate
-on the trainer's own device): see ``validation``.
+Both overlapping producers are refused where they cannot overlap (generation backends that generate on the trainer's
+own device), and with tensor/pipeline-parallel peers: every ``rollout.*`` check is in ``validation``.
+
+With a token budget per micro-batch (``balance_tokens``), every batch is re-dealt over the data-parallel ranks by
+tokens (``sharding.balance_across_ranks``) before the loop gets it.
 """
 
 from __future__ import annotations
@@ -47,27 +52,31 @@ from typing import Iterable
 
 import torch
 
-from nemo_igrpo import distributed
 from nemo_igrpo.algorithms.batch import RolloutBatch
-from nemo_igrpo.algorithms.igrpo import Drafts, draft_stage, rollout
-from nemo_igrpo.data.dataset import PromptSampler
-from nemo_igrpo.errors import ConfigError
+from nemo_igrpo.algorithms.igrpo import BatchCollector, Drafts
 from nemo_igrpo.progress import PhaseTimer
-from nemo_igrpo.sharding import ShardedSource
+from nemo_igrpo.sharding import ShardedSource, balance_across_ranks
 
 
 class RolloutProducer:
     """The synchronous producer: step t's rollout when the loop asks for it, on the weights of update t − 1."""
 
-    def __init__(self, run, sampler: PromptSampler, prompts_per_step: int, *, start_step: int = 0,
-                 max_steps: int | None = None) -> None:
-        self.run = run
-        self.sampler = sampler
-        self.source = ShardedSource(sampler, prompts_per_step, run.policy.data_parallel_group)
-        self.step = start_step  # steps whose batch was handed out
+    def __init__(self, collector: BatchCollector, source: ShardedSource, *, balance_tokens: bool = False,
+                 start_step: int = 0, max_steps: int | None = None) -> None:
+        self.collector = collector
+        self.generator = collector.generator
+        self.source = source
+        self.sampler = source.sampler
+        self.balance_tokens = balance_tokens  # re-deal each batch over the data-parallel ranks by tokens
         self.max_steps = max_steps
-        self.version = start_step  # updates in the generator's weights
-        self._boundary = sampler.state_dict()  # the sampler at the last step boundary (nothing drawn ahead)
+        self.resume_at(start_step)
+
+    def resume_at(self, step: int) -> None:
+        """Start at ``step`` (a resumed run, once the checkpoint's sampler state is loaded): ``step`` batches were
+        handed out and the generator holds ``step`` updates."""
+        self.step = step  # steps whose batch was handed out
+        self.version = step  # updates in the generator's weights
+        self._boundary = self.sampler.state_dict()  # the sampler at the last step boundary (nothing drawn ahead)
 
     # ------------------------------------------------------------------------------------------ the loop's calls
 
@@ -75,16 +84,16 @@ class RolloutProducer:
         """Step t's batch and rollout metrics; its phases are timed into ``timer``."""
         start = self._position()
         with timer("rollout"):
-            batch, metrics = self._rollout(timer.seconds)
+            batch, metrics = self._collect(timer.seconds)
         self.source.synchronize()
         self._handed_out(metrics, start)
         metrics["rollout/draft_version_lag"] = 0.0
-        return batch, metrics
+        return self._balanced(batch), metrics
 
     def sync_weights(self, weights: Iterable, timer: PhaseTimer) -> None:
         """Push the updated weights to the generator."""
         with timer("weight_sync"):
-            self.run.generator.update_weights(weights)
+            self.generator.update_weights(weights)
         self.version += 1
 
     def state_dict(self) -> dict[str, int]:
@@ -97,10 +106,12 @@ class RolloutProducer:
 
     # ------------------------------------------------------------------------------------------ shared pieces
 
-    def _rollout(self, timings: dict[str, float], drafts: Drafts | None = None):
-        run = self.run
-        return rollout(self.source.draw, self.source.per_rank, run.generator, run.reward, run.template, run.decode,
-                       run.rollout, run.tokenizer.pad_token_id, timings=timings, drafts=drafts)
+    def _collect(self, timings: dict[str, float], drafts: Drafts | None = None):
+        return self.collector.collect(self.source.draw, self.source.per_rank, timings=timings, drafts=drafts)
+
+    def _balanced(self, batch: RolloutBatch) -> RolloutBatch:
+        """Long-tailed lengths under a token budget: equal tokens (not rows) per data-parallel rank."""
+        return balance_across_ranks(batch, self.source.group) if self.balance_tokens else batch
 
     def _position(self) -> int:
         """How many prompts the sampler has handed out since the start of its stream (epoch 0, position 0)."""
@@ -112,13 +123,6 @@ class RolloutProducer:
         self._boundary = self.sampler.state_dict()
         metrics["rollout/sampler_start"] = float(start)
         metrics["rollout/sampler_end"] = float(self._position() if end is None else end)
-
-    def _refuse_model_parallel_peers(self, key: str) -> None:
-        peers = self.run.policy.model_parallel_group
-        if peers is not None and distributed.world_size(peers) > 1:
-            raise ConfigError(f"{key}: not supported with tensor/pipeline-parallel peers "
-                              "(policy.megatron.*_parallel_size > 1): peers share one generation request through "
-                              f"collectives, which cannot run beside the update; turn {key} off")
 
 
 # ---------------------------------------------------------------------------------------------- draft-ahead
@@ -149,10 +153,9 @@ class DraftAheadProducer(RolloutProducer):
     checkpoint synchronously from the checkpointed weights (same prompts; not the same drafts).
     """
 
-    def __init__(self, run, sampler: PromptSampler, prompts_per_step: int, *, start_step: int = 0,
-                 max_steps: int | None = None) -> None:
-        super().__init__(run, sampler, prompts_per_step, start_step=start_step, max_steps=max_steps)
-        self._refuse_model_parallel_peers("rollout.draft_ahead")
+    def __init__(self, collector: BatchCollector, source: ShardedSource, *, balance_tokens: bool = False,
+                 start_step: int = 0, max_steps: int | None = None) -> None:
+        super().__init__(collector, source, balance_tokens=balance_tokens, start_step=start_step, max_steps=max_steps)
         self._ahead: _DraftJob | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-ahead")
 
@@ -164,14 +167,14 @@ class DraftAheadProducer(RolloutProducer):
                 drafts = self._wait(job)
             lag, overlap, start = self.version - job.version, job.overlap, job.start
         with timer("rollout"):
-            batch, metrics = self._rollout(timer.seconds, drafts)
+            batch, metrics = self._collect(timer.seconds, drafts)
         self.source.synchronize()
         self._handed_out(metrics, start)
         metrics["rollout/draft_version_lag"] = float(lag)
         timer.seconds["rollout/draft_overlap"] = overlap
         if self.max_steps is None or self.step < self.max_steps:
             self._start_ahead()
-        return batch, metrics
+        return self._balanced(batch), metrics
 
     def sync_weights(self, weights: Iterable, timer: PhaseTimer) -> None:
         """Push the updated weights once the draft job is done with the old ones."""
@@ -191,12 +194,11 @@ class DraftAheadProducer(RolloutProducer):
         self._executor.shutdown(wait=True)
 
     def _start_ahead(self) -> None:
-        run, finished, start = self.run, [], self._position()  # before the job can draw
+        finished, start = [], self._position()  # before the job can draw
 
         def job() -> Drafts:
             try:
-                return draft_stage(self.source.draw, self.source.per_rank, run.generator, run.reward, run.template,
-                                   run.decode, run.rollout)
+                return self.collector.draft(self.source.draw, self.source.per_rank)
             finally:
                 finished.append(time.perf_counter())
 
@@ -250,24 +252,21 @@ class AsyncRolloutProducer(RolloutProducer):
     ranks would draw different numbers of prompts and their samplers could no longer be aligned between jobs.
     """
 
-    def __init__(self, run, sampler: PromptSampler, prompts_per_step: int, *, max_off_policy_steps: int,
-                 start_step: int = 0, max_steps: int | None = None) -> None:
-        super().__init__(run, sampler, prompts_per_step, start_step=start_step, max_steps=max_steps)
+    def __init__(self, collector: BatchCollector, source: ShardedSource, *, max_off_policy_steps: int,
+                 balance_tokens: bool = False, start_step: int = 0, max_steps: int | None = None) -> None:
+        super().__init__(collector, source, balance_tokens=balance_tokens, start_step=start_step, max_steps=max_steps)
         if max_off_policy_steps < 1:
             raise ValueError(f"max_off_policy_steps must be >= 1, got {max_off_policy_steps}")
-        self._refuse_model_parallel_peers("rollout.max_off_policy_steps")
-        if self.source.world > 1 and run.rollout.dynamic_sampling:
-            raise ConfigError("rollout.max_off_policy_steps > 0 with several data-parallel ranks: not supported with "
-                              "algorithm.dynamic_sampling (ranks would draw different numbers of prompts ahead of "
-                              "the steps that align them); set algorithm.dynamic_sampling=false or "
-                              "rollout.max_off_policy_steps=0")
         self.k = max_off_policy_steps
         self._jobs: deque[_RolloutJob] = deque()  # queued or done, not consumed yet, in step order
-        self._queued_to = start_step  # the last step with a job
         self._gate = threading.Condition()  # guards the three fields below and the sampler/version reads of a job
         self._generating = False  # a job is running on the generator
         self._sync_pending = False  # the loop waits to change the weights: no job may start
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
+
+    def resume_at(self, step: int) -> None:
+        super().resume_at(step)
+        self._queued_to = step  # the last step with a job
 
     def next_batch(self, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:
         step = self.step + 1
@@ -290,7 +289,7 @@ class AsyncRolloutProducer(RolloutProducer):
         metrics["rollout/stale_token_fraction"] = 1.0 if staleness > 0 and batch.loss_mask.sum() > 0 else 0.0
         for j in range(self.k + 1):
             metrics[f"rollout/staleness_hist/{j}"] = 1.0 if staleness == j else 0.0
-        return batch, metrics
+        return self._balanced(batch), metrics
 
     def sync_weights(self, weights: Iterable, timer: PhaseTimer) -> None:
         """Change the weights between jobs: wait for the job in flight to finish on the old ones, keep the next from
@@ -331,7 +330,7 @@ class AsyncRolloutProducer(RolloutProducer):
                 job.sampler_before, job.start = self.sampler.state_dict(), self._position()
             began = time.perf_counter()
             try:
-                return self._rollout(job.timings)
+                return self._collect(job.timings)
             finally:
                 with self._gate:
                     job.end = self._position()
@@ -343,13 +342,13 @@ class AsyncRolloutProducer(RolloutProducer):
         self._jobs.append(job)
 
 
-def make_producer(run, sampler: PromptSampler, prompts_per_step: int, *, draft_ahead: bool = False,
-                  max_off_policy_steps: int = 0, start_step: int = 0,
+def make_producer(collector: BatchCollector, source: ShardedSource, *, draft_ahead: bool = False,
+                  max_off_policy_steps: int = 0, balance_tokens: bool = False, start_step: int = 0,
                   max_steps: int | None = None) -> RolloutProducer:
     """The producer the ``rollout`` config section asks for (``validation`` refuses the combinations that cannot
     overlap)."""
+    common = dict(balance_tokens=balance_tokens, start_step=start_step, max_steps=max_steps)
     if max_off_policy_steps > 0:
-        return AsyncRolloutProducer(run, sampler, prompts_per_step, max_off_policy_steps=max_off_policy_steps,
-                                    start_step=start_step, max_steps=max_steps)
+        return AsyncRolloutProducer(collector, source, max_off_policy_steps=max_off_policy_steps, **common)
     kind = DraftAheadProducer if draft_ahead else RolloutProducer
-    return kind(run, sampler, prompts_per_step, start_step=start_step, max_steps=max_steps)
+    return kind(collector, source, **common)

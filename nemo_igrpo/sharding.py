@@ -1,23 +1,22 @@
 """What each data-parallel rank holds, and how the ranks' numbers combine.
 
-Every rank draws the same global prompt batch and keeps its slice; loss denominators, metrics and evaluation
-results are reduced over the policy's data-parallel group so that every rank ends a step with the same numbers.
+Every rank draws the same global prompt batch and keeps its slice (rows re-dealt by tokens under a token budget);
+loss denominators and metrics are reduced over the policy's data-parallel group so that every rank ends a step with
+the same numbers (evaluation's share: ``evaluation.run.sharded_eval``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import fields, replace
 
 import torch
 
 from nemo_igrpo import distributed
 from nemo_igrpo.algorithms.aggregation import LossNormalizer
+from nemo_igrpo.algorithms.batch import RolloutBatch, row_lengths
 from nemo_igrpo.data.dataset import Example, PromptSampler
-from nemo_igrpo.data.prompts import PromptBuilder
 from nemo_igrpo.errors import ConfigError
-from nemo_igrpo.evaluation.metrics import summarize
-from nemo_igrpo.evaluation.run import EvalResult, evaluate
-from nemo_igrpo.generation.base import GenerationBackend, SamplingParams
 
 
 # Rollout and timing metrics are per rank; these say how ranks combine (anything else: mean over ranks, which is
@@ -53,13 +52,16 @@ class ShardedSource:
     A draw of the global batch (``prompts_per_step``) is identical on all ranks (same seed, same state); rank r keeps
     prompts ``[r·p, r·p + n)`` with p = prompts per rank. Dynamic sampling may draw again a different number of
     times on different ranks; ``synchronize`` then moves every sampler to the furthest position reached, so the
-    checkpointed sampler state is every rank's state.
+    checkpointed sampler state is every rank's state. ``prompts_per_step`` must split evenly over the ranks.
     """
 
     def __init__(self, sampler: PromptSampler, prompts_per_step: int, group) -> None:
         self.sampler = sampler
         self.group = group
         self.world = distributed.world_size(group)
+        if prompts_per_step % self.world:
+            raise ConfigError(f"trainer.prompts_per_step: {prompts_per_step} prompts cannot be split evenly "
+                              f"over {self.world} data-parallel ranks; use a multiple of {self.world}")
         self.rank = distributed.rank(group) if group is not None else 0
         self.per_rank = prompts_per_step // self.world
 
@@ -87,20 +89,56 @@ def global_normalizer(loss_mask: torch.Tensor, max_tokens: int, group) -> LossNo
     return dataclasses.replace(local, num_tokens=tokens, num_sequences=sequences)
 
 
-def sharded_eval(examples: list[Example], generator: GenerationBackend, template: PromptBuilder, reward, decode,
-                 params: SamplingParams, group) -> EvalResult:
-    """Each rank evaluates every world-th problem; the summary is over all problems (records: this rank's only)."""
-    world = distributed.world_size(group)
-    if group is None or world == 1:
-        return evaluate(examples, generator, template.problem_ids, reward, decode, params)
-    mine = examples[distributed.rank(group)::world]
-    result = evaluate(mine, generator, template.problem_ids, reward, decode, params) if mine else None
-    correct = [r["correct"] for r in result.records] if result else []
-    everyone = [c for part in distributed.all_gather_objects(correct, group) for c in part]
-    return EvalResult(summary=summarize(everyone, None), records=result.records if result else [])
+def balance_by_tokens(lengths: list[int], ranks: int) -> list[list[int]]:
+    """Assign rows to ``ranks`` so that token counts (not row counts) are as equal as greedy LPT makes them.
+
+    Longest row first, each to the rank with the fewest tokens so far (ties: the lower rank); every rank gets a row
+    when there are at least ``ranks`` rows. Each rank's rows come back in ascending index order.
+    """
+    load = [0] * ranks
+    owned: list[list[int]] = [[] for _ in range(ranks)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        rank = min(range(ranks), key=lambda r: (load[r], len(owned[r]), r))
+        owned[rank].append(i)
+        load[rank] += lengths[i]
+    return [sorted(rows) for rows in owned]
 
 
-def check_divisible(prompts_per_step: int, world: int) -> None:
-    if prompts_per_step % world:
-        raise ConfigError(f"trainer.prompts_per_step: {prompts_per_step} prompts cannot be split evenly "
-                          f"over {world} data-parallel ranks; use a multiple of {world}")
+def balance_across_ranks(batch: RolloutBatch, group) -> RolloutBatch:
+    """Re-deal this step's rows over the data-parallel ``group`` so every rank trains on about as many tokens.
+
+    Every rank sends its rows to every other one (rollout tensors are small next to the model) and keeps the share
+    :func:`balance_by_tokens` assigns it; ranks holding identical rows (tensor/pipeline peers) keep identical shares.
+    """
+    if group is None or distributed.world_size(group) == 1:
+        return batch
+    gathered = distributed.all_gather_objects(batch.to("cpu"), group)
+    width = max(part.input_ids.shape[1] for part in gathered)
+    everything = _concat([_pad_to(part, width) for part in gathered])
+    mine = balance_by_tokens(row_lengths(everything), len(gathered))[distributed.rank(group)]
+    return everything.select(torch.tensor(mine, dtype=torch.long)).trim().to(batch.input_ids.device)
+
+
+def _pad_to(batch: RolloutBatch, width: int) -> RolloutBatch:
+    extra = width - batch.input_ids.shape[1]
+    if extra == 0:
+        return batch
+
+    def pad(value):
+        if value is None or value.dim() != 2:
+            return value
+        return torch.nn.functional.pad(value, (0, extra))
+
+    return replace(batch, **{f.name: pad(getattr(batch, f.name)) for f in fields(batch)})
+
+
+def _concat(parts: list[RolloutBatch]) -> RolloutBatch:
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        if any(v is None for v in values):
+            if not all(v is None for v in values):
+                raise ValueError(f"ranks disagree on whether RolloutBatch.{name} is set")
+            return None
+        return torch.cat(values)
+
+    return replace(parts[0], **{f.name: cat(f.name) for f in fields(parts[0])})

@@ -1,7 +1,8 @@
 """The training loop: rollout → advantages → loss → optimizer step → weight sync → log / evaluate / checkpoint.
 
-It reads top to bottom as one iGRPO (or GRPO, N = 0) step; every component comes from ``nemo_igrpo.assembly``, every
-backend hides behind the generation and policy interfaces, and the loop never asks which one it has.
+It reads top to bottom as one iGRPO (or GRPO, N = 0) step; every component, the rollout producer included, is built
+once by ``nemo_igrpo.assembly``; every backend hides behind the generation and policy interfaces (of the policy
+package the loop imports only ``policy/base.py``), and the loop never asks which one it has.
 
 SPMD: the same loop runs on every process of a torchrun / srun launch (``nemo_igrpo.distributed``). Each rank draws
 the same global prompt batch and keeps its slice over the policy's data-parallel group (``nemo_igrpo.sharding``);
@@ -19,11 +20,11 @@ import torch
 from rich.console import Console
 
 from nemo_igrpo import distributed, faults
-from nemo_igrpo.assembly import Run, build_run, seed_everything
+from nemo_igrpo.algorithms.loss import LossSpec
+from nemo_igrpo.assembly import build_run, seed_everything
 from nemo_igrpo.checkpoint import find_latest
 from nemo_igrpo.config import Config, to_yaml
-from nemo_igrpo.data.dataset import PromptSampler
-from nemo_igrpo.evaluation.run import EvalResult
+from nemo_igrpo.evaluation.run import EvalResult, sharded_eval
 from nemo_igrpo.lifecycle import (
     STOP_FILE,
     TrainState,
@@ -34,10 +35,10 @@ from nemo_igrpo.lifecycle import (
     save_state,
     stop_requests,
 )
-from nemo_igrpo.policy.microbatch import balance_across_ranks
+from nemo_igrpo.policy.base import PolicyBackend
 from nemo_igrpo.progress import PhaseTimer, TrainingProgress
-from nemo_igrpo.rollout_producer import RolloutProducer, make_producer
-from nemo_igrpo.sharding import global_normalizer, reduce_metrics, sharded_eval
+from nemo_igrpo.rollout_producer import RolloutProducer
+from nemo_igrpo.sharding import global_normalizer, reduce_metrics
 from nemo_igrpo.tracking import MetricsLogger, build_loggers
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,11 @@ def _train(config: Config, console: Console) -> TrainResult:
     seed_everything(config.trainer.seed)
     resume_from = resume_path(config.trainer.resume, run_dir)
     run = build_run(config, warm_start=resume_from is None, console=console)
-    policy, generator = run.policy, run.generator
-    sampler = PromptSampler(run.train_set, seed=config.trainer.seed)
+    policy, generator, producer = run.policy, run.generator, run.producer
     state = TrainState()
     if resume_from is not None:
-        state = restore_state(resume_from, policy, sampler)
+        state = restore_state(resume_from, policy, producer.sampler)
+        producer.resume_at(state.step)
         console.print(f"Resumed from [bold]{resume_from}[/] at step {state.step}")
         generator.update_weights(policy.export_weights())
     if state.step >= config.trainer.max_steps:
@@ -95,9 +96,6 @@ def _train(config: Config, console: Console) -> TrainResult:
             return sharded_eval(run.heldout, generator, run.template, run.reward, run.decode, run.eval_sampling,
                                 policy.data_parallel_group)
 
-    producer = make_producer(run, sampler, config.trainer.prompts_per_step, draft_ahead=config.rollout.draft_ahead,
-                             max_off_policy_steps=config.rollout.max_off_policy_steps, start_step=state.step,
-                             max_steps=config.trainer.max_steps)
     logger = MetricsLogger(run_dir, build_loggers(config, run_dir, state.step) if main else [],
                            resume_step=state.step if resume_from is not None else None, enabled=main)
     initial = final = None
@@ -121,7 +119,7 @@ def _train(config: Config, console: Console) -> TrainResult:
             while state.step < config.trainer.max_steps:
                 state.step += 1
                 faults.point("train.step", step=state.step)
-                metrics = train_step(config, run, producer)
+                metrics = train_step(policy, run.loss, producer, config.algorithm.ppo_epochs)
                 if config.trainer.eval_every and (state.step % config.trainer.eval_every == 0
                                                   or state.step == config.trainer.max_steps):
                     result = run_eval(state.step)
@@ -145,8 +143,7 @@ def _train(config: Config, console: Console) -> TrainResult:
                     break
     finally:
         logger.close()
-        producer.close()
-        run.close()
+        run.close()  # the producer first, then the generator and the reward
 
     if state.step == config.trainer.max_steps:
         export_final(run_dir / "final", policy, run.tokenizer)
@@ -156,24 +153,20 @@ def _train(config: Config, console: Console) -> TrainResult:
     return TrainResult(run_dir, state.step, initial, final, stopped_by)
 
 
-def train_step(config: Config, run: Run, producer: RolloutProducer) -> dict[str, float]:
-    """One RL step (Algorithm 1): Stage-1 drafts → best draft → Stage-2 refinements → advantages, then the policy
-    update on the refinements and the weight sync. Returns its metrics (rewards, losses, seconds per phase,
-    tokens/s)."""
+def train_step(policy: PolicyBackend, loss: LossSpec, producer: RolloutProducer, epochs: int) -> dict[str, float]:
+    """One RL step (Algorithm 1): Stage-1 drafts → best draft → Stage-2 refinements → advantages, then ``epochs``
+    policy updates on the refinements (``algorithm.ppo_epochs``) and the weight sync. Returns its metrics (rewards,
+    losses, seconds per phase, tokens/s)."""
     timer = PhaseTimer()
-    policy = run.policy
     group = policy.data_parallel_group
     batch, metrics = producer.next_batch(timer)  # timed as "rollout" ("rollout_wait" / "draft_wait" if it overlaps)
-    if config.policy.max_tokens_per_micro_batch is not None:  # long-tailed lengths: equal tokens per DP rank
-        batch = balance_across_ranks(batch, group)
-    if run.loss.needs_reference:
+    if loss.needs_reference:
         with timer("reference_logprobs"):
             batch.ref_logprobs = policy.compute_logprobs(batch, reference=True).logprobs
-    epochs = config.algorithm.ppo_epochs
     if epochs > 1:  # with one pass, π_old = π_θ (detached) exactly, so no extra forward is needed
         with timer("old_logprobs"):
             batch.old_logprobs = policy.compute_logprobs(batch).logprobs
-    loss_fn = run.loss.build(global_normalizer(batch.loss_mask, run.loss.max_tokens, group))
+    loss_fn = loss.build(global_normalizer(batch.loss_mask, loss.max_tokens, group))
     with timer("update"):
         updates = [policy.train_step(batch, loss_fn) for _ in range(epochs)]
     faults.point("train.updated")

@@ -1,7 +1,10 @@
 """Value checks of a loaded ``Config`` that the type system cannot express; each error names its key.
 
 Registry-backed keys (losses, advantages, rewards, backends, ...) are checked against the live registries
-(``nemo_igrpo.registry``), so a choice a user registered before loading the config is accepted.
+(``nemo_igrpo.registry``), so a choice a user registered before loading the config is accepted. What a backend can
+do is read from its registry entry (``nemo_igrpo.backends``), never from its name; this module does not import the
+assembly. Every check of ``rollout.*`` is here: ``_check_rollout`` at load time, ``check_rollout_parallelism`` once
+the assembly knows the parallel sizes.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 # These modules hold the registries behind config keys (algorithm.*, reward.components, *.backend, eval.protocol,
 # trainer.loggers); importing them registers the built-ins. None of them imports the config schema at run time.
-from nemo_igrpo import algorithms, assembly, rewards, tracking  # noqa: F401
+from nemo_igrpo import algorithms, rewards, tracking  # noqa: F401
+from nemo_igrpo.backends import GENERATION_BACKENDS, POLICY_BACKENDS
 from nemo_igrpo.errors import ConfigError
 from nemo_igrpo.evaluation import protocols  # noqa: F401
 from nemo_igrpo.registry import config_registries
@@ -111,10 +115,6 @@ def _check_registered(config: Config) -> None:
             registry.check(name, key)
 
 
-# generation backends that sample on the trainer's own device: rollouts generated ahead would not overlap the update
-_COLOCATED_GENERATION = ("hf", "vllm")
-
-
 def _check_rollout(config: Config) -> None:
     rollout, k = config.rollout, config.rollout.max_off_policy_steps
     if k < 0:
@@ -130,7 +130,7 @@ def _check_rollout(config: Config) -> None:
     if key is None:
         return
     off = "rollout.max_off_policy_steps=0" if k > 0 else "rollout.draft_ahead=false"
-    if config.generation.backend in _COLOCATED_GENERATION:
+    if not GENERATION_BACKENDS[config.generation.backend].overlaps_training:
         raise ConfigError(f"{key}: generation.backend={config.generation.backend} generates in the trainer's process "
                           "on the trainer's device, so rollouts generated ahead would only queue behind the update "
                           "instead of overlapping it; use generation.backend=server (generation in its own process "
@@ -138,6 +138,25 @@ def _check_rollout(config: Config) -> None:
     if rollout.draft_ahead and config.algorithm.num_drafts == 0:
         raise ConfigError("rollout.draft_ahead: needs Stage-1 drafts, but algorithm.num_drafts is 0 (GRPO has no "
                           "drafts to generate ahead); set rollout.draft_ahead=false")
+
+
+def check_rollout_parallelism(config: Config, model_parallel_size: int, data_parallel_size: int) -> None:
+    """The ``rollout.*`` checks that need the launch's parallel sizes (the assembly calls this once the policy knows
+    them): overlapping producers run jobs that no collective may join, and asynchronous rollouts cannot keep the
+    samplers of several data-parallel ranks aligned under dynamic sampling."""
+    k = config.rollout.max_off_policy_steps
+    key = "rollout.max_off_policy_steps" if k > 0 else "rollout.draft_ahead" if config.rollout.draft_ahead else None
+    if key is None:
+        return
+    if model_parallel_size > 1:
+        raise ConfigError(f"{key}: not supported with tensor/pipeline-parallel peers "
+                          "(policy.megatron.*_parallel_size > 1): peers share one generation request through "
+                          f"collectives, which cannot run beside the update; turn {key} off")
+    if k > 0 and data_parallel_size > 1 and config.algorithm.dynamic_sampling:
+        raise ConfigError("rollout.max_off_policy_steps > 0 with several data-parallel ranks: not supported with "
+                          "algorithm.dynamic_sampling (ranks would draw different numbers of prompts ahead of "
+                          "the steps that align them); set algorithm.dynamic_sampling=false or "
+                          "rollout.max_off_policy_steps=0")
 
 
 def _check_micro_batching(policy: PolicyConfig) -> None:
@@ -149,9 +168,10 @@ def _check_micro_batching(policy: PolicyConfig) -> None:
     lora = policy.lora
     if lora.rank < 0 or not 0 <= lora.dropout < 1 or not lora.target_modules:
         raise ConfigError(f"policy.lora: rank must be >= 0, dropout in [0, 1), target_modules non-empty; got {lora}")
-    if lora.rank > 0 and policy.backend == "megatron":
-        raise ConfigError("policy.lora.rank > 0: LoRA is only supported with policy.backend=hf; set policy.lora.rank=0 "
-                          "for Megatron")
+    if lora.rank > 0 and not POLICY_BACKENDS[policy.backend].lora:
+        supported = ", ".join(name for name, entry in POLICY_BACKENDS.items() if entry.lora)
+        raise ConfigError(f"policy.lora.rank > 0: LoRA is only supported with policy.backend={supported}; set "
+                          f"policy.lora.rank=0 for {policy.backend}")
 
 
 def _get(config: Config, dotted: str) -> Any:

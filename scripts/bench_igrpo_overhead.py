@@ -84,7 +84,7 @@ def render_table(results: dict[str, dict[str, dict[str, float]]], title: str) ->
 
 def available_backends() -> list[str]:
     """hf, plus vllm when the engine imports and nemo-igrpo registers a builder for it."""
-    from nemo_igrpo.assembly import GENERATION_BACKENDS
+    from nemo_igrpo.backends import GENERATION_BACKENDS
 
     backends = ["hf"]
     if "vllm" in GENERATION_BACKENDS:

@@ -6,7 +6,7 @@ soon as its own drafts are scored).
 Same model, same prompts, same budget (8 samples per prompt, the same max_new_tokens) and one engine for all three;
 each measured step draws fresh problems, the three modes run on the same problems in rotating order, and the prefix
 cache is emptied before every step so no mode profits from another's cache. A step here is the whole rollout
-(``nemo_igrpo.algorithms.igrpo.rollout``: generation, draft scoring and selection, refinement scoring); the
+(``nemo_igrpo.algorithms.igrpo.collect_batch``: generation, draft scoring and selection, refinement scoring); the
 optimizer step is left out (iGRPO trains on half as many samples, so it only helps iGRPO). Prints a table, the
 iGRPO/GRPO overhead ratios (paper: +13% GPU-hours; our target ≤ +5%) and writes JSON.
 
@@ -52,7 +52,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from nemo_igrpo.algorithms.igrpo import rollout
+    from nemo_igrpo.algorithms.igrpo import collect_batch
     from nemo_igrpo.assembly import build_generation, build_rollout_settings, build_template, build_training_reward
     from nemo_igrpo.config import load_config
     from nemo_igrpo.data.sources import load_examples
@@ -89,8 +89,8 @@ def main() -> None:
                 mode_settings = replace(settings, num_drafts=drafts, num_refinements=refinements)
                 torch.manual_seed(step)
                 tic, cpu_tic = time.perf_counter(), time.process_time()
-                _, metrics = rollout(lambda k, b=batch: b[:k], len(batch), engine, reward, template, decode,
-                                     mode_settings, tokenizer.pad_token_id)
+                _, metrics = collect_batch(lambda k, b=batch: b[:k], len(batch), engine, reward, template, decode,
+                                           mode_settings, tokenizer.pad_token_id)
                 seconds, cpu_seconds = time.perf_counter() - tic, time.process_time() - cpu_tic
                 if step > 0:
                     times[mode].append(seconds)

@@ -104,3 +104,8 @@ class TokenStats:
 # The loss and every metric are already normalised by counts of the *whole* optimizer step,
 # so a backend simply sums them over micro-batches (and over data-parallel ranks).
 LossFn = Callable[[TokenStats, RolloutBatch], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+def row_lengths(batch: RolloutBatch) -> list[int]:
+    """Real tokens per row (rows are right-padded)."""
+    return [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from nemo_igrpo import distributed
 from nemo_igrpo.data.dataset import Example
 from nemo_igrpo.evaluation.metrics import summarize
 from nemo_igrpo.generation.base import GenerationBackend, SamplingParams
@@ -41,3 +42,16 @@ def evaluate(
         for e, group, verdict in zip(examples, texts, correct)
     ]
     return EvalResult(summary=summarize(correct, None), records=records)
+
+
+def sharded_eval(examples: list[Example], generator: GenerationBackend, template, reward, decode,
+                 params: SamplingParams, group) -> EvalResult:
+    """Each rank evaluates every world-th problem; the summary is over all problems (records: this rank's only)."""
+    world = distributed.world_size(group)
+    if group is None or world == 1:
+        return evaluate(examples, generator, template.problem_ids, reward, decode, params)
+    mine = examples[distributed.rank(group)::world]
+    result = evaluate(mine, generator, template.problem_ids, reward, decode, params) if mine else None
+    correct = [r["correct"] for r in result.records] if result else []
+    everyone = [c for part in distributed.all_gather_objects(correct, group) for c in part]
+    return EvalResult(summary=summarize(everyone, None), records=result.records if result else [])

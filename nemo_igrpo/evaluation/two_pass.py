@@ -3,7 +3,8 @@
 The paper evaluates single-pass (``nemo_igrpo.evaluation.run``). This runs iGRPO's two stages at test time, to tell
 apart what training taught: single-pass skill (the drafts get better) or refinement (the answer given a draft beats
 the draft). Per problem: N drafts from the plain prompt; one is selected; k refinements are sampled from the Stage-2
-prompt (``PromptBuilder.refinement_ids``: problem + header + draft, as in training) and graded.
+prompt (``PromptBuilder.refinement_ids``: problem + header + draft, as in training) and graded. The stages are
+training's own flow (``algorithms.two_stage``), so a change to the Stage-2 prompt or the selection reaches both.
 
 Selection:
 
@@ -21,9 +22,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
-
-from nemo_igrpo.algorithms.selection import select_best
+from nemo_igrpo.algorithms.samples import StageSamples
+from nemo_igrpo.algorithms.two_stage import DraftSelection, best_reward, draft_and_refine
 from nemo_igrpo.data.dataset import Example
 from nemo_igrpo.evaluation.metrics import summarize
 from nemo_igrpo.generation.base import GenerationBackend, SamplingParams
@@ -53,23 +53,17 @@ def evaluate_two_pass(examples: Sequence[Example], generator: GenerationBackend,
         raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     if num_drafts < 1:
         raise ValueError(f"two-pass evaluation needs num_drafts >= 1, got {num_drafts}")
-    answers = [e.answer for e in examples]
-    drafts = generator.generate([template.problem_ids(e.problem) for e in examples],
-                                dataclasses.replace(params, n=num_drafts))
-    draft_texts = [[decode(c.token_ids) for c in group] for group in drafts]
-    scored = reward([t for group in draft_texts for t in group], [a for a in answers for _ in range(num_drafts)])
-    scores = torch.tensor(scored.scores, dtype=torch.float32).view(len(examples), num_drafts)
-    solved = scored.solved()
-    draft_correct = [solved[i * num_drafts:(i + 1) * num_drafts] for i in range(len(examples))]
-    if selection == "oracle":
-        chosen = [int(i) for i in select_best(scores, tie_break)]
-    else:
-        chosen = [majority_index(texts) for texts in draft_texts]
-
-    refinements = generator.generate(
-        [template.refinement_ids(e.problem, draft_texts[i][chosen[i]]) for i, e in enumerate(examples)], params)
+    samples = StageSamples()
+    choose = best_reward(tie_break) if selection == "oracle" else (lambda scores, texts: majority_index(texts))
+    select = DraftSelection(examples, template, decode, num_drafts,
+                            lambda texts, answers, drafts: reward(texts, answers), choose, samples)
+    _, refinements, _ = draft_and_refine(examples, generator, select, dataclasses.replace(params, n=num_drafts),
+                                         params)  # the training flow: drafts → selection → Stage-2 prompt → refine
+    draft_texts = [select.draft_texts[i] for i in range(len(examples))]
+    draft_correct, chosen = samples.draft_solved, samples.best_draft_index
     refined_texts = [[decode(c.token_ids) for c in group] for group in refinements]
     k = params.n
+    answers = [e.answer for e in examples]
     verdicts = reward([t for group in refined_texts for t in group], [a for a in answers for _ in range(k)]).solved()
     refined_correct = [verdicts[i * k:(i + 1) * k] for i in range(len(examples))]
 

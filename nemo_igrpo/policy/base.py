@@ -1,13 +1,14 @@
 """The policy interface: log-probs of given sequences, one optimizer step, weights out, state in and out.
 
-Backends (Hugging Face ``hf``, Megatron-Core ``megatron``) are registered in ``nemo_igrpo.assembly``'s
-``POLICY_BACKENDS``. The loss is computed by the algorithm core and handed in as a function, so every backend trains
-with the same math.
+Backends (Hugging Face ``hf``, Megatron-Core ``megatron``) are registered in ``nemo_igrpo.backends``'
+``POLICY_BACKENDS`` and built by ``nemo_igrpo.assembly`` with a ``TrainingArguments``. The loss is computed by the
+algorithm core and handed in as a function, so every backend trains with the same math.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +17,29 @@ import torch
 # TokenStats and LossFn belong to the algorithm core (the loss is written against them); re-exported here because
 # every backend implements against them.
 from nemo_igrpo.algorithms.batch import LossFn, RolloutBatch, TokenStats  # noqa: F401
+
+
+@dataclass(frozen=True)
+class TrainingArguments:
+    """What every policy backend is built with (the assembly fills it from ``optim``, ``policy``, ``generation`` and
+    the loss; the warm start passes its own optimizer settings). No defaults: the config schema holds them."""
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    max_grad_norm: float | None
+    warmup_steps: int
+    total_steps: int  # optimizer steps of the LR schedule
+    min_lr_ratio: float
+    micro_batch_size: int
+    max_tokens_per_micro_batch: int | None
+    sequence_packing: bool
+    temperature: float  # log-probs are scored at the temperature the generator samples at
+    use_reference: bool  # keep a frozen reference policy (the loss has a KL term)
+
+    def as_kwargs(self) -> dict:
+        """The fields as keyword arguments of a backend's constructor."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class PolicyBackend(ABC):

@@ -1,4 +1,4 @@
-"""Micro-batches by tokens instead of rows, and data-parallel shards balanced by tokens.
+"""Micro-batches by tokens instead of rows (data-parallel shards by tokens: ``sharding.balance_across_ranks``).
 
 Reasoning completions range from a few hundred to thousands of tokens. Row micro-batches pad every row to the
 longest one in its micro-batch and run short sequences in tiny batches; a token budget instead groups sequences of
@@ -13,14 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from nemo_igrpo.algorithms.batch import RolloutBatch
+from nemo_igrpo.algorithms.batch import RolloutBatch, row_lengths  # noqa: F401  (re-exported for the backends)
 
 KEY = "policy.max_tokens_per_micro_batch"
-
-
-def row_lengths(batch: RolloutBatch) -> list[int]:
-    """Real tokens per row (rows are right-padded)."""
-    return [int(n) for n in batch.attention_mask.sum(dim=1).tolist()]
 
 
 def token_budget_groups(lengths: list[int], max_tokens: int, packed: bool = False) -> list[list[int]]:
@@ -54,67 +49,6 @@ def token_budget_groups(lengths: list[int], max_tokens: int, packed: bool = Fals
         else:
             groups.append([i])
     return groups
-
-
-def balance_by_tokens(lengths: list[int], ranks: int) -> list[list[int]]:
-    """Assign rows to ``ranks`` so that token counts (not row counts) are as equal as greedy LPT makes them.
-
-    Longest row first, each to the rank with the fewest tokens so far (ties: the lower rank); every rank gets a row
-    when there are at least ``ranks`` rows. Each rank's rows come back in ascending index order.
-    """
-    load = [0] * ranks
-    owned: list[list[int]] = [[] for _ in range(ranks)]
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        rank = min(range(ranks), key=lambda r: (load[r], len(owned[r]), r))
-        owned[rank].append(i)
-        load[rank] += lengths[i]
-    return [sorted(rows) for rows in owned]
-
-
-def balance_across_ranks(batch: RolloutBatch, group) -> RolloutBatch:
-    """Re-deal this step's rows over the data-parallel ``group`` so every rank trains on about as many tokens.
-
-    Every rank sends its rows to every other one (rollout tensors are small next to the model) and keeps the share
-    :func:`balance_by_tokens` assigns it; ranks holding identical rows (tensor/pipeline peers) keep identical shares.
-    """
-    from nemo_igrpo import distributed
-
-    if group is None or distributed.world_size(group) == 1:
-        return batch
-    gathered = distributed.all_gather_objects(batch.to("cpu"), group)
-    width = max(part.input_ids.shape[1] for part in gathered)
-    everything = _concat([_pad_to(part, width) for part in gathered])
-    mine = balance_by_tokens(row_lengths(everything), len(gathered))[distributed.rank(group)]
-    return everything.select(torch.tensor(mine, dtype=torch.long)).trim().to(batch.input_ids.device)
-
-
-def _pad_to(batch: RolloutBatch, width: int) -> RolloutBatch:
-    from dataclasses import fields, replace
-
-    extra = width - batch.input_ids.shape[1]
-    if extra == 0:
-        return batch
-
-    def pad(value):
-        if value is None or value.dim() != 2:
-            return value
-        return torch.nn.functional.pad(value, (0, extra))
-
-    return replace(batch, **{f.name: pad(getattr(batch, f.name)) for f in fields(batch)})
-
-
-def _concat(parts: list[RolloutBatch]) -> RolloutBatch:
-    from dataclasses import fields, replace
-
-    def cat(name):
-        values = [getattr(p, name) for p in parts]
-        if any(v is None for v in values):
-            if not all(v is None for v in values):
-                raise ValueError(f"ranks disagree on whether RolloutBatch.{name} is set")
-            return None
-        return torch.cat(values)
-
-    return replace(parts[0], **{f.name: cat(f.name) for f in fields(parts[0])})
 
 
 def micro_batches(batch: RolloutBatch, micro_batch_size: int,

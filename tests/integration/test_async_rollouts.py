@@ -15,12 +15,13 @@ from collections import Counter
 
 import pytest
 import torch
-from test_draft_ahead import PROBLEMS, REPO, RandomAnswers, decode, fake_run, settings
+from test_draft_ahead import PROBLEMS, REPO, RandomAnswers, collector, decode, settings, shard
 
 from nemo_igrpo.config import ConfigError, load_config
 from nemo_igrpo.data.dataset import PromptSampler
 from nemo_igrpo.progress import PhaseTimer
 from nemo_igrpo.rollout_producer import AsyncRolloutProducer, make_producer
+from nemo_igrpo.validation import check_rollout_parallelism
 
 
 def problems_of(batch) -> list[int]:
@@ -49,7 +50,8 @@ def test_one_step_off_rollouts_run_during_the_update_on_the_previous_weights():
     prompts; nothing is queued past max_steps."""
     generator = RandomAnswers(delay=0.05)
     sampler = PromptSampler(PROBLEMS, seed=0)
-    producer = AsyncRolloutProducer(fake_run(generator, settings()), sampler, 4, max_off_policy_steps=1, max_steps=4)
+    producer = AsyncRolloutProducer(collector(generator, settings()), shard(sampler), max_off_policy_steps=1,
+                                    max_steps=4)
     steps = drive(producer, 4, update_s=0.3)
     producer.close()
     staleness = [s["metrics"]["rollout/staleness"] for s in steps]
@@ -78,8 +80,8 @@ def test_one_step_off_rollouts_run_during_the_update_on_the_previous_weights():
 def test_staleness_never_exceeds_k(k, rollout_s, update_s):
     """Fast rollouts run as far ahead as allowed (staleness reaches k and stays there); slow ones are consumed as
     soon as they are done (staleness below k). Never more than k."""
-    producer = AsyncRolloutProducer(fake_run(RandomAnswers(delay=rollout_s), settings()), PromptSampler(PROBLEMS),
-                                    4, max_off_policy_steps=k, max_steps=8)
+    producer = AsyncRolloutProducer(collector(RandomAnswers(delay=rollout_s), settings()),
+                                    shard(PromptSampler(PROBLEMS)), max_off_policy_steps=k, max_steps=8)
     steps = drive(producer, 8, update_s)
     producer.close()
     staleness = [int(s["metrics"]["rollout/staleness"]) for s in steps]
@@ -96,7 +98,7 @@ def test_a_resume_from_the_checkpointed_state_trains_on_the_same_prompts():
         sampler = PromptSampler(PROBLEMS, seed=3)
         if state is not None:
             sampler.load_state_dict(state)
-        producer = AsyncRolloutProducer(fake_run(RandomAnswers(delay=0.02), settings()), sampler, 4,
+        producer = AsyncRolloutProducer(collector(RandomAnswers(delay=0.02), settings()), shard(sampler),
                                         max_off_policy_steps=2, start_step=start, max_steps=start + steps)
         out = drive(producer, steps, update_s=0.05)
         producer.close()
@@ -113,7 +115,7 @@ def test_a_resume_from_the_checkpointed_state_trains_on_the_same_prompts():
 
 def test_close_drops_queued_jobs_and_waits_for_the_running_one():
     generator = RandomAnswers(delay=0.1)
-    producer = AsyncRolloutProducer(fake_run(generator, settings()), PromptSampler(PROBLEMS), 4,
+    producer = AsyncRolloutProducer(collector(generator, settings()), shard(PromptSampler(PROBLEMS)),
                                     max_off_policy_steps=3)
     producer.next_batch(PhaseTimer())  # queues steps 1-4; step 2's job starts at once
     producer.close()
@@ -128,7 +130,7 @@ def test_an_error_in_a_rollout_reaches_the_loop():
         def generate(self, prompts, params):
             raise RuntimeError("server gone")
 
-    producer = AsyncRolloutProducer(fake_run(Failing(), settings()), PromptSampler(PROBLEMS), 4,
+    producer = AsyncRolloutProducer(collector(Failing(), settings()), shard(PromptSampler(PROBLEMS)),
                                     max_off_policy_steps=1)
     with pytest.raises(RuntimeError, match="server gone"):
         producer.next_batch(PhaseTimer())
@@ -136,8 +138,8 @@ def test_an_error_in_a_rollout_reaches_the_loop():
 
 
 def test_make_producer_picks_by_config():
-    run = fake_run(RandomAnswers(), settings())
-    kinds = [type(make_producer(run, PromptSampler(PROBLEMS), 4, **kw)).__name__
+    bound = collector(RandomAnswers(), settings())
+    kinds = [type(make_producer(bound, shard(PromptSampler(PROBLEMS)), **kw)).__name__
              for kw in ({}, {"draft_ahead": True}, {"max_off_policy_steps": 2})]
     assert kinds == ["RolloutProducer", "DraftAheadProducer", "AsyncRolloutProducer"]
 
@@ -161,13 +163,13 @@ def test_asynchronous_rollouts_are_refused_where_they_cannot_be_corrected_or_ove
     assert ok.rollout.max_off_policy_steps == 2
 
 
-def test_dynamic_sampling_with_several_data_parallel_ranks_is_refused(monkeypatch):
-    monkeypatch.setattr("nemo_igrpo.sharding.distributed.world_size", lambda group: 2)
-    monkeypatch.setattr("nemo_igrpo.sharding.distributed.rank", lambda group: 0)
-    run = fake_run(RandomAnswers(), settings(dynamic_sampling=True))
-    run.policy.data_parallel_group = object()
+def test_dynamic_sampling_with_several_data_parallel_ranks_is_refused():
+    config = load_config(REPO / "conf" / "quickstart.yaml", [
+        "rollout.max_off_policy_steps=1", "generation.backend=server", "algorithm.importance_correction=token",
+        "algorithm.dynamic_sampling=true"])
+    check_rollout_parallelism(config, model_parallel_size=1, data_parallel_size=1)
     with pytest.raises(ConfigError, match="several data-parallel ranks: not supported with algorithm.dynamic_sampl"):
-        AsyncRolloutProducer(run, PromptSampler(PROBLEMS), 4, max_off_policy_steps=1)
+        check_rollout_parallelism(config, model_parallel_size=1, data_parallel_size=2)
 
 
 # ---------------------------------------------------------------------------------------------- through the server

@@ -172,14 +172,20 @@ def test_slurm_node_lists_expand():
     assert expand_nodelist("r[1-2]n[01-02]") == ["r1n01", "r1n02", "r2n01", "r2n02"]
 
 
-def test_prompts_must_split_evenly_over_ranks():
+def test_prompts_must_split_evenly_over_ranks(monkeypatch):
+    from nemo_igrpo import distributed
     from nemo_igrpo.config import ConfigError, load_config
-    from nemo_igrpo.sharding import check_divisible
+    from nemo_igrpo.data.dataset import Example, PromptSampler
+    from nemo_igrpo.sharding import ShardedSource
 
     config = load_config(REPO / "conf" / "quickstart.yaml", ["trainer.prompts_per_step=6"])
-    check_divisible(config.trainer.prompts_per_step, 2)
+    sampler = PromptSampler([Example("Q?", "1")])
+    monkeypatch.setattr(distributed, "rank", lambda group=None: 0)
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: 2)
+    assert ShardedSource(sampler, config.trainer.prompts_per_step, group="dp").per_rank == 3
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: 4)
     with pytest.raises(ConfigError, match="trainer.prompts_per_step: 6 prompts cannot be split evenly over 4"):
-        check_divisible(config.trainer.prompts_per_step, 4)
+        ShardedSource(sampler, config.trainer.prompts_per_step, group="dp")
 
 
 @pytest.mark.slow  # trains

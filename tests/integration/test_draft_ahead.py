@@ -7,12 +7,11 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from nemo_igrpo.algorithms.igrpo import RolloutSettings, draft_stage, rollout
+from nemo_igrpo.algorithms.igrpo import BatchCollector, RolloutSettings, collect_batch, draft_stage
 from nemo_igrpo.config import ConfigError, load_config
 from nemo_igrpo.data.char_tokenizer import build_char_tokenizer
 from nemo_igrpo.data.dataset import Example, PromptSampler
@@ -21,6 +20,8 @@ from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingPa
 from nemo_igrpo.progress import PhaseTimer
 from nemo_igrpo.rewards import BoxedMatchReward
 from nemo_igrpo.rollout_producer import DraftAheadProducer, RolloutProducer
+from nemo_igrpo.sharding import ShardedSource
+from nemo_igrpo.validation import check_rollout_parallelism
 
 REPO = Path(__file__).resolve().parents[2]
 TOKENIZER = build_char_tokenizer()
@@ -90,8 +91,8 @@ def test_precomputed_drafts_give_exactly_the_chained_rollout(dynamic):
         generator = RandomAnswers()
         drafts = draft_stage(source, 6, generator, BoxedMatchReward(), TEMPLATE, decode, s) if split else None
         timings = {}
-        batch, metrics = rollout(source, 6, generator, BoxedMatchReward(), TEMPLATE, decode, s, 0, timings,
-                                 drafts=drafts)
+        batch, metrics = collect_batch(source, 6, generator, BoxedMatchReward(), TEMPLATE, decode, s, 0, timings,
+                                       drafts=drafts)
         results.append((batch, metrics, generator.calls, len(queue)))
         assert set(timings) >= {"rollout/drafts", "rollout/refinements", "rollout/generation", "rollout/reward"}
     (a, ma, calls_a, left_a), (b, mb, calls_b, left_b) = results
@@ -103,10 +104,14 @@ def test_precomputed_drafts_give_exactly_the_chained_rollout(dynamic):
         assert ma["sampling_rounds"] > 1
 
 
-def fake_run(generator, s, group=None):
-    policy = SimpleNamespace(data_parallel_group=None, model_parallel_group=group)
-    return SimpleNamespace(policy=policy, generator=generator, reward=BoxedMatchReward(), template=TEMPLATE,
-                           decode=decode, rollout=s, tokenizer=SimpleNamespace(pad_token_id=0))
+def collector(generator, s):
+    """The rollout bound to its generator, reward, template and settings, as the assembly hands it to a producer."""
+    return BatchCollector(generator, BoxedMatchReward(), TEMPLATE, decode, s, 0)
+
+
+def shard(sampler, prompts_per_step=4):
+    """This rank's prompt source (one process: the whole draw)."""
+    return ShardedSource(sampler, prompts_per_step, None)
 
 
 def test_the_producer_drafts_ahead_during_the_update_and_syncs_only_after():
@@ -114,7 +119,7 @@ def test_the_producer_drafts_ahead_during_the_update_and_syncs_only_after():
     version t; the checkpointed sampler state is the step boundary's; no ahead job after the last step."""
     generator = RandomAnswers(delay=0.05)
     sampler = PromptSampler(PROBLEMS, seed=0)
-    producer = DraftAheadProducer(fake_run(generator, settings()), sampler, 4, max_steps=3)
+    producer = DraftAheadProducer(collector(generator, settings()), shard(sampler), max_steps=3)
     lags, overlaps, boundaries, ranges = [], [], [], []
     for _ in range(3):
         timer = PhaseTimer()
@@ -141,7 +146,7 @@ def test_the_producer_drafts_ahead_during_the_update_and_syncs_only_after():
 
 def test_without_draft_ahead_the_producer_is_the_synchronous_rollout():
     generator = RandomAnswers()
-    producer = RolloutProducer(fake_run(generator, settings()), PromptSampler(PROBLEMS, seed=0), 4)
+    producer = RolloutProducer(collector(generator, settings()), shard(PromptSampler(PROBLEMS, seed=0)))
     timer = PhaseTimer()
     _, metrics = producer.next_batch(timer)
     producer.sync_weights([], timer)
@@ -163,10 +168,11 @@ def test_draft_ahead_is_refused_where_it_cannot_overlap(overrides, message):
                        ["rollout.draft_ahead=true", "generation.backend=server"]).rollout.draft_ahead
 
 
-def test_tensor_parallel_peers_are_refused(monkeypatch):
-    monkeypatch.setattr("nemo_igrpo.rollout_producer.distributed.world_size", lambda group: 2)  # a TP pair
+def test_tensor_parallel_peers_are_refused():
+    config = load_config(REPO / "conf" / "quickstart.yaml", ["rollout.draft_ahead=true", "generation.backend=server"])
+    check_rollout_parallelism(config, model_parallel_size=1, data_parallel_size=2)
     with pytest.raises(ConfigError, match="rollout.draft_ahead: not supported with tensor/pipeline-parallel peers"):
-        DraftAheadProducer(fake_run(RandomAnswers(), settings(), group=object()), PromptSampler(PROBLEMS), 4)
+        check_rollout_parallelism(config, model_parallel_size=2, data_parallel_size=1)  # a TP pair
 
 
 # ---------------------------------------------------------------------------------------------- through the server

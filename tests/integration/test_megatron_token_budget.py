@@ -34,7 +34,7 @@ def worker(mode: str, out: Path) -> None:
 
     megatron_cpu_patch.apply()
     from nemo_igrpo.policy.megatron.policy import MegatronPolicy
-    from nemo_igrpo.policy.microbatch import balance_across_ranks
+    from nemo_igrpo.sharding import balance_across_ranks
 
     torch.set_num_threads(1)
     full = rollout_batch()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nemo_igrpo.algorithms.igrpo import DynamicSamplingError, RolloutSettings, rollout
+from nemo_igrpo.algorithms.igrpo import DynamicSamplingError, RolloutSettings, collect_batch
 from nemo_igrpo.data.char_tokenizer import build_char_tokenizer
 from nemo_igrpo.data.dataset import Example
 from nemo_igrpo.data.prompts import PromptBuilder
@@ -55,8 +55,8 @@ def run(generator, problems, s, num=None):
         return taken
 
     template = PromptBuilder(TOKENIZER, system_prompt=None, draft_header="Draft:")
-    return rollout(source, num or len(problems), generator, BoxedMatchReward(), template,
-                   lambda ids: TOKENIZER.decode(ids, skip_special_tokens=True), s, TOKENIZER.pad_token_id)
+    return collect_batch(source, num or len(problems), generator, BoxedMatchReward(), template,
+                         lambda ids: TOKENIZER.decode(ids, skip_special_tokens=True), s, TOKENIZER.pad_token_id)
 
 
 def drafts_then_refinements(draft_answers, refinement_answers):
@@ -177,8 +177,8 @@ class AccuracyPlusFormat:
 
 def run_with(reward, generator, problems, s):
     template = PromptBuilder(TOKENIZER, system_prompt=None, draft_header="Draft:")
-    return rollout(lambda k: problems[:k], len(problems), generator, reward, template,
-                   lambda ids: TOKENIZER.decode(ids, skip_special_tokens=True), s, TOKENIZER.pad_token_id)
+    return collect_batch(lambda k: problems[:k], len(problems), generator, reward, template,
+                         lambda ids: TOKENIZER.decode(ids, skip_special_tokens=True), s, TOKENIZER.pad_token_id)
 
 
 def test_proposition_metrics_use_the_accuracy_component():

@@ -15,7 +15,8 @@ from helpers import make_policy, tiny_llama
 from nemo_igrpo.algorithms.aggregation import LossNormalizer
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
 from nemo_igrpo.algorithms.loss import make_loss_fn
-from nemo_igrpo.policy.microbatch import balance_by_tokens, token_budget_groups
+from nemo_igrpo.policy.microbatch import token_budget_groups
+from nemo_igrpo.sharding import balance_by_tokens
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-6
@@ -117,7 +118,7 @@ def test_data_parallel_shards_balanced_by_tokens_sum_to_the_single_process_step(
     test_distributed_policy): the balanced shares partition the rows, carry equal tokens, and their summed
     gradients equal the whole batch's."""
     from nemo_igrpo import distributed
-    from nemo_igrpo.policy.microbatch import balance_across_ranks
+    from nemo_igrpo.sharding import balance_across_ranks
 
     batch = long_tailed_batch()
     rollout_shards = [batch.select(torch.arange(r, batch.size, 2)) for r in range(2)]  # equal rows, not tokens

@@ -1,0 +1,113 @@
+"""A rollout's rows and their bookkeeping: what one sampling round produced (``StageSamples``), how rounds are
+concatenated and filtered (dynamic sampling), and how the kept rows become the training batch.
+
+Moved out of ``igrpo.py`` so that it reads as Algorithm 1; each ``StageSamples`` field says (in its metadata) how
+``select_rows`` and ``extend`` treat it, so a new field is one line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from nemo_igrpo.algorithms.advantages import compute_advantages, zero_variance_groups
+from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
+from nemo_igrpo.generation.base import Completion
+
+if TYPE_CHECKING:
+    from nemo_igrpo.algorithms.igrpo import RolloutSettings
+
+_KIND = "stage_samples"
+_ROW = "row"  # a list, one entry per refinement row: select_rows keeps the selected rows, extend concatenates
+_ROW_COLUMNS = "row_columns"  # name → list with one entry per row: filtered and concatenated per name
+_PROBLEM = "problem"  # a list per problem (or per draft): select_rows keeps it whole, extend concatenates
+_COUNTERS = "counters"  # name → count: extend sums; a row subset starts without them (metrics read `seen`'s)
+
+
+def _field(kind: str, factory: Callable = list):
+    return field(default_factory=factory, metadata={_KIND: kind})
+
+
+@dataclass
+class StageSamples:
+    """What one rollout round produced, for metrics and for the training batch."""
+
+    prompts: list[list[int]] = _field(_ROW)  # Stage-2 prompt of each refinement row
+    completions: list[Completion] = _field(_ROW)  # refinements, G per problem, problem-major
+    rewards: list[float] = _field(_ROW)
+    group_ids: list[int] = _field(_ROW)
+    components: dict[str, list[float]] = _field(_ROW_COLUMNS, dict)
+    draft_rewards: list[list[float]] = _field(_PROBLEM)  # [problem][N]
+    draft_solved: list[list[bool]] = _field(_PROBLEM)  # [problem][N]: the accuracy verdicts
+    best_draft_index: list[int] = _field(_PROBLEM)  # [problem]: the selected draft
+    draft_lengths: list[int] = _field(_PROBLEM)
+    best_drafts: list[str] = _field(_PROBLEM)
+    reward_counters: dict[str, int] = _field(_COUNTERS, dict)  # e.g. grader timeouts, over both stages
+
+
+def count_non_finite(into: dict[str, int], scores: list[float]) -> None:
+    """Unscorable samples (a NaN/inf reward): they get advantage 0 and are never the best draft."""
+    into["non_finite"] = into.get("non_finite", 0) + sum(not math.isfinite(s) for s in scores)
+
+
+def add_seconds(timings: dict[str, float], key: str, seconds: float) -> None:
+    timings[key] = timings.get(key, 0.0) + seconds
+
+
+def add_counts(into: dict[str, int], more: dict[str, int]) -> None:
+    for key, value in more.items():
+        into[key] = into.get(key, 0) + value
+
+
+def drop_zero_variance(samples: StageSamples) -> StageSamples:
+    flat = zero_variance_groups(torch.tensor(samples.rewards), torch.tensor(samples.group_ids))
+    keep = [i for i, zero in enumerate(flat.tolist()) if not zero]
+    return select_rows(samples, keep)
+
+
+def first_groups(samples: StageSamples, num_groups: int) -> StageSamples:
+    """The rows of the first ``num_groups`` groups (a last dynamic-sampling round may overshoot)."""
+    wanted = set(list(dict.fromkeys(samples.group_ids))[:num_groups])
+    return select_rows(samples, [i for i, gid in enumerate(samples.group_ids) if gid in wanted])
+
+
+def select_rows(samples: StageSamples, keep: list[int]) -> StageSamples:
+    values = {}
+    for item in fields(StageSamples):
+        kind, value = item.metadata[_KIND], getattr(samples, item.name)
+        if kind == _ROW:
+            values[item.name] = [value[i] for i in keep]
+        elif kind == _ROW_COLUMNS:
+            values[item.name] = {k: [v[i] for i in keep] for k, v in value.items()}
+        elif kind == _PROBLEM:
+            values[item.name] = value
+    return StageSamples(**values)
+
+
+def extend(into: StageSamples, more: StageSamples) -> None:
+    for item in fields(StageSamples):
+        kind, mine, theirs = item.metadata[_KIND], getattr(into, item.name), getattr(more, item.name)
+        if kind in (_ROW, _PROBLEM):
+            mine += theirs
+        elif kind == _ROW_COLUMNS:
+            for key, values in theirs.items():
+                mine.setdefault(key, []).extend(values)
+        else:
+            add_counts(mine, theirs)
+
+
+def to_batch(samples: StageSamples, settings: RolloutSettings, pad_token_id: int) -> RolloutBatch:
+    rewards = torch.tensor(samples.rewards, dtype=torch.float32)
+    group_ids = torch.tensor(samples.group_ids, dtype=torch.long)
+    advantages = compute_advantages(settings.advantage, rewards, group_ids, settings.adv_eps)
+    input_ids, attention_mask, loss_mask, gen_logprobs = pad_sequences(
+        samples.prompts, [c.token_ids for c in samples.completions], pad_token_id,
+        [c.logprobs for c in samples.completions])
+    if settings.overlong_filter:  # truncated samples stay in their group's baseline but carry no loss
+        truncated = torch.tensor([c.finish_reason == "length" for c in samples.completions])
+        loss_mask[truncated] = 0.0
+    return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
+                        advantages=advantages, group_ids=group_ids, gen_logprobs=gen_logprobs)
