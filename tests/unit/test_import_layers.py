@@ -208,3 +208,49 @@ def test_every_import_of_the_package_resolves():
                 missing.append(f"{source}.{name}")
     assert not missing, f"imports that no longer resolve: {missing}"
     assert len(wanted) > 50  # the scan found the package's imports at all
+
+
+# The loop: it sees the policy only through its interface (the assembly builds the backends, the producer and
+# sharding hold the rest).
+LOOP = {"nemo_igrpo.trainer", "nemo_igrpo.rollout_producer", "nemo_igrpo.sharding", "nemo_igrpo.lifecycle"}
+
+
+def test_the_loop_imports_only_the_policy_interface():
+    graph = import_graph()
+    for name in LOOP:
+        policy = {m for m in graph[name] if m.startswith("nemo_igrpo.policy")}
+        assert policy <= {"nemo_igrpo.policy", "nemo_igrpo.policy.base"}, f"{name} imports {sorted(policy)}"
+    assert "nemo_igrpo.policy.base" in graph["nemo_igrpo.trainer"]  # the rule reads the loop's real edges
+
+
+def test_the_schema_never_imports_the_assembly():
+    """Validation reads the backends' capabilities from the light registry module, not from the assembly (nor through
+    any module it imports); loading a config in a fresh interpreter does not import the assembly either."""
+    import subprocess
+    import sys
+
+    graph = import_graph()
+    for name in ("nemo_igrpo.validation", "nemo_igrpo.config", "nemo_igrpo.backends"):
+        reached = reachable(graph, name)
+        assert "nemo_igrpo.assembly" not in reached, f"{name} reaches the assembly"
+    assert "nemo_igrpo.backends" in graph["nemo_igrpo.validation"]
+    assert reachable(graph, "nemo_igrpo.backends") <= {"nemo_igrpo.registry", "nemo_igrpo.errors"}
+    code = ("import sys\nfrom nemo_igrpo.config import load_config\n"
+            f"load_config({str(PACKAGE.parent / 'conf' / 'quickstart.yaml')!r}, ['rollout.draft_ahead=true', "
+            "'generation.backend=server'])\nprint(sorted(m for m in sys.modules if m.startswith('nemo_igrpo.assembly')"
+            " or m.startswith('nemo_igrpo.policy.') or m.startswith('nemo_igrpo.generation.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split("\n")[-2] == "['nemo_igrpo.generation.base']", out.stdout[-2000:] + out.stderr[-2000:]
+
+
+def test_two_pass_evaluation_runs_the_algorithms_two_stage_flow():
+    """Draft → select → refine is written once (``algorithms.two_stage``): training's batch and two-pass evaluation
+    both import it, and neither samples or selects on its own."""
+    graph = import_graph()
+    for name in ("nemo_igrpo.evaluation.two_pass", "nemo_igrpo.algorithms.igrpo"):
+        assert "nemo_igrpo.algorithms.two_stage" in graph[name], f"{name} does not use the two-stage flow"
+        tree = ast.parse(_modules()[name].read_text())
+        calls = {node.func.attr for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
+        assert not calls & {"generate", "generate_chained", "refinement_ids"}, f"{name} runs a stage itself"
+        assert "nemo_igrpo.algorithms.selection" not in graph[name], f"{name} selects drafts itself"
