@@ -58,7 +58,9 @@ def resolve(tmp_path: Path, requirements: list[str], constraints: dict[str, str]
     return done, chosen
 
 
-@pytest.mark.slow  # asks the package registry: pip fetches every wheel it considers (≈5 GB with vLLM's CUDA torch)
+# slow: asks the package registry, and pip 23 fetches every wheel it considers (≈5 GB with vLLM's CUDA torch; the
+# registry serves no separate metadata): 380 s on 2 cores shared with two other test runs (2026-12-07)
+@pytest.mark.slow
 def test_the_dockerfiles_install_resolves_for_its_images_python_and_versions(tmp_path):
     row = image_table()[dockerfile_args()["BASE_IMAGE"]]
     constraints = {"vllm": row["vllm"], "transformers": row["transformers"]}

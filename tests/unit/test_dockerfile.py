@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -39,7 +41,9 @@ def test_the_container_constraints_pin_torch_vllm_and_transformers():
     line = re.search(r'RUN (python -c "import importlib\.metadata.*?") \\\n\s*> /tmp/container-constraints\.txt',
                      DOCKERFILE)
     assert line, "the constraints line moved: update this test"
-    written = subprocess.run(["sh", "-c", line.group(1)], capture_output=True, text=True, timeout=60, check=True)
+    # the image's `python` is its one Python; here that is this interpreter, whatever `python` on PATH is
+    written = subprocess.run(["sh", "-c", line.group(1).replace("python", shlex.quote(sys.executable), 1)],
+                             capture_output=True, text=True, timeout=60, check=True)
     from importlib import metadata
 
     expected = [f"{name}=={metadata.version(name)}" for name in ("torch", "vllm", "transformers")
