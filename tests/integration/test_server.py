@@ -221,6 +221,19 @@ def test_serve_refuses_to_start_without_a_token(tmp_path, monkeypatch):
     assert main(["serve", str(tmp_path)]) == 2
 
 
+def test_serve_refuses_an_unsupported_vllm_naming_the_range(tmp_path, monkeypatch, capsys):
+    import vllm
+
+    from nemo_igrpo.cli import main
+    from nemo_igrpo.generation.vllm import SUPPORTED_VLLM
+
+    monkeypatch.setenv("NEMO_IGRPO_SERVER_TOKEN", TOKEN)
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["serve", str(tmp_path)]) == 2  # before any server process starts
+    assert f"vLLM 0.33.0 is not supported: nemo-igrpo needs vllm{SUPPORTED_VLLM}" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_two_ranks_share_one_server(server, tmp_path):
     """Two gloo ranks, one server: one push per sync (rank 0), the same weights label on both ranks, a prompt's
