@@ -29,9 +29,10 @@ def problems_of(batch) -> list[int]:
     return [int(re.search(r"Q(\d+)\?", decode(batch.input_ids[row].tolist())).group(1)) for row in firsts]
 
 
-def drive(producer, steps: int, update_s: float) -> list[dict]:
+def drive(producer, steps: int, update_s: float, sampler: PromptSampler | None = None) -> list[dict]:
     """What the trainer does with a producer: take a batch, "update" for ``update_s`` seconds, sync; per step the
-    metrics, the problems trained on, the timings, and the sampler state a checkpoint would record."""
+    metrics, the problems trained on, the timings, and the sampler state a checkpoint would record (and, given the
+    ``sampler``, its actual state then, drawn-ahead prompts included)."""
     out = []
     for _ in range(steps):
         timer = PhaseTimer()
@@ -39,7 +40,8 @@ def drive(producer, steps: int, update_s: float) -> list[dict]:
         time.sleep(update_s)
         producer.sync_weights([], timer)
         out.append({"metrics": metrics, "problems": problems_of(batch), "seconds": timer.seconds,
-                    "versions": batch.policy_version.tolist(), "checkpoint": producer.state_dict()})
+                    "versions": batch.policy_version.tolist(), "checkpoint": producer.state_dict(),
+                    "sampler": None if sampler is None else sampler.state_dict()})
     return out
 
 
@@ -90,20 +92,27 @@ def test_staleness_never_exceeds_k(k, rollout_s, update_s):
 
 
 def test_a_resume_from_the_checkpointed_state_trains_on_the_same_prompts():
-    """Stop after step 2 (step 3's prompts already drawn ahead), resume a new producer from the recorded sampler
-    state: steps 3-4 train on exactly the prompts of the uninterrupted run: none lost, none repeated."""
-    def run(steps: int, state=None, start: int = 0):
+    """Stop after step 2 of a 4-step run (step 3's prompts already drawn ahead), resume a new producer from the
+    recorded sampler state: steps 3-4 train on exactly the prompts of the uninterrupted run: none lost, none
+    repeated."""
+    def run(steps: int, state=None, start: int = 0, max_steps: int | None = None):
         sampler = PromptSampler(PROBLEMS, seed=3)
         if state is not None:
             sampler.load_state_dict(state)
         producer = AsyncRolloutProducer(fake_run(RandomAnswers(delay=0.02), settings()), sampler, 4,
-                                        max_off_policy_steps=2, start_step=start, max_steps=start + steps)
-        out = drive(producer, steps, update_s=0.05)
+                                        max_off_policy_steps=2, start_step=start,
+                                        max_steps=start + steps if max_steps is None else max_steps)
+        # a 0.1 s update: step 3's job (two 0.02 s requests, queued at step 1) starts, and draws, during it
+        out = drive(producer, steps, update_s=0.1, sampler=sampler)
         producer.close()
         return out
 
     reference = run(4)
-    first = run(2)
+    # max_steps=4 though it stops after 2 (a crash): steps 3 and 4 are queued, so prompts are drawn ahead of the
+    # checkpoint (with max_steps=2 nothing is, and a state_dict of the current sampler state would pass)
+    first = run(2, max_steps=4)
+    assert first[-1]["checkpoint"] == {"epoch": 0, "position": 8}  # 2 steps × 4 prompts ...
+    assert first[-1]["sampler"]["position"] >= 12  # ... though step 3's 4 were drawn by then
     resumed = run(2, first[-1]["checkpoint"], start=2)
     assert [s["problems"] for s in first + resumed] == [s["problems"] for s in reference]
     assert [s["metrics"]["rollout/staleness"] for s in resumed][0] == 0.0  # regenerated on the checkpointed weights
