@@ -139,6 +139,26 @@ def test_the_producer_drafts_ahead_during_the_update_and_syncs_only_after():
                           ({"epoch": 0, "position": 12}, {"epoch": 0, "position": 12})]
 
 
+def test_the_sync_waits_for_a_draft_job_that_outlasts_the_update():
+    """The draft job (one 0.3 s request) is still running when the 0.02 s "update" ends: the sync must wait for it
+    before changing the weights, so step 2's drafts are all of version 0 and its refinements of version 1."""
+    generator = RandomAnswers(delay=0.3)
+    producer = DraftAheadProducer(fake_run(generator, settings()), PromptSampler(PROBLEMS, seed=0), 4, max_steps=2)
+    timer = PhaseTimer()
+    producer.next_batch(timer)  # step 1: drafts and refinements; then step 2's draft job starts
+    time.sleep(0.02)  # an update far shorter than the job
+    # RandomAnswers refuses a sync during a request, so a sync that does not wait fails here (or, if the job had not
+    # even started, lets it draft on version 1 below)
+    producer.sync_weights([], timer)
+    assert [c[:2] for c in generator.calls] == [("draft", 0), ("refine", 0), ("draft", 0)]  # the job was done first
+    assert generator.busy == 0 and generator.version == 1 and "draft_wait" in timer.seconds
+    _, metrics = producer.next_batch(PhaseTimer())
+    producer.sync_weights([], PhaseTimer())
+    producer.close()
+    assert [c[:2] for c in generator.calls] == [("draft", 0), ("refine", 0), ("draft", 0), ("refine", 1)]
+    assert metrics["rollout/draft_version_lag"] == 1.0
+
+
 def test_without_draft_ahead_the_producer_is_the_synchronous_rollout():
     generator = RandomAnswers()
     producer = RolloutProducer(fake_run(generator, settings()), PromptSampler(PROBLEMS, seed=0), 4)
