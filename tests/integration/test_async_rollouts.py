@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -39,8 +40,9 @@ def drive(producer, steps: int, update_s: float, sampler: PromptSampler | None =
         batch, metrics = producer.next_batch(timer)
         time.sleep(update_s)
         producer.sync_weights([], timer)
-        out.append({"metrics": metrics, "problems": problems_of(batch), "seconds": timer.seconds,
-                    "versions": batch.policy_version.tolist(), "checkpoint": producer.state_dict(),
+        versions = None if batch.policy_version is None else batch.policy_version.tolist()  # set by the async one
+        out.append({"metrics": metrics, "versions": versions, "problems": problems_of(batch),
+                    "seconds": timer.seconds, "checkpoint": producer.state_dict(),
                     "sampler": None if sampler is None else sampler.state_dict()})
     return out
 
@@ -118,6 +120,39 @@ def test_a_resume_from_the_checkpointed_state_trains_on_the_same_prompts():
     assert [s["metrics"]["rollout/staleness"] for s in resumed][0] == 0.0  # regenerated on the checkpointed weights
     assert sorted(p for s in reference for p in s["problems"]) == sorted(
         p for s in first + resumed for p in s["problems"])
+
+
+@pytest.mark.parametrize("kind", [{}, {"draft_ahead": True}, {"max_off_policy_steps": 2}])
+def test_a_saved_and_restored_checkpoint_resumes_the_prompt_stream(kind, tmp_path):
+    """The trainer's resume path in the fast run, without a model: after step 2 of a 4-step run, ``save_state`` with
+    the producer as the data cursor; then ``restore_state`` into a fresh sampler and a new producer from the restored
+    step: steps 3-4 train on exactly the uninterrupted run's prompts, whichever producer drew ahead."""
+    from nemo_igrpo.checkpoint import find_latest
+    from nemo_igrpo.lifecycle import TrainState, restore_state, save_state
+
+    loaded = []
+    policy = SimpleNamespace(save=lambda d: (d / "weights.txt").write_text("after step 2"),
+                             load=lambda d: loaded.append((d / "weights.txt").read_text()))
+
+    def run(steps: int, sampler: PromptSampler, start: int = 0, root=None) -> list[dict]:
+        producer = make_producer(fake_run(RandomAnswers(delay=0.01), settings()), sampler, 4, **kind,
+                                 start_step=start, max_steps=4)
+        out = drive(producer, steps, update_s=0.03)  # overlapping producers draw step 3's prompts during step 2
+        if root is not None:
+            save_state(root, TrainState(step=start + steps), policy, producer, keep_last=1)  # as the loop does
+        producer.close()
+        return out
+
+    reference = run(4, PromptSampler(PROBLEMS, seed=3))
+    first = run(2, PromptSampler(PROBLEMS, seed=3), root=tmp_path)
+    sampler = PromptSampler(PROBLEMS, seed=3)  # a new process: the sampler starts at the beginning of the stream
+    state = restore_state(find_latest(tmp_path), policy, sampler)
+    assert (state.step, loaded) == (2, ["after step 2"])
+    assert sampler.state_dict() == {"epoch": 0, "position": 8}  # 2 steps × 4 prompts, not what was drawn ahead
+    resumed = run(2, sampler, start=state.step)
+    assert [s["problems"] for s in first + resumed] == [s["problems"] for s in reference]
+    assert [(s["metrics"]["rollout/sampler_start"], s["metrics"]["rollout/sampler_end"]) for s in resumed] == [
+        (8, 12), (12, 16)]
 
 
 def test_close_drops_queued_jobs_and_waits_for_the_running_one():
