@@ -78,10 +78,13 @@ def test_one_step_off_rollouts_run_during_the_update_on_the_previous_weights():
 # A job is two requests of rollout_s. For staleness k from step k + 1 on, the jobs of steps 2 … k + 1 must all start
 # before the first sync, i.e. k jobs (2k · rollout_s) within one job plus one update: (2, 0.01, 0.15) and
 # (3, 0.005, 0.15) leave ≥ 0.12 s of slack for a loaded machine's scheduling (3, 0.02, 0.1 left 0.02 s and flaked).
-@pytest.mark.parametrize("k, rollout_s, update_s", [(2, 0.01, 0.15), (2, 0.1, 0.0), (3, 0.005, 0.15)])
+# (2, 0.1, 0.05): a 0.2 s job outlasts the 0.05 s update by 0.15 s, and the next job starts as soon as the previous
+# one is done (the same thread, microseconds), well before the loop's sync 0.05 s later.
+@pytest.mark.parametrize("k, rollout_s, update_s", [(2, 0.01, 0.15), (2, 0.1, 0.05), (3, 0.005, 0.15)])
 def test_staleness_never_exceeds_k(k, rollout_s, update_s):
     """Fast rollouts run as far ahead as allowed (staleness reaches k and stays there); slow ones are consumed as
-    soon as they are done (staleness below k). Never more than k."""
+    soon as they are done (staleness exactly 1: each job runs beside the update before it, on the weights before
+    that update, and the sync waits for it). Never more than k."""
     producer = AsyncRolloutProducer(fake_run(RandomAnswers(delay=rollout_s), settings()), PromptSampler(PROBLEMS),
                                     4, max_off_policy_steps=k, max_steps=8)
     steps = drive(producer, 8, update_s)
@@ -90,6 +93,8 @@ def test_staleness_never_exceeds_k(k, rollout_s, update_s):
     assert staleness[0] == 0 and max(staleness) <= k
     if update_s > rollout_s * 4:  # rollouts far faster than updates: the queue fills up to k
         assert staleness[k:] == [k] * (8 - k)
+    else:  # rollouts slower than updates: one job ahead, never more (a producer that never runs ahead gives 0)
+        assert staleness[1:] == [1] * 7
     assert all(sum(s["metrics"][f"rollout/staleness_hist/{j}"] for j in range(k + 1)) == 1.0 for s in steps)
 
 
