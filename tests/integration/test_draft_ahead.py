@@ -152,11 +152,16 @@ def test_the_sync_waits_for_a_draft_job_that_outlasts_the_update():
     producer.sync_weights([], timer)
     assert [c[:2] for c in generator.calls] == [("draft", 0), ("refine", 0), ("draft", 0)]  # the job was done first
     assert generator.busy == 0 and generator.version == 1 and "draft_wait" in timer.seconds
-    _, metrics = producer.next_batch(PhaseTimer())
+    step_2 = PhaseTimer()
+    _, metrics = producer.next_batch(step_2)
     producer.sync_weights([], PhaseTimer())
     producer.close()
     assert [c[:2] for c in generator.calls] == [("draft", 0), ("refine", 0), ("draft", 0), ("refine", 1)]
     assert metrics["rollout/draft_version_lag"] == 1.0
+    # The overlap is the time the job ran beside the loop's update, up to the sync (≥ the 0.02 s sleep), not the
+    # job's whole 0.3 s: the rest the sync waited for. The 0.28 s margin is for a loaded machine's scheduling.
+    overlap, wait = step_2.seconds["rollout/draft_overlap"], timer.seconds["draft_wait"]
+    assert 0.02 <= overlap < 0.3 <= overlap + wait
 
 
 def test_without_draft_ahead_the_producer_is_the_synchronous_rollout():
