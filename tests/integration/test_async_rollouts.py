@@ -271,6 +271,14 @@ def test_sigkill_mid_step_then_resume_trains_on_exactly_the_uninterrupted_runs_p
     assert abs(records[0]["train/mismatch/token_prob_error"] - 1.0) < TOLERANCE
     assert all(r["train/mismatch/token_prob_error"] - 1.0 > 100 * TOLERANCE for r in records[1:])
     assert all(0 < r["train/mismatch/is_weight_mean"] <= 2.0 for r in records)  # min(π_θ/π_gen, cap 2)
+    # ... and its value is tied to the same tokens' mismatch: per token |min(e^Δ, 2) − 1| ≤ e^|Δ| − 1, so the token
+    # means obey |is_weight_mean − 1| ≤ token_prob_error − 1 (+ 1e-5: fp32 rounding of two token means of a few
+    # hundred values near 1, which is tight when every Δ has one sign). On-policy (step 1) that makes the weights 1
+    # within kernel noise, none capped.
+    assert all(abs(r["train/mismatch/is_weight_mean"] - 1.0) <= r["train/mismatch/token_prob_error"] - 1.0 + 1e-5
+               for r in records)
+    assert abs(records[0]["train/mismatch/is_weight_mean"] - 1.0) < TOLERANCE
+    assert records[0]["train/mismatch/is_capped_fraction"] == 0.0
 
     crashed = tmp_path / "crashed"
     command = [sys.executable, "-m", "nemo_igrpo.cli", "train", "--config", str(REPO / "conf" / "quickstart.yaml"),
