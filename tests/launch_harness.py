@@ -5,6 +5,9 @@ plain process — on the tiny CPU shape for 2 steps, continues it with ``trainer
 :func:`check_cell` asserts what every cell must satisfy:
 
 * both launches exit 0; the step-2 and step-3 checkpoints are complete; ``final/`` exists;
+* the second launch resumed from the step-2 checkpoint (a fresh start would also leave steps 1, 2, 3 in
+  ``metrics.jsonl``): it says so, leaves the first launch's step-1/2 records and step-2 checkpoint untouched, and
+  trains step 3 on the data cursor that checkpoint recorded;
 * ``final/`` loads in transformers and its log-probs of a fixed token sequence equal the trainer's own (the policy
   backend's ``compute_logprobs`` on the final weights, captured inside the run) to 1e-5;
 * after every weight sync the engine's log-probs equal the trainer's: the ``train/mismatch/*`` metrics of each step
@@ -82,6 +85,9 @@ class CellResult:
     run_dir: Path
     seconds: float  # both launches, wall clock
     records: list[dict] = field(default_factory=list)
+    first_metrics: str = ""  # metrics.jsonl after the first launch
+    first_checkpoint: tuple[str, int] = ("", 0)  # step 2's trainer_state.json after the first launch: text, mtime
+    resumed_output: str = ""  # the second launch's stdout
 
 
 def run_cell(tmp_path: Path, overrides: list[str], *, nproc: int = 2, env: dict | None = None,
@@ -99,6 +105,7 @@ def run_cell(tmp_path: Path, overrides: list[str], *, nproc: int = 2, env: dict 
     wrapper.write_text(_WRAPPER.format(tests=str(HERE), megatron=megatron, fixed=FIXED, prompt=PROMPT,
                                        entry=str(tmp_path / "entry.py")))
     started = time.time()
+    first_metrics, first_checkpoint = "", ("", 0)
     for steps, resume in ((2, "none"), (3, "auto")):
         launch = ([] if nproc == 1 else
                   ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}"])
@@ -107,16 +114,39 @@ def run_cell(tmp_path: Path, overrides: list[str], *, nproc: int = 2, env: dict 
         # _run writes test_distributed's entry.py (the reward registration) into tmp_path; the wrapper runs it.
         result = _run(command, tmp_path, timeout, {"PYTHONWARNINGS": "ignore", **(env or {})})
         assert result.returncode == 0, f"{steps} steps, resume={resume}:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
-    return CellResult(run_dir, time.time() - started, read_metrics(run_dir / "metrics.jsonl"))
+        if resume == "none":
+            first_metrics = (run_dir / "metrics.jsonl").read_text()
+            state = run_dir / "checkpoints" / "step_000002" / "trainer_state.json"
+            first_checkpoint = (state.read_text(), state.stat().st_mtime_ns)
+    return CellResult(run_dir, time.time() - started, read_metrics(run_dir / "metrics.jsonl"), first_metrics,
+                      first_checkpoint, result.stdout)
 
 
 def check_cell(result: CellResult) -> None:
     """The checks every cell must pass (see the module docstring)."""
+    import yaml
+
     run = result.run_dir
     assert [r["step"] for r in result.records] == [1, 2, 3]
     for step in (2, 3):
         assert (run / "checkpoints" / f"step_{step:06d}" / "COMPLETE").is_file(), step
     assert (run / "final" / "config.json").is_file()
+
+    # The second launch resumed from the step-2 checkpoint: rank 0 says so (rich wraps long paths: compare without
+    # whitespace), steps 1-2's records (timings included) and the step-2 checkpoint are the first launch's, not
+    # rewritten, and step 3 trained on the stretch of the prompt stream after the checkpoint's cursor.
+    checkpoint = run / "checkpoints" / "step_000002"
+    said = "".join(result.resumed_output.split())
+    assert f"Resumedfrom{''.join(str(checkpoint).split())}atstep2" in said, result.resumed_output[-3000:]
+    metrics = (run / "metrics.jsonl").read_text()  # as text: records may hold NaN, which never equals itself
+    assert metrics.startswith(result.first_metrics) and len(metrics.splitlines()) == 3
+    state = checkpoint / "trainer_state.json"
+    assert (state.read_text(), state.stat().st_mtime_ns) == result.first_checkpoint
+    cursor = json.loads(result.first_checkpoint[0])["sampler"]
+    prompts = yaml.safe_load((run / "config.yaml").read_text())["trainer"]["prompts_per_step"]
+    assert cursor == {"epoch": 0, "position": 2 * prompts}  # two steps' prompts, global over the ranks
+    third = result.records[2]
+    assert (third["rollout/sampler_start"], third["rollout/sampler_end"]) == (2 * prompts, 3 * prompts)
 
     for record in result.records:
         assert math.isfinite(record["train/loss"]) and record["train/skipped"] == 0.0, record
@@ -125,7 +155,6 @@ def check_cell(result: CellResult) -> None:
         assert abs(seq_kl) <= SEQ_KL_TOLERANCE, (record["step"], seq_kl)
     assert any(r["train/grad_norm"] > 0 for r in result.records)  # something was trained (and then synced)
 
-    import yaml
     from transformers import AutoModelForCausalLM
 
     temperature = yaml.safe_load((run / "config.yaml").read_text())["generation"]["temperature"]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,17 +31,20 @@ def problems_of(batch) -> list[int]:
     return [int(re.search(r"Q(\d+)\?", decode(batch.input_ids[row].tolist())).group(1)) for row in firsts]
 
 
-def drive(producer, steps: int, update_s: float) -> list[dict]:
+def drive(producer, steps: int, update_s: float, sampler: PromptSampler | None = None) -> list[dict]:
     """What the trainer does with a producer: take a batch, "update" for ``update_s`` seconds, sync; per step the
-    metrics, the problems trained on, the timings, and the sampler state a checkpoint would record."""
+    metrics, the problems trained on, the timings, and the sampler state a checkpoint would record (and, given the
+    ``sampler``, its actual state then, drawn-ahead prompts included)."""
     out = []
     for _ in range(steps):
         timer = PhaseTimer()
         batch, metrics = producer.next_batch(timer)
         time.sleep(update_s)
         producer.sync_weights([], timer)
-        out.append({"metrics": metrics, "problems": problems_of(batch), "seconds": timer.seconds,
-                    "versions": batch.policy_version.tolist(), "checkpoint": producer.state_dict()})
+        versions = None if batch.policy_version is None else batch.policy_version.tolist()  # set by the async one
+        out.append({"metrics": metrics, "versions": versions, "problems": problems_of(batch),
+                    "seconds": timer.seconds, "checkpoint": producer.state_dict(),
+                    "sampler": None if sampler is None else sampler.state_dict()})
     return out
 
 
@@ -76,10 +80,13 @@ def test_one_step_off_rollouts_run_during_the_update_on_the_previous_weights():
 # A job is two requests of rollout_s. For staleness k from step k + 1 on, the jobs of steps 2 … k + 1 must all start
 # before the first sync, i.e. k jobs (2k · rollout_s) within one job plus one update: (2, 0.01, 0.15) and
 # (3, 0.005, 0.15) leave ≥ 0.12 s of slack for a loaded machine's scheduling (3, 0.02, 0.1 left 0.02 s and flaked).
-@pytest.mark.parametrize("k, rollout_s, update_s", [(2, 0.01, 0.15), (2, 0.1, 0.0), (3, 0.005, 0.15)])
+# (2, 0.1, 0.05): a 0.2 s job outlasts the 0.05 s update by 0.15 s, and the next job starts as soon as the previous
+# one is done (the same thread, microseconds), well before the loop's sync 0.05 s later.
+@pytest.mark.parametrize("k, rollout_s, update_s", [(2, 0.01, 0.15), (2, 0.1, 0.05), (3, 0.005, 0.15)])
 def test_staleness_never_exceeds_k(k, rollout_s, update_s):
     """Fast rollouts run as far ahead as allowed (staleness reaches k and stays there); slow ones are consumed as
-    soon as they are done (staleness below k). Never more than k."""
+    soon as they are done (staleness exactly 1: each job runs beside the update before it, on the weights before
+    that update, and the sync waits for it). Never more than k."""
     producer = AsyncRolloutProducer(collector(RandomAnswers(delay=rollout_s), settings()),
                                     shard(PromptSampler(PROBLEMS)), max_off_policy_steps=k, max_steps=8)
     steps = drive(producer, 8, update_s)
@@ -88,29 +95,71 @@ def test_staleness_never_exceeds_k(k, rollout_s, update_s):
     assert staleness[0] == 0 and max(staleness) <= k
     if update_s > rollout_s * 4:  # rollouts far faster than updates: the queue fills up to k
         assert staleness[k:] == [k] * (8 - k)
+    else:  # rollouts slower than updates: one job ahead, never more (a producer that never runs ahead gives 0)
+        assert staleness[1:] == [1] * 7
     assert all(sum(s["metrics"][f"rollout/staleness_hist/{j}"] for j in range(k + 1)) == 1.0 for s in steps)
 
 
 def test_a_resume_from_the_checkpointed_state_trains_on_the_same_prompts():
-    """Stop after step 2 (step 3's prompts already drawn ahead), resume a new producer from the recorded sampler
-    state: steps 3-4 train on exactly the prompts of the uninterrupted run: none lost, none repeated."""
-    def run(steps: int, state=None, start: int = 0):
+    """Stop after step 2 of a 4-step run (step 3's prompts already drawn ahead), resume a new producer from the
+    recorded sampler state: steps 3-4 train on exactly the prompts of the uninterrupted run: none lost, none
+    repeated."""
+    def run(steps: int, state=None, start: int = 0, max_steps: int | None = None):
         sampler = PromptSampler(PROBLEMS, seed=3)
         if state is not None:
             sampler.load_state_dict(state)
         producer = AsyncRolloutProducer(collector(RandomAnswers(delay=0.02), settings()), shard(sampler),
-                                        max_off_policy_steps=2, start_step=start, max_steps=start + steps)
-        out = drive(producer, steps, update_s=0.05)
+                                        max_off_policy_steps=2, start_step=start,
+                                        max_steps=start + steps if max_steps is None else max_steps)
+        # a 0.1 s update: step 3's job (two 0.02 s requests, queued at step 1) starts, and draws, during it
+        out = drive(producer, steps, update_s=0.1, sampler=sampler)
         producer.close()
         return out
 
     reference = run(4)
-    first = run(2)
+    # max_steps=4 though it stops after 2 (a crash): steps 3 and 4 are queued, so prompts are drawn ahead of the
+    # checkpoint (with max_steps=2 nothing is, and a state_dict of the current sampler state would pass)
+    first = run(2, max_steps=4)
+    assert first[-1]["checkpoint"] == {"epoch": 0, "position": 8}  # 2 steps × 4 prompts ...
+    assert first[-1]["sampler"]["position"] >= 12  # ... though step 3's 4 were drawn by then
     resumed = run(2, first[-1]["checkpoint"], start=2)
     assert [s["problems"] for s in first + resumed] == [s["problems"] for s in reference]
     assert [s["metrics"]["rollout/staleness"] for s in resumed][0] == 0.0  # regenerated on the checkpointed weights
     assert sorted(p for s in reference for p in s["problems"]) == sorted(
         p for s in first + resumed for p in s["problems"])
+
+
+@pytest.mark.parametrize("kind", [{}, {"draft_ahead": True}, {"max_off_policy_steps": 2}])
+def test_a_saved_and_restored_checkpoint_resumes_the_prompt_stream(kind, tmp_path):
+    """The trainer's resume path in the fast run, without a model: after step 2 of a 4-step run, ``save_state`` with
+    the producer as the data cursor; then ``restore_state`` into a fresh sampler and a new producer from the restored
+    step: steps 3-4 train on exactly the uninterrupted run's prompts, whichever producer drew ahead."""
+    from nemo_igrpo.checkpoint import find_latest
+    from nemo_igrpo.lifecycle import TrainState, restore_state, save_state
+
+    loaded = []
+    policy = SimpleNamespace(save=lambda d: (d / "weights.txt").write_text("after step 2"),
+                             load=lambda d: loaded.append((d / "weights.txt").read_text()))
+
+    def run(steps: int, sampler: PromptSampler, start: int = 0, root=None) -> list[dict]:
+        producer = make_producer(collector(RandomAnswers(delay=0.01), settings()), shard(sampler), **kind,
+                                 start_step=start, max_steps=4)
+        out = drive(producer, steps, update_s=0.03)  # overlapping producers draw step 3's prompts during step 2
+        if root is not None:
+            save_state(root, TrainState(step=start + steps), policy, producer, keep_last=1)  # as the loop does
+        producer.close()
+        return out
+
+    reference = run(4, PromptSampler(PROBLEMS, seed=3))
+    first = run(2, PromptSampler(PROBLEMS, seed=3), root=tmp_path)
+    sampler = PromptSampler(PROBLEMS, seed=3)  # a new process: the sampler starts at the beginning of the stream
+    state = restore_state(find_latest(tmp_path), policy, sampler)
+    assert (state.step, loaded) == (2, ["after step 2"])
+    assert sampler.state_dict() == {"epoch": 0, "position": 8}  # 2 steps × 4 prompts, not what was drawn ahead
+    resumed = run(2, sampler, start=state.step)
+    assert [s["problems"] for s in first + resumed] == [s["problems"] for s in reference]
+    assert [(s["metrics"]["rollout/sampler_start"], s["metrics"]["rollout/sampler_end"]) for s in resumed] == [
+        (8, 12), (12, 16)]
 
 
 def test_close_drops_queued_jobs_and_waits_for_the_running_one():
@@ -224,6 +273,14 @@ def test_sigkill_mid_step_then_resume_trains_on_exactly_the_uninterrupted_runs_p
     assert abs(records[0]["train/mismatch/token_prob_error"] - 1.0) < TOLERANCE
     assert all(r["train/mismatch/token_prob_error"] - 1.0 > 100 * TOLERANCE for r in records[1:])
     assert all(0 < r["train/mismatch/is_weight_mean"] <= 2.0 for r in records)  # min(π_θ/π_gen, cap 2)
+    # ... and its value is tied to the same tokens' mismatch: per token |min(e^Δ, 2) − 1| ≤ e^|Δ| − 1, so the token
+    # means obey |is_weight_mean − 1| ≤ token_prob_error − 1 (+ 1e-5: fp32 rounding of two token means of a few
+    # hundred values near 1, which is tight when every Δ has one sign). On-policy (step 1) that makes the weights 1
+    # within kernel noise, none capped.
+    assert all(abs(r["train/mismatch/is_weight_mean"] - 1.0) <= r["train/mismatch/token_prob_error"] - 1.0 + 1e-5
+               for r in records)
+    assert abs(records[0]["train/mismatch/is_weight_mean"] - 1.0) < TOLERANCE
+    assert records[0]["train/mismatch/is_capped_fraction"] == 0.0
 
     crashed = tmp_path / "crashed"
     command = [sys.executable, "-m", "nemo_igrpo.cli", "train", "--config", str(REPO / "conf" / "quickstart.yaml"),

@@ -144,6 +144,31 @@ def test_the_producer_drafts_ahead_during_the_update_and_syncs_only_after():
                           ({"epoch": 0, "position": 12}, {"epoch": 0, "position": 12})]
 
 
+def test_the_sync_waits_for_a_draft_job_that_outlasts_the_update():
+    """The draft job (one 0.3 s request) is still running when the 0.02 s "update" ends: the sync must wait for it
+    before changing the weights, so step 2's drafts are all of version 0 and its refinements of version 1."""
+    generator = RandomAnswers(delay=0.3)
+    producer = DraftAheadProducer(collector(generator, settings()), shard(PromptSampler(PROBLEMS, seed=0)), max_steps=2)
+    timer = PhaseTimer()
+    producer.next_batch(timer)  # step 1: drafts and refinements; then step 2's draft job starts
+    time.sleep(0.02)  # an update far shorter than the job
+    # RandomAnswers refuses a sync during a request, so a sync that does not wait fails here (or, if the job had not
+    # even started, lets it draft on version 1 below)
+    producer.sync_weights([], timer)
+    assert [c[:2] for c in generator.calls] == [("draft", 0), ("refine", 0), ("draft", 0)]  # the job was done first
+    assert generator.busy == 0 and generator.version == 1 and "draft_wait" in timer.seconds
+    step_2 = PhaseTimer()
+    _, metrics = producer.next_batch(step_2)
+    producer.sync_weights([], PhaseTimer())
+    producer.close()
+    assert [c[:2] for c in generator.calls] == [("draft", 0), ("refine", 0), ("draft", 0), ("refine", 1)]
+    assert metrics["rollout/draft_version_lag"] == 1.0
+    # The overlap is the time the job ran beside the loop's update, up to the sync (≥ the 0.02 s sleep), not the
+    # job's whole 0.3 s: the rest the sync waited for. The 0.28 s margin is for a loaded machine's scheduling.
+    overlap, wait = step_2.seconds["rollout/draft_overlap"], timer.seconds["draft_wait"]
+    assert 0.02 <= overlap < 0.3 <= overlap + wait
+
+
 def test_without_draft_ahead_the_producer_is_the_synchronous_rollout():
     generator = RandomAnswers()
     producer = RolloutProducer(collector(generator, settings()), shard(PromptSampler(PROBLEMS, seed=0)))

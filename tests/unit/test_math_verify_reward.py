@@ -157,6 +157,26 @@ def test_only_the_completion_is_scored_and_the_last_box_counts(reward):
     assert output.counters["fallback_extraction"] == 1  # "I agree with the draft." has nothing to extract
 
 
+# Completions without a box that hold several numbers: the fallback grades the final one (math-verify's own
+# extraction of the text's end), never the first or any other number the reasoning passed through.
+FALLBACK_CASES = [
+    ("41 … so the answer is 42", "42", 1.0),
+    ("41 … so the answer is 42", "41", 0.0),
+    ("Try 7 and 35: 7 + 35 = 42, so the answer is 42.", "42", 1.0),
+    ("Try 7 and 35: 7 + 35 = 42, so the answer is 42.", "7", 0.0),
+    ("Adding 40 and 1 gives 41, not 42... wait, 40 + 2 = 42.", "42", 1.0),
+    ("I count 41 first, then recount: 43.", "43", 1.0),
+    ("I count 41 first, then recount: 43.", "41", 0.0),
+]
+
+
+def test_the_fallback_grades_the_final_number_of_several(reward):
+    completions, golds, expected = zip(*FALLBACK_CASES)
+    output = reward(list(completions), list(golds))
+    assert output.scores == list(expected)
+    assert output.counters["fallback_extraction"] == len(FALLBACK_CASES)  # none has a box: every one is a fallback
+
+
 @pytest.mark.slow  # its own grading workers: each start is a fresh interpreter (seconds on loaded cores)
 @pytest.mark.parametrize(
     ("extract", "fallback", "cases"),
