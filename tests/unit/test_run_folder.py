@@ -1,0 +1,237 @@
+"""A run folder that loses or corrupts nothing (issue 26): RNG states without pickle, manifests of any shape, verified
+explicit resumes, no mixing with an older run, one writer at a time, torn metrics, atomic exports, fsynced renames,
+and a prompt stream that a resume refuses to change silently."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nemo_igrpo import checkpoint, lifecycle, tracking
+from nemo_igrpo.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from nemo_igrpo.data.dataset import Example, PromptSampler
+from nemo_igrpo.errors import ConfigError
+from nemo_igrpo.lifecycle import TrainState
+
+
+def payload(value: float):
+    def write(directory):
+        (directory / "weights.bin").write_bytes(bytes([int(value)]) * 16)
+    return write
+
+
+def examples(n: int, tag: str = "") -> list[Example]:
+    return [Example(f"{tag}{i} + 1 = ?", str(i + 1)) for i in range(n)]
+
+
+class FakePolicy:
+    def __init__(self):
+        self.loaded = None
+
+    def save(self, directory):
+        (directory / "weights.bin").write_bytes(b"w" * 8)
+
+    def load(self, directory):
+        self.loaded = (directory / "weights.bin").read_bytes()
+
+    def save_pretrained(self, directory):
+        (directory / "model.safetensors").write_bytes(b"new")
+
+
+class FakeTokenizer:
+    def save_pretrained(self, directory):
+        (directory / "tokenizer.json").write_text("{}")
+
+
+class Cursor:
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------ RNG states (4)
+
+
+def test_rng_states_are_stored_without_pickle_and_restored_exactly(tmp_path, monkeypatch):
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    path = save_checkpoint(tmp_path, 1, payload(1), {}, keep_last=2)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(5), random.random(), np.random.rand()
+    assert not list(path.glob("rng*.pt"))  # no pickle in the run folder
+    json.loads((path / "rng.json").read_text())
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load called on a run-folder file")
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    load_checkpoint(path, lambda d: None)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def test_a_pickled_rng_file_of_an_older_version_is_never_unpickled(tmp_path, monkeypatch, caplog):
+    path = save_checkpoint(tmp_path, 1, payload(1), {}, keep_last=2)
+    # an older checkpoint: rng.pt that runs code when unpickled (the manifest is rewritten to match it)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    (path / "rng.json").unlink(missing_ok=True)
+    torch.save({"python": Evil()}, path / "rng.pt")
+    (path / checkpoint.MANIFEST).write_text(json.dumps({k: v for k, v in checkpoint._manifest(path).items()
+                                                        if k != checkpoint.MANIFEST}))
+    load_checkpoint(path, lambda d: None)
+    assert not marker.exists()
+    assert "rng.pt" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ manifests, resume (12)
+
+
+@pytest.mark.parametrize("manifest", ["[]", '{"policy/weights.bin": 5}', '{"policy/weights.bin": [1]}', "null"])
+def test_a_manifest_of_the_wrong_shape_is_a_damaged_checkpoint_not_a_crash(tmp_path, manifest):
+    save_checkpoint(tmp_path, 1, payload(1), {}, keep_last=2)
+    newest = save_checkpoint(tmp_path, 2, payload(2), {}, keep_last=2)
+    (newest / checkpoint.MANIFEST).write_text(manifest)
+    assert "manifest" in checkpoint.damage(newest)
+    assert find_latest(tmp_path).name == "step_000001"
+
+
+def test_an_explicit_resume_path_is_checksum_verified(tmp_path):
+    path = save_checkpoint(tmp_path / "checkpoints", 1, payload(1), {}, keep_last=2)
+    weights = path / "policy" / "weights.bin"
+    weights.write_bytes(b"\x07" * 16)  # same size, other bytes
+    with pytest.raises(ConfigError, match=r"trainer\.resume=.*does not match its checksum"):
+        lifecycle.resume_path(str(path), tmp_path / "elsewhere")
+
+
+# ------------------------------------------------------------------------------------- an older run in the folder (3)
+
+
+def test_resume_none_in_a_folder_that_holds_a_run_is_refused(tmp_path):
+    save_checkpoint(tmp_path / "checkpoints", 8, payload(1), {}, keep_last=2)
+    with pytest.raises(ConfigError, match=r"trainer\.output_dir=.*step 8.*trainer\.resume=auto"):
+        lifecycle.resume_path("none", tmp_path)
+    assert lifecycle.resume_path("none", tmp_path / "fresh") is None
+
+
+def test_an_explicit_resume_below_the_folders_newest_checkpoint_is_refused(tmp_path):
+    old = save_checkpoint(tmp_path / "checkpoints", 2, payload(1), {}, keep_last=3)
+    save_checkpoint(tmp_path / "checkpoints", 8, payload(1), {}, keep_last=3)
+    with pytest.raises(ConfigError, match=r"trainer\.output_dir.*step 8"):
+        lifecycle.resume_path(str(old), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- one writer (12)
+
+
+def test_a_second_writer_of_the_same_folder_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    with lifecycle.run_lock(tmp_path):
+        holder = json.loads((tmp_path / lifecycle.LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        other = subprocess.run([sys.executable, "-c", "from pathlib import Path; from nemo_igrpo import lifecycle\n"
+                                f"with lifecycle.run_lock(Path({str(tmp_path)!r})): pass"],
+                               capture_output=True, text=True)
+        assert other.returncode != 0
+        assert f"pid {os.getpid()}" in other.stderr and "trainer.output_dir" in other.stderr
+    assert not (tmp_path / lifecycle.LOCK_FILE).exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / lifecycle.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    with lifecycle.run_lock(tmp_path):  # its holder is gone: a SIGKILLed run must not block the next one
+        assert json.loads((tmp_path / lifecycle.LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+# ------------------------------------------------------------------------------------------ metrics.jsonl (5)
+
+
+def test_a_torn_last_metrics_line_does_not_block_a_resume(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 0.5}) for s in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')
+    tracking.MetricsLogger(tmp_path, [], resume_step=2)
+    assert [r["step"] for r in tracking.read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_the_metrics_rewrite_at_start_up_is_atomic(tmp_path, monkeypatch):
+    text = "".join(json.dumps({"step": s}) + "\n" for s in range(4))
+    (tmp_path / "metrics.jsonl").write_text(text)
+
+    def crash(*args):
+        raise OSError("killed here")
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="killed here"):
+        tracking.MetricsLogger(tmp_path, [], resume_step=1)
+    assert (tmp_path / "metrics.jsonl").read_text() == text  # the old file is intact until the new one replaces it
+
+
+# ---------------------------------------------------------------------------------------------- final/ (6)
+
+
+def test_the_export_swaps_final_in_without_a_moment_of_loss(tmp_path, monkeypatch):
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "model.safetensors").write_bytes(b"old")
+    real = os.replace
+
+    def crash_on_the_new_one(src, dst):
+        if str(src).endswith(".tmp-final"):
+            raise OSError("killed here")
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", crash_on_the_new_one)
+    with pytest.raises(OSError):
+        lifecycle.export_final(final, FakePolicy(), FakeTokenizer(), step=4)
+    assert (final / "model.safetensors").read_bytes() == b"old"
+    monkeypatch.setattr(os, "replace", real)
+    assert not lifecycle.final_is_current(final, 4)
+    lifecycle.export_final(final, FakePolicy(), FakeTokenizer(), step=4)
+    assert (final / "model.safetensors").read_bytes() == b"new" and lifecycle.final_is_current(final, 4)
+    assert not lifecycle.final_is_current(final, 5)  # a longer resumed run must export again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+# ---------------------------------------------------------------------------------------------- fsync (12)
+
+
+def test_directories_are_fsynced_after_a_rename(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(os, "fsync", record)
+    save_checkpoint(tmp_path / "checkpoints", 1, payload(1), {}, keep_last=2)
+    assert str(tmp_path / "checkpoints") in synced
+    synced.clear()
+    lifecycle.export_final(tmp_path / "final", FakePolicy(), FakeTokenizer(), step=1)
+    assert str(tmp_path) in synced
+
+
+# ------------------------------------------------------------------------------------------ prompt stream (9)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(seed=2), r"trainer\.seed: 1 → 2"),
+    (dict(data=examples(20, "x")), r"training examples.*data\."),
+    (dict(data=examples(19)), r"20 → 19 examples"),
+])
+def test_a_resume_that_changes_the_prompt_stream_is_refused_saying_what_changed(tmp_path, change, message):
+    sampler = PromptSampler(examples(20), seed=1)
+    sampler.next_batch(6)
+    lifecycle.save_state(tmp_path, TrainState(step=3), FakePolicy(), Cursor(sampler), keep_last=2)
+    other = PromptSampler(change.get("data", examples(20)), seed=change.get("seed", 1))
+    with pytest.raises(ConfigError, match=message):
+        lifecycle.restore_state(tmp_path / "step_000003", FakePolicy(), other)
+    same = PromptSampler(examples(20), seed=1)
+    assert lifecycle.restore_state(tmp_path / "step_000003", FakePolicy(), same).step == 3
+    assert same.state_dict() == {"epoch": 0, "position": 6}
