@@ -157,7 +157,7 @@ def damage(path: Path, verify: bool = True) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} were written"
-        if verify and _sha256(file) != digest:
+        if verify and sha256(file) != digest:
             return f"{name} does not match its checksum"
     return None
 
@@ -252,11 +252,11 @@ def _gather_failures(error: BaseException | None, rank: int) -> list[str]:
 
 
 def _manifest(path: Path) -> dict[str, tuple[int, str]]:
-    return {str(file.relative_to(path)): (file.stat().st_size, _sha256(file))
+    return {str(file.relative_to(path)): (file.stat().st_size, sha256(file))
             for file in sorted(path.rglob("*")) if file.is_file()}
 
 
-def _sha256(file: Path) -> str:
+def sha256(file: Path) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):

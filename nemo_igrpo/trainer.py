@@ -29,8 +29,10 @@ from nemo_igrpo.lifecycle import (
     TrainState,
     check_writable,
     export_final,
+    final_is_current,
     restore_state,
     resume_path,
+    run_lock,
     save_state,
     stop_requests,
 )
@@ -58,7 +60,7 @@ class TrainResult:
 
 def train(config: Config, console: Console | None = None) -> TrainResult:
     """Train on this process, or as one rank of a torchrun / srun launch (joins the process group itself)."""
-    with distributed.distributed_session(config.trainer.dist_timeout_s):
+    with distributed.distributed_session(config.trainer.dist_timeout_s), run_lock(Path(config.trainer.output_dir)):
         if not distributed.is_main():
             console = Console(quiet=True)  # one voice: rank 0 reports for all ranks
         return _train(config, console or Console())
@@ -83,6 +85,8 @@ def _train(config: Config, console: Console) -> TrainResult:
         generator.update_weights(policy.export_weights())
     if state.step >= config.trainer.max_steps:
         run.close()
+        if not final_is_current(run_dir / "final", state.step):  # killed after its last checkpoint, before export
+            export_final(run_dir / "final", policy, run.tokenizer, state.step)
         console.print(f"Run already finished at step {state.step} (trainer.max_steps={config.trainer.max_steps}); "
                       "raise trainer.max_steps to train further.")
         return TrainResult(run_dir, state.step, None, None)
@@ -149,7 +153,7 @@ def _train(config: Config, console: Console) -> TrainResult:
         run.close()
 
     if state.step == config.trainer.max_steps:
-        export_final(run_dir / "final", policy, run.tokenizer)
+        export_final(run_dir / "final", policy, run.tokenizer, state.step)
     if initial is not None and final is not None:
         console.print(f"Held-out accuracy: [bold]{100 * initial:.1f}% → {100 * final:.1f}%[/] "
                       f"({100 * (final - initial):+.1f} points)")

@@ -36,3 +36,15 @@ def test_lora_and_kl_resume_after_a_warm_start_reproduce_the_uninterrupted_run(t
     assert got[2:] == expected[2:]  # steps 3 and 4: rewards, loss and KL to the same (warm-started) reference
     a = (reference / "final" / "model.safetensors").read_bytes()
     assert a == (crashed / "final" / "model.safetensors").read_bytes()  # bitwise-identical merged weights
+
+
+def test_a_run_killed_after_its_last_checkpoint_writes_final_when_resumed(tmp_path):
+    from nemo_igrpo.lifecycle import final_is_current
+
+    steps = ["trainer.max_steps=2", "trainer.save_every=1", "trainer.eval_every=0"]
+    run = tmp_path / "run"
+    with faults.armed("checkpoint.before_prune", "raise", when={"step": 2}), pytest.raises(faults.FaultInjected):
+        train(tiny_config(run, *steps))  # the step-2 checkpoint is complete, the export never ran
+    assert find_latest(run / "checkpoints").name == "step_000002" and not (run / "final").exists()
+    assert train(tiny_config(run, *steps)).step == 2  # "already finished" — and it exports the missing final/
+    assert final_is_current(run / "final", 2) and (run / "final" / "model.safetensors").is_file()
