@@ -150,7 +150,7 @@ def damage(path: Path, verify: bool = True) -> str | None:
     if not isinstance(state, dict) or marker != str(state.get("step")):
         return f"{COMPLETE} says step {marker!r}, trainer_state.json says {state!r:.80}"
     if not _well_formed(manifest):
-        return f"malformed manifest: {MANIFEST} is not a map of relative file names to [size, sha256] ({manifest!r:.80})"
+        return f"malformed manifest: {MANIFEST} is not a map of file names to [size, sha256] ({manifest!r:.80})"
     for name, (size, digest) in manifest.items():
         file = path / name
         if not file.is_file():
