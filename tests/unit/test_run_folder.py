@@ -235,3 +235,46 @@ def test_a_resume_that_changes_the_prompt_stream_is_refused_saying_what_changed(
     same = PromptSampler(examples(20), seed=1)
     assert lifecycle.restore_state(tmp_path / "step_000003", FakePolicy(), same).step == 3
     assert same.state_dict() == {"epoch": 0, "position": 6}
+
+
+# ------------------------------------------------------------------------------- Megatron's dist checkpoints (4)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_tampered_dist_checkpoint_metadata_runs_no_code(tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from nemo_igrpo.policy.megatron.checkpoint import _read_dcp
+
+    dcp.save({"decoder.final_layernorm.weight": torch.ones(4)}, checkpoint_id=str(tmp_path), no_dist=True)
+    assert torch.equal(_read_dcp(tmp_path)["decoder.final_layernorm.weight"], torch.ones(4))
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(_RunsCode(tmp_path / "pwned")))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        _read_dcp(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_non_tensor_entries_of_a_dist_checkpoint_are_loaded_without_running_code(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from nemo_igrpo.policy.megatron.safe_load import no_code_unpickling
+
+    dcp.save({"w": torch.ones(2), "extra": "step 3"}, checkpoint_id=str(tmp_path / "plain"), no_dist=True)
+    state = {"w": torch.zeros(2), "extra": None}
+    with no_code_unpickling():
+        dcp.load(state, checkpoint_id=str(tmp_path / "plain"), no_dist=True)
+    assert torch.equal(state["w"], torch.ones(2)) and state["extra"] == "step 3"
+    dcp.save({"w": torch.ones(2), "extra": _RunsCode(tmp_path / "pwned")}, checkpoint_id=str(tmp_path / "evil"),
+             no_dist=True)
+    with no_code_unpickling(), pytest.raises(BaseException):  # CheckpointException (a BaseException) wrapping it
+        dcp.load({"w": torch.zeros(2), "extra": None}, checkpoint_id=str(tmp_path / "evil"), no_dist=True)
+    assert not (tmp_path / "pwned").exists()
