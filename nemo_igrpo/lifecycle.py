@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from nemo_igrpo import distributed
+from nemo_igrpo import distributed, faults
 from nemo_igrpo.checkpoint import find_latest, fsync_dir, fsync_tree, load_checkpoint, save_checkpoint
 from nemo_igrpo.data.dataset import PromptSampler
 from nemo_igrpo.errors import ConfigError
@@ -110,6 +110,7 @@ def export_final(directory: Path, policy: PolicyBackend, tokenizer, step: int) -
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"step": step}))
         fsync_tree(tmp)
+        faults.point("export.before_swap", step=step, path=tmp)
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)

@@ -70,9 +70,6 @@ def _train(config: Config, console: Console) -> TrainResult:
     run_dir = Path(config.trainer.output_dir)
     main = distributed.is_main()
     check_writable(run_dir)
-    if main:
-        (run_dir / "config.yaml").write_text(to_yaml(config))
-        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request was meant for the previous job
     seed_everything(config.trainer.seed)
     resume_from = resume_path(config.trainer.resume, run_dir)
     run = build_run(config, warm_start=resume_from is None, console=console)
@@ -80,9 +77,16 @@ def _train(config: Config, console: Console) -> TrainResult:
     sampler = PromptSampler(run.train_set, seed=config.trainer.seed)
     state = TrainState()
     if resume_from is not None:
-        state = restore_state(resume_from, policy, sampler)
+        try:
+            state = restore_state(resume_from, policy, sampler)
+        except BaseException:  # e.g. a refused prompt stream: no grading workers or engines left behind
+            run.close()
+            raise
         console.print(f"Resumed from [bold]{resume_from}[/] at step {state.step}")
         generator.update_weights(policy.export_weights())
+    if main:  # only now: a start refused above (another run's folder, another prompt stream) leaves the folder as is
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request was meant for the previous job
     if state.step >= config.trainer.max_steps:
         run.close()
         if not final_is_current(run_dir / "final", state.step):  # killed after its last checkpoint, before export
