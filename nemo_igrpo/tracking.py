@@ -159,7 +159,14 @@ def mlflow_key(key: str) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of ``metrics.jsonl``; a torn last line (a live or killed run mid-write) is left out."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        records.extend(json.loads(line) for line in lines[-1:])
+    except ValueError:
+        pass
+    return records
 
 
 def _import(module: str, extra: str):

@@ -278,3 +278,8 @@ def test_non_tensor_entries_of_a_dist_checkpoint_are_loaded_without_running_code
     with no_code_unpickling(), pytest.raises(BaseException):  # CheckpointException (a BaseException) wrapping it
         dcp.load({"w": torch.zeros(2), "extra": None}, checkpoint_id=str(tmp_path / "evil"), no_dist=True)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_reading_metrics_leaves_out_a_torn_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "lo')
+    assert [r["step"] for r in tracking.read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
