@@ -5,7 +5,7 @@
   an explicit checkpoint whose checksums do not match.
 * ``run_lock``: a lock file naming the holder's pid and host; a second process writing the same folder is refused.
   A holder that died without removing it (SIGKILL, a lost node) is recognised by its pid on the same host, or by its
-  heartbeat (the file's mtime, touched every ``HEARTBEAT_S``) on another host.
+  heartbeat (the file's mtime, touched every ``HEARTBEAT_S``) having stopped.
 * ``prompt_stream`` / ``check_prompt_stream``: a fingerprint of what defines the prompt stream (the sampler's seed,
   the number of training examples and a hash of their contents), stored next to the cursor ``{epoch, position}``.
 """
@@ -127,7 +127,8 @@ def _holder(path: Path) -> dict[str, Any] | None:
     if not isinstance(holder, dict):
         holder = {}
     same_host = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
-    gone = (not _alive(holder["pid"])) if same_host else age > STALE_AFTER_S
+    # no heartbeat for STALE_AFTER_S: gone on any host (on this one, also a dead pid, or a pid reused since)
+    gone = age > STALE_AFTER_S or (same_host and not _alive(holder["pid"]))
     if not gone:
         return holder
     log.warning("removing the lock %s of a run that is gone (%s)", path, holder or "unreadable")

@@ -283,3 +283,53 @@ def test_non_tensor_entries_of_a_dist_checkpoint_are_loaded_without_running_code
 def test_reading_metrics_leaves_out_a_torn_last_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "lo')
     assert [r["step"] for r in tracking.read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------- the warm-started base (1)
+
+
+def test_a_resume_loads_the_stored_warm_started_base_bit_for_bit(tmp_path, caplog):
+    from rich.console import Console
+
+    from nemo_igrpo.config import load_config
+    from nemo_igrpo.warm_start import BASE_DIR, BASE_FILE, warm_started_base
+
+    config = load_config(overrides=[f"trainer.output_dir={tmp_path}", "warm_start.steps=3"])
+    console = Console(quiet=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    calls = []
+
+    def train():  # stands in for the warm start: moves the weights by something not reproducible from the seed
+        calls.append(1)
+        with torch.no_grad():
+            model.weight.add_(torch.rand(3, 4, generator=torch.Generator().manual_seed(len(calls) * 7)))
+    warm_started_base(config, model, fresh=True, console=console, train=train)
+    warm = {k: v.clone() for k, v in model.state_dict().items()}
+
+    resumed = torch.nn.Linear(4, 3)  # the untrained model a resumed run builds
+    warm_started_base(config, resumed, fresh=False, console=console, train=lambda: calls.append("again"))
+    assert calls == [1]  # not trained again
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in warm.items())
+
+    stored = tmp_path / BASE_DIR / BASE_FILE
+    stored.write_bytes(stored.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(RuntimeError, match="checksum"):
+        warm_started_base(config, torch.nn.Linear(4, 3), fresh=False, console=console, train=lambda: None)
+
+    import shutil
+    shutil.rmtree(tmp_path / BASE_DIR)  # a run folder of an older version: warm start again, with a warning
+    warm_started_base(config, torch.nn.Linear(4, 3), fresh=False, console=console, train=lambda: calls.append(2))
+    assert calls == [1, 2] and "no stored warm-started weights" in caplog.text
+
+
+def test_a_lock_whose_heartbeat_stopped_is_taken_over_even_from_another_host(tmp_path):
+    lock = tmp_path / lifecycle.LOCK_FILE
+    lock.write_text(json.dumps({"pid": 1, "host": "another-node"}))
+    with pytest.raises(ConfigError, match="another-node"):
+        with lifecycle.run_lock(tmp_path):
+            pass
+    stale = lock.stat().st_mtime - 3600
+    os.utime(lock, (stale, stale))  # its holder stopped beating an hour ago (a lost node)
+    with lifecycle.run_lock(tmp_path):
+        assert json.loads(lock.read_text())["host"] == socket.gethostname()
