@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nemo_igrpo import distributed, faults
-from nemo_igrpo.checkpoint import find_latest, fsync_dir, fsync_tree, load_checkpoint, save_checkpoint
+from nemo_igrpo.checkpoint import fsync_dir, fsync_tree, load_checkpoint, save_checkpoint
 from nemo_igrpo.data.dataset import PromptSampler
 from nemo_igrpo.errors import ConfigError
 from nemo_igrpo.policy.base import PolicyBackend

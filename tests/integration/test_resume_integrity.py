@@ -3,7 +3,6 @@ export was lost, and a changed prompt stream."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
