@@ -314,9 +314,9 @@ class Run:
 
 
 def build_run(config: Config, *, warm_start: bool, console) -> Run:
-    """Tokenizer, data, reward, policy (after the warm start when ``warm_start`` and ``warm_start.steps > 0``),
-    generator and rollout producer, in the order that fails fastest: settings that cannot work are refused before
-    any training."""
+    """Tokenizer, data, reward, policy (after the warm start when ``warm_start.steps > 0``: run when ``warm_start``,
+    else the stored warm-started weights of the run being resumed), generator and rollout producer, in the order
+    that fails fastest: settings that cannot work are refused before any training."""
     from nemo_igrpo import distributed
     from nemo_igrpo.data.dataset import PromptSampler
     from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
@@ -330,9 +330,10 @@ def build_run(config: Config, *, warm_start: bool, console) -> Run:
     try:
         model = load_model(config.model, tokenizer)
         check_policy(config, model)  # e.g. parallel sizes that do not divide: fail before the warm start
-        if warm_start and config.warm_start.steps > 0:
-            console.print(f"[bold]Warm start[/]: {config.warm_start.steps} supervised steps on reference solutions")
-            warm_start_model(config, model, train_set, template, tokenizer, console)
+        if config.warm_start.steps > 0:  # a resumed run (warm_start=False) loads the base its run stored
+            from nemo_igrpo.warm_start import warm_started_base
+            warm_started_base(config, model, fresh=warm_start, console=console,
+                              train=lambda: warm_start_model(config, model, train_set, template, tokenizer, console))
         policy = build_policy(config, model)
         # this rank's prompts; refuses a prompts_per_step that does not split over the data-parallel ranks
         source = ShardedSource(PromptSampler(train_set, seed=config.trainer.seed), config.trainer.prompts_per_step,

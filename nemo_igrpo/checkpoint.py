@@ -6,10 +6,14 @@ never resumed from. ``MANIFEST.json`` records every file's size and SHA-256, so 
 written (truncated, missing or overwritten bytes) is detected on resume and skipped for the previous one instead of
 being loaded. Only after a new checkpoint is complete are old ones beyond ``keep_last`` deleted, so a failure
 at any moment leaves the previous checkpoint intact.
+
+Nothing in a checkpoint is unpickled on resume: RNG states are JSON (``rng.json``), weights safetensors, optimizer
+states ``torch.load(weights_only=True)``. A ``rng.pt`` of an older version is never loaded (see ``_read_rng``).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -73,19 +77,20 @@ def save_checkpoint(
     def write_shards() -> None:
         write_payload(tmp / "policy")
         if rank > 0:  # ranks may differ in RNG state (e.g. random tie-breaks on their own prompts)
-            torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+            (tmp / f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
 
     def finish() -> None:
         (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-        torch.save(_rng_state(), tmp / "rng.pt")
-        _fsync_tree(tmp)
+        (tmp / "rng.json").write_text(json.dumps(_rng_state()))
+        fsync_tree(tmp)
         (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
         (tmp / COMPLETE).write_text(str(step))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         faults.point("checkpoint.before_rename", step=step, path=tmp)
         if final.exists():  # a re-save of the same step (e.g. after a resume); replace it only now
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(root)  # the rename itself is durable only once the directory entry is on disk
 
     for phase, everyone in ((prepare, False), (write_shards, True), (finish, False)):
         error = None
@@ -107,6 +112,12 @@ def save_checkpoint(
         faults.point("checkpoint.before_prune", step=step, path=final)
         _prune(root, keep_last)
     return final
+
+
+def newest_step(root: Path) -> int | None:
+    """The highest step among the complete checkpoints under ``root`` (sizes checked, not checksums)."""
+    steps = [step for step, path in _list(root) if is_complete(path)]
+    return max(steps) if steps else None
 
 
 def find_latest(root: Path, verify: bool = True) -> Path | None:
@@ -138,13 +149,15 @@ def damage(path: Path, verify: bool = True) -> str | None:
         return f"unreadable marker, trainer state or manifest ({error})"
     if not isinstance(state, dict) or marker != str(state.get("step")):
         return f"{COMPLETE} says step {marker!r}, trainer_state.json says {state!r:.80}"
+    if not _well_formed(manifest):
+        return f"malformed manifest: {MANIFEST} is not a map of file names to [size, sha256] ({manifest!r:.80})"
     for name, (size, digest) in manifest.items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} were written"
-        if verify and _sha256(file) != digest:
+        if verify and sha256(file) != digest:
             return f"{name} does not match its checksum"
     return None
 
@@ -156,8 +169,7 @@ def load_checkpoint(path: Path, read_payload: Callable[[Path], None], verify: bo
         raise FileNotFoundError(f"{path}: not a complete checkpoint: {problem}")
     read_payload(path / "policy")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    own = path / f"rng_rank{rank}.pt"
-    _set_rng_state(torch.load(own if rank > 0 and own.is_file() else path / "rng.pt", weights_only=False))
+    _read_rng(path, rank)
     return json.loads((path / "trainer_state.json").read_text())
 
 
@@ -178,19 +190,55 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _well_formed(manifest: Any) -> bool:
+    """``{relative name: [size, sha256]}``; anything else (valid JSON of another shape) is damage, not a crash."""
+    return isinstance(manifest, dict) and all(
+        isinstance(name, str) and not Path(name).is_absolute() and ".." not in Path(name).parts
+        and isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], str)
+        for name, entry in manifest.items())
+
+
+def _bytes(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.numpy().tobytes()).decode()
+
+
+def _tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG of this process as plain JSON (no pickle): Python's and NumPy's Mersenne Twister words, torch's
+    generator bytes."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "torch": _bytes(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_bytes(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_tensor(s) for s in state["cuda"]])
+
+
+def _read_rng(path: Path, rank: int) -> None:
+    own = path / f"rng_rank{rank}.json"
+    file = own if rank > 0 and own.is_file() else path / "rng.json"
+    if file.is_file():
+        _set_rng_state(json.loads(file.read_text()))
+        return
+    # An older version pickled the RNG states into rng.pt; unpickling a run-folder file can run code, and a
+    # weights_only load rejects NumPy's state, so it is not read: the run goes on, but its random draws (ties in
+    # draft selection, sampling seeds derived from torch's RNG) differ from an uninterrupted run's.
+    log.warning("%s: RNG states in the old pickled rng.pt are not loaded (a pickle can run code); the resumed run "
+                "continues from trainer.seed's RNG state and will not repeat the interrupted run's random draws", path)
 
 
 def _gather_failures(error: BaseException | None, rank: int) -> list[str]:
@@ -204,11 +252,11 @@ def _gather_failures(error: BaseException | None, rank: int) -> list[str]:
 
 
 def _manifest(path: Path) -> dict[str, tuple[int, str]]:
-    return {str(file.relative_to(path)): (file.stat().st_size, _sha256(file))
+    return {str(file.relative_to(path)): (file.stat().st_size, sha256(file))
             for file in sorted(path.rglob("*")) if file.is_file()}
 
 
-def _sha256(file: Path) -> str:
+def sha256(file: Path) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 24), b""):
@@ -216,7 +264,16 @@ def _sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (a rename into it, a deletion) durable."""
+    handle = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def fsync_tree(path: Path) -> None:
     """Flush file contents before the rename makes the checkpoint visible (a crash must not expose empty files)."""
     for file in path.rglob("*"):
         if file.is_file():

@@ -55,6 +55,8 @@ POINTS: dict[str, str] = {
                                 "the rename makes it visible; context: step, path",
     "checkpoint.before_prune": "checkpoint: renamed into place, before checkpoints beyond keep_last are deleted; "
                                "context: step, path",
+    "export.before_swap": "final export: the new final/ written beside the old one, before they are swapped; "
+                          "context: step, path",
     "reward.grade_item": "grading-pool worker process: before it grades one item (arm it through the environment)",
 }
 

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from nemo_igrpo.checkpoint import fsync_dir
 from nemo_igrpo.registry import Registry
 
 if TYPE_CHECKING:
     from nemo_igrpo.config import Config
+
+log = logging.getLogger(__name__)
 
 WANDB_ID_FILE = "wandb_run_id"
 MLFLOW_ID_FILE = "mlflow_run_id"
@@ -155,7 +159,14 @@ def mlflow_key(key: str) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of ``metrics.jsonl``; a torn last line (a live or killed run mid-write) is left out."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        records.extend(json.loads(line) for line in lines[-1:])
+    except ValueError:
+        pass
+    return records
 
 
 def _import(module: str, extra: str):
@@ -185,10 +196,27 @@ def _now_ms() -> int:
 
 
 def _truncate_after(path: Path, step: int) -> None:
+    """Keep the records up to ``step``; a line that is not a whole record (a process killed mid-write leaves half
+    a line) is dropped with a warning. The file is replaced atomically: a kill here leaves the old one."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+            keep = record is not None and record["step"] <= step
+        except (ValueError, TypeError, KeyError):
+            log.warning("%s:%d: dropping a torn or malformed record: %.80s", path, number, line)
+            continue
+        if keep:
+            kept.append(line)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as handle:
+        handle.write("".join(line + "\n" for line in kept))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _plain(value: Any) -> Any:

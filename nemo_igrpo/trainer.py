@@ -30,8 +30,10 @@ from nemo_igrpo.lifecycle import (
     TrainState,
     check_writable,
     export_final,
+    final_is_current,
     restore_state,
     resume_path,
+    run_lock,
     save_state,
     stop_requests,
 )
@@ -59,7 +61,7 @@ class TrainResult:
 
 def train(config: Config, console: Console | None = None) -> TrainResult:
     """Train on this process, or as one rank of a torchrun / srun launch (joins the process group itself)."""
-    with distributed.distributed_session(config.trainer.dist_timeout_s):
+    with distributed.distributed_session(config.trainer.dist_timeout_s), run_lock(Path(config.trainer.output_dir)):
         if not distributed.is_main():
             console = Console(quiet=True)  # one voice: rank 0 reports for all ranks
         return _train(config, console or Console())
@@ -69,21 +71,27 @@ def _train(config: Config, console: Console) -> TrainResult:
     run_dir = Path(config.trainer.output_dir)
     main = distributed.is_main()
     check_writable(run_dir)
-    if main:
-        (run_dir / "config.yaml").write_text(to_yaml(config))
-        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request was meant for the previous job
     seed_everything(config.trainer.seed)
     resume_from = resume_path(config.trainer.resume, run_dir)
     run = build_run(config, warm_start=resume_from is None, console=console)
     policy, generator, producer = run.policy, run.generator, run.producer
     state = TrainState()
     if resume_from is not None:
-        state = restore_state(resume_from, policy, producer.sampler)
+        try:
+            state = restore_state(resume_from, policy, producer.sampler)
+        except BaseException:  # e.g. a refused prompt stream: no grading workers or engines left behind
+            run.close()
+            raise
         producer.resume_at(state.step)
         console.print(f"Resumed from [bold]{resume_from}[/] at step {state.step}")
         generator.update_weights(policy.export_weights())
+    if main:  # only now: a start refused above (another run's folder, another prompt stream) leaves the folder as is
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+        (run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request was meant for the previous job
     if state.step >= config.trainer.max_steps:
         run.close()
+        if not final_is_current(run_dir / "final", state.step):  # killed after its last checkpoint, before export
+            export_final(run_dir / "final", policy, run.tokenizer, state.step)
         console.print(f"Run already finished at step {state.step} (trainer.max_steps={config.trainer.max_steps}); "
                       "raise trainer.max_steps to train further.")
         return TrainResult(run_dir, state.step, None, None)
@@ -146,7 +154,7 @@ def _train(config: Config, console: Console) -> TrainResult:
         run.close()  # the producer first, then the generator and the reward
 
     if state.step == config.trainer.max_steps:
-        export_final(run_dir / "final", policy, run.tokenizer)
+        export_final(run_dir / "final", policy, run.tokenizer, state.step)
     if initial is not None and final is not None:
         console.print(f"Held-out accuracy: [bold]{100 * initial:.1f}% → {100 * final:.1f}%[/] "
                       f"({100 * (final - initial):+.1f} points)")

@@ -3,12 +3,25 @@
 It goes through the policy interface (``train_step`` with a negative log-likelihood loss), so it runs on whichever
 policy backend is configured, with its own learning rate and a fresh optimizer that is discarded afterwards
 (``nemo_igrpo.assembly.build_warm_start_policy``).
+
+The warm-started weights are the base of the whole run: a LoRA checkpoint holds only the adapters on top of them,
+and with ``algorithm.kl_coef > 0`` they are the KL reference. ``warm_started_base`` therefore stores them once in the
+run folder (``<trainer.output_dir>/warm_start/``), and a resumed run loads that copy bit for bit instead of training
+again (which on a GPU need not reproduce the same bits) or starting from the untrained model.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import safetensors.torch
 
 import torch
 from rich.console import Console
@@ -20,7 +33,47 @@ from nemo_igrpo.data.prompts import PromptBuilder
 from nemo_igrpo.policy.base import PolicyBackend
 
 if TYPE_CHECKING:
-    from nemo_igrpo.config import WarmStartConfig
+    from nemo_igrpo.config import Config, WarmStartConfig
+
+log = logging.getLogger(__name__)
+
+BASE_DIR = "warm_start"
+BASE_FILE = "model.safetensors"
+BASE_INFO = "warm_start.json"  # the file's SHA-256 and the warm_start settings that produced it
+
+
+def warm_started_base(config: Config, model: torch.nn.Module, *, fresh: bool, train: Callable[[], None],
+                      console: Console) -> None:
+    """Make ``model`` this run's warm-started base: a fresh run trains it (``train()``) and stores it, a resumed
+    one loads the stored copy. A resumed run from an older version (nothing stored) trains again, with a warning."""
+    from nemo_igrpo.checkpoint import fsync_dir, fsync_tree, sha256
+
+    store = Path(config.trainer.output_dir) / BASE_DIR
+    if not fresh:
+        if (store / BASE_INFO).is_file():
+            info = json.loads((store / BASE_INFO).read_text())
+            if sha256(store / BASE_FILE) != info.get("sha256"):
+                raise RuntimeError(f"{store / BASE_FILE}: the stored warm-started weights do not match their "
+                                   f"checksum in {BASE_INFO}; the run cannot resume onto the base it trained on")
+            safetensors.torch.load_model(model, str(store / BASE_FILE))
+            console.print(f"[bold]Warm start[/]: the run's warm-started weights from {store}")
+            return
+        log.warning("%s: no stored warm-started weights (a run of an older version); training the warm start "
+                    "again, which matches the original only where the warm start is bitwise reproducible", store)
+    console.print(f"[bold]Warm start[/]: {config.warm_start.steps} supervised steps on reference solutions")
+    train()
+    if distributed.is_main():
+        tmp = store.with_name(f".tmp-{BASE_DIR}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        safetensors.torch.save_model(model, str(tmp / BASE_FILE))  # de-duplicates tied tensors
+        (tmp / BASE_INFO).write_text(json.dumps({"sha256": sha256(tmp / BASE_FILE),
+                                                 "warm_start": vars(config.warm_start)}, indent=1))
+        fsync_tree(tmp)
+        shutil.rmtree(store, ignore_errors=True)  # a fresh start: resume_path refused one over an older run
+        os.replace(tmp, store)
+        fsync_dir(store.parent)
+    distributed.barrier()  # every rank resumes from the stored copy only once it is complete
 
 
 def warm_start(policy: PolicyBackend, model: torch.nn.Module, examples: list[Example], template: PromptBuilder,

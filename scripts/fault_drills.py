@@ -96,10 +96,12 @@ class Harness:
         env.pop(FAULTS_ENV, None)  # a reference or resumed run must not inherit faults meant for another run
         if faults:
             env[FAULTS_ENV] = faults
+        metrics = run_dir / "metrics.jsonl"
+        stale = metrics.stat().st_ino if metrics.exists() else None  # the dead run's file, replaced on resume
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                    cwd=REPO)
-        reached = _watch_metrics(process, run_dir / "metrics.jsonl", watch_step, start) if watch_step else None
+        reached = _watch_metrics(process, metrics, watch_step, start, stale) if watch_step else None
         try:
             output, _ = process.communicate(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
@@ -121,11 +123,10 @@ class Harness:
 
     def resume_and_compare(self, run_dir: Path, reference: Path, lost_step: int,
                            extra: list[str] = ()) -> tuple[int, float, list[str]]:
-        """Resume ``run_dir`` to the end; returns (steps that differ from ``reference``, recovery seconds, notes)."""
-        # What the logger does itself on resume, done here first so the watcher cannot see records of the lost run.
-        latest = _latest(run_dir)
-        resumed_at = int(json.loads((latest / "trainer_state.json").read_text())["step"]) if latest else 0
-        _truncate_metrics(run_dir, resumed_at)
+        """Resume ``run_dir`` to the end; returns (steps that differ from ``reference``, recovery seconds, notes).
+
+        The run folder is left exactly as the fault left it (torn lines included): repairing it is the resume's job.
+        """
         result, reached = self.run(run_dir, list(extra), watch_step=lost_step)
         notes = []
         if result.returncode != 0:
@@ -134,12 +135,23 @@ class Harness:
         return lost, reached if reached is not None else result.seconds, notes
 
 
-def _watch_metrics(process: subprocess.Popen, metrics: Path, step: int, start: float) -> float | None:
+def _watch_metrics(process: subprocess.Popen, metrics: Path, step: int, start: float,
+                   stale: int | None = None) -> float | None:
+    """Seconds until ``step``'s record appears; records in the file with inode ``stale`` (what the dead run left,
+    which the resumed run replaces at start-up) do not count."""
+    def logged() -> bool:
+        try:
+            if metrics.stat().st_ino == stale:
+                return False
+        except OSError:
+            return False
+        return any(record.get("step") == step for record in _read_metrics(metrics))
+
     while process.poll() is None:
-        if any(record.get("step") == step for record in _read_metrics(metrics)):
+        if logged():
             return time.perf_counter() - start
         time.sleep(0.05)
-    return time.perf_counter() - start if any(r.get("step") == step for r in _read_metrics(metrics)) else None
+    return time.perf_counter() - start if logged() else None
 
 
 def compare_runs(reference: Path, run_dir: Path, notes: list[str]) -> int:
@@ -171,9 +183,16 @@ def _comparable(record: dict) -> dict:
 
 def _read_metrics(path: Path) -> list[dict]:
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
+        lines = path.read_text().splitlines()
+    except OSError:
         return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass  # a torn line (a process killed mid-write): the resumed run drops it itself
+    return records
 
 
 def _cursor(run_dir: Path, step: int):
@@ -255,7 +274,7 @@ def drill_term(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
     return trials
 
 
-CORRUPTIONS = ("truncate", "missing", "garbage", "bad-state")
+CORRUPTIONS = ("truncate", "missing", "garbage", "bad-state", "rng", "manifest")
 
 
 def drill_corrupt(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
@@ -272,7 +291,6 @@ def drill_corrupt(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
             shutil.rmtree(run_dir / "checkpoints" / f"step_{steps:06d}")  # as if the job died after step N-2's save
             damaged = run_dir / "checkpoints" / f"step_{steps - 2:06d}"
             target = _corrupt(damaged, how, rng)
-            _truncate_metrics(run_dir, steps - 1)  # the job died during step N-1, before its next checkpoint
             result, reached = h.run(run_dir, watch_step=steps)
             notes = [f"damaged {target.relative_to(run_dir)}"]
             if result.returncode != 0:
@@ -305,12 +323,13 @@ def _corrupt(checkpoint: Path, how: str, rng: random.Random) -> Path:
     elif how == "bad-state":
         target = checkpoint / "trainer_state.json"
         target.write_text("{\"step\": ")
+    elif how == "rng":  # same size, other bytes: a pickle here could have run code, JSON is only checked
+        target = checkpoint / "rng.json"
+        target.write_text("x" * target.stat().st_size)
+    elif how == "manifest":  # valid JSON of the wrong shape
+        target = checkpoint / "MANIFEST.json"
+        target.write_text("[]")
     return target
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    records = [r for r in _read_metrics(run_dir / "metrics.jsonl") if r["step"] <= step]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def drill_disk_full(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
@@ -463,9 +482,6 @@ def drill_server(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
                 trials.append(Trial("server-restart", f"killed during step {step}", False, steps, 0.0, notes))
                 continue
             start = time.perf_counter()
-            latest = _latest(run_dir)
-            resumed_at = int(json.loads((latest / "trainer_state.json").read_text())["step"]) if latest else 0
-            _truncate_metrics(run_dir, resumed_at)
             result, reached = h.run(run_dir, extra, env=server.env, watch_step=step)
             logged = [r["step"] for r in _read_metrics(run_dir / "metrics.jsonl")]
             lost = len(set(range(steps + 1)) ^ set(logged)) + (len(logged) - len(set(logged)))
@@ -478,6 +494,74 @@ def drill_server(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
             trials.append(Trial("server-restart", f"killed during step {step}", result.returncode == 0 and lost == 0,
                                 lost, reached if reached is not None else time.perf_counter() - start, notes))
     return trials
+
+
+# LoRA adapters and a KL reference on top of the warm start: a resume must sit on the same warm-started base.
+LORA_KL = ["policy.lora.rank=4", "algorithm.kl_coef=0.05"]
+
+
+def drill_run_folder(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """What a run folder must survive besides a mid-step kill (issue 26): a kill after the last checkpoint or
+    during the final export, a torn ``metrics.jsonl`` line, LoRA + KL resumed after a warm start, and starts that
+    must be refused without touching the folder (``trainer.resume=none`` over an older run, a changed seed)."""
+    reference = h.reference()
+    steps = _max_steps(h.overrides)
+    trials = []
+    for repeat in range(repeats):
+        for phase in ("final-checkpoint", "export"):
+            fault = {"kind": "kill", "phase": phase, "step": steps, "seed": rng.randrange(1 << 30)}
+            trials.append(_kill_and_resume(h, reference, f"{phase}-{repeat}", fault, []))
+        step = rng.randint(2, steps - 1)
+        fault = {"kind": "kill", "phase": "optimizer", "step": step, "seed": rng.randrange(1 << 30)}
+        trials.append(_kill_and_resume(h, reference, f"torn-metrics-{repeat}", fault, [], torn=True))
+        fault = {"kind": "kill", "phase": rng.choice(["generation", "optimizer"]), "step": rng.randint(3, steps - 1),
+                 "seed": rng.randrange(1 << 30)}
+        trials.append(_kill_and_resume(h, h.reference(LORA_KL), f"lora-kl-{repeat}", fault, LORA_KL))
+        for name, extra, says in (("stale-run", ["trainer.resume=none"], ["trainer.output_dir", "trainer.resume"]),
+                                  ("changed-seed", ["trainer.seed=12345"], ["trainer.seed:", "→ 12345"])):
+            run_dir = h.work / f"{name}-{repeat}"
+            shutil.copytree(reference, run_dir)
+            shutil.rmtree(run_dir / "final")
+            shutil.rmtree(run_dir / "checkpoints" / f"step_{steps:06d}")  # a run that died after step N-2's save
+            before = _snapshot(run_dir)
+            refused, _ = h.run(run_dir, extra)
+            notes = [_tail(refused.output, 1)]
+            ok = refused.returncode not in (0, EXIT_KILLED) and all(s in refused.output for s in says)
+            ok = ok and "Traceback" not in refused.output and _snapshot(run_dir) == before
+            if not ok:
+                changed = _snapshot(run_dir) != before
+                trials.append(Trial(name, "refused, folder untouched", False, steps, 0.0,
+                                    notes + [f"exit {refused.returncode}, folder changed: {changed}"]))
+                continue
+            lost, seconds, more = h.resume_and_compare(run_dir, reference, lost_step=steps)  # then resumes as it was
+            trials.append(Trial(name, "refused, folder untouched, then resumed", lost == 0, lost, seconds,
+                                notes + more))
+    return trials
+
+
+def _kill_and_resume(h: Harness, reference: Path, name: str, fault: dict, extra: list[str],
+                     torn: bool = False) -> Trial:
+    run_dir = h.work / name
+    drill, detail = name.rsplit("-", 1)[0], f"{fault['phase']} step {fault['step']}"
+    killed, _ = h.run(run_dir, extra, fault=fault)
+    landed = _phase_log(run_dir)
+    steps = _max_steps(h.overrides)
+    if killed.returncode != EXIT_KILLED:
+        return Trial(drill, detail, False, steps, 0.0, [f"fault did not fire (exit {killed.returncode}): "
+                                                       f"{_tail(killed.output)}"])
+    notes = []
+    if torn:  # the process died inside a metrics write: half a record, no newline
+        with open(run_dir / "metrics.jsonl", "a") as handle:
+            handle.write('{"step": 99, "reward/mean": 0.')
+        notes.append("torn last line in metrics.jsonl")
+    died_in = int(landed.rsplit("@step", 1)[1]) if "@step" in landed else fault["step"]
+    lost, seconds, more = h.resume_and_compare(run_dir, reference, lost_step=min(died_in, steps), extra=extra)
+    return Trial(drill, f"{detail} ({landed})", lost == 0, lost, seconds, notes + more)
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name not in ("drill_phases.log", "exit_time")}
 
 
 # Asynchronous rollouts one version ahead, as the async drill runs them (through a server).
@@ -512,7 +596,6 @@ def drill_async(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
                 continue
             latest = _latest(run_dir)
             resumed_at = int(json.loads((latest / "trainer_state.json").read_text())["step"]) if latest else 0
-            _truncate_metrics(run_dir, resumed_at)
             result, reached = h.run(run_dir, extra, env=server.env, watch_step=step)
             notes = [] if result.returncode == 0 else [f"resume failed: {_tail(result.output)}"]
             got = _consumed(run_dir)
@@ -601,7 +684,7 @@ class _GenerationServer:
 
 DRILLS = {"kill": drill_kill, "term": drill_term, "corrupt": drill_corrupt, "disk": drill_disk_full,
           "reward": drill_reward, "server": drill_server, "async": drill_async, "nan": drill_nan,
-          "inputs": drill_inputs}
+          "inputs": drill_inputs, "runfolder": drill_run_folder}
 
 
 # ---------------------------------------------------------------------------------------------- the child
@@ -622,6 +705,10 @@ KILL_POINTS = {
     "optimizer": [("before", "policy.gradients", 0), ("after", "train.updated", 0)],
     "checkpoint": [("writing", "checkpoint.begin", 0.05), ("before-rename", "checkpoint.before_rename", 0),
                    ("before-pruning", "checkpoint.before_prune", 0)],
+    # the last step's checkpoint is complete and final/ not yet (or half) written
+    "final-checkpoint": [("before-pruning", "checkpoint.before_prune", 0),
+                         ("within-1s-after-it", "checkpoint.before_prune", 1.0)],  # closing, exporting, exiting
+    "export": [("before-swap", "export.before_swap", 0)],
 }
 
 

@@ -64,9 +64,9 @@ from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
 _export = trainer.export_final
 
 
-def export_and_score(directory, policy, tokenizer):
+def export_and_score(directory, policy, tokenizer, *rest):
     # The trainer's own log-probs of the fixed sequence on the final weights, for comparison with final/.
-    _export(directory, policy, tokenizer)
+    _export(directory, policy, tokenizer, *rest)
     rows = {fixed!r}
     ids, attention, mask, gen = pad_sequences([r[:{prompt}] for r in rows], [r[{prompt}:] for r in rows], 0)
     batch = RolloutBatch(ids, attention, mask, torch.zeros(len(rows)), torch.arange(len(rows)), gen)

@@ -68,8 +68,8 @@ def _from_hf_folder(folder: Path) -> SourceModel:
 def _from_checkpoint(checkpoint: Path) -> SourceModel:
     """A checkpoint ``<run>/checkpoints/step_N``: weights from ``policy/``, model config and tokenizer from the run."""
     if not is_complete(checkpoint):
-        raise ExportError(f"{checkpoint}: not a complete checkpoint (needs {COMPLETE}, trainer_state.json, rng.pt and "
-                          "policy/; an interrupted save leaves them out)")
+        raise ExportError(f"{checkpoint}: not a complete checkpoint (needs {COMPLETE}, trainer_state.json, rng.json "
+                          "and policy/; an interrupted save leaves them out)")
     run_dir = checkpoint.parent.parent
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{checkpoint}: the run's config ({run_dir / 'config.yaml'}) is missing, so the model "

@@ -22,6 +22,17 @@ log = logging.getLogger(__name__)
 _MAX_BACKOFF_S = 10.0
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """The server API never redirects; following one would send the bearer token to wherever it points (urllib
+    forwards every header but the content ones), so a redirect is an error naming its target."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
+
+
 class ServerUnavailableError(RuntimeError):
     """The generation server did not answer within the retry budget."""
 
@@ -56,7 +67,7 @@ class ServerHTTPClient:
             attempt += 1
             request = urllib.request.Request(f"{self.url}{path}", data=data, headers=headers, method=method)
             try:
-                with urllib.request.urlopen(request, timeout=timeout or self.request_timeout_s) as response:
+                with _OPENER.open(request, timeout=timeout or self.request_timeout_s) as response:
                     payload = response.read()
                     return json.loads(payload) if payload else None
             except urllib.error.HTTPError as error:
@@ -65,6 +76,11 @@ class ServerHTTPClient:
                     raise ServerRequestError(f"generation server {self.url} refused the token (HTTP 401): the "
                                              "client's and the server's token must be equal "
                                              "(generation.server.token_env)") from None
+                if 300 <= error.code < 400:
+                    raise ServerRequestError(
+                        f"generation server {self.url}{path}: HTTP {error.code} redirect to "
+                        f"{error.headers.get('Location')!r}, not followed (it would carry the token there); set "
+                        "generation.server.url to the server's own address") from None
                 if error.code < 500:
                     raise ServerRequestError(f"generation server {self.url}{path}: HTTP {error.code}: "
                                              f"{detail}") from None

@@ -35,6 +35,29 @@ from nemo_igrpo.generation.server_http import ServerHTTPClient, ServerRestartedE
 from nemo_igrpo.generation.weight_buckets import weight_buckets
 
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+SHM_DIR = "/dev/shm"
+BUCKET_PREFIX = "nemo-igrpo-weights-"  # then the writer's pid: a SIGKILLed writer's files are found by the next one
+
+
+def remove_stale_buckets() -> None:
+    """Delete bucket files whose writing process is gone (killed mid-push, they would hold RAM until reboot)."""
+    root = Path(SHM_DIR)
+    if not root.is_dir():
+        return
+    for path in root.glob(f"{BUCKET_PREFIX}*"):
+        pid = path.name[len(BUCKET_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class ServerWeightSync(ServerHTTPClient):
@@ -48,6 +71,8 @@ class ServerWeightSync(ServerHTTPClient):
         self.bucket_bytes = weight_bucket_mb << 20
         self._nccl = None
         self._weights_version: str | None = None  # set after each sync; a restarted server has lost it
+        if self.weight_sync == "shm":
+            remove_stale_buckets()
 
     @torch.no_grad()
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -101,8 +126,8 @@ class ServerWeightSync(ServerHTTPClient):
     def _send_shm(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         from safetensors.torch import save_file
 
-        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        handle, path = tempfile.mkstemp(prefix="nemo-igrpo-weights-", suffix=".safetensors", dir=root)
+        root = SHM_DIR if os.path.isdir(SHM_DIR) else None
+        handle, path = tempfile.mkstemp(prefix=f"{BUCKET_PREFIX}{os.getpid()}-", suffix=".safetensors", dir=root)
         os.close(handle)
         try:
             # contiguous CPU copies; tied tensors (embed_tokens / lm_head) must not share storage in one file

@@ -98,7 +98,7 @@ def test_two_ranks_reproduce_one_rank_on_the_same_global_batch(tmp_path):
     # One writer: rank 0 wrote the metadata, rank 1 only its RNG state.
     checkpoint = two / "checkpoints" / "step_000002"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "COMPLETE", "MANIFEST.json", "policy", "rng.pt", "rng_rank1.pt", "trainer_state.json"]
+        "COMPLETE", "MANIFEST.json", "policy", "rng.json", "rng_rank1.json", "trainer_state.json"]
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
 
 

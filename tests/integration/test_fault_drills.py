@@ -51,6 +51,12 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_run_ends_where_the_undamag
 
 
 @pytest.mark.slow
+def test_a_damaged_rng_file_or_a_manifest_of_the_wrong_shape_is_skipped_too(drills, harness, monkeypatch):
+    monkeypatch.setattr(drills, "CORRUPTIONS", ("rng", "manifest"))
+    assert_survived(drills.drill_corrupt(harness, random.Random(2), repeats=1), 2)
+
+
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_resumes(drills, harness):
     assert_survived(drills.drill_disk_full(harness, random.Random(3), repeats=1), 1)
 

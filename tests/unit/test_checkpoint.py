@@ -53,7 +53,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, da
     elif damage == "garbage_state":
         (newest / "trainer_state.json").write_bytes(b"\x00\xff{garbage")
     elif damage == "rng":
-        (newest / "rng.pt").unlink()
+        (newest / "rng.json").unlink()
     else:  # a crash mid-write leaves only the temporary directory
         newest.rename(tmp_path / ".tmp-step_000002")
     assert not is_complete(newest)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from nemo_igrpo.policy.megatron import convert
+from nemo_igrpo.policy.megatron.safe_load import no_code_unpickling
 
 META_FILE = "nemo_igrpo_megatron.json"
 _SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -71,7 +72,8 @@ def load_policy(directory: Path, model: Any, optimizer: Any, hf_config: Any) -> 
     _init_torch_adam_state(optimizer)
     state = _sharded_state(model, optimizer, is_loading=True)
     state["step"] = 0
-    loaded = dist_checkpointing.load(state, str(directory))
+    with no_code_unpickling():  # a run folder must not run code on resume
+        loaded = dist_checkpointing.load(state, str(directory))
     model.module.load_state_dict(loaded["model"])
     with _keep_adam_step(optimizer):
         optimizer.load_state_dict(loaded["optimizer"])
@@ -156,14 +158,16 @@ def _read_dcp(directory: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     reader = FileSystemReader(str(directory))
-    metadata = reader.read_metadata()
+    with no_code_unpickling():
+        metadata = reader.read_metadata()
     wanted = {}
     for key, item in metadata.state_dict_metadata.items():
         if isinstance(item, TensorStorageMetadata) and _is_model_key(key):
             wanted[key] = torch.empty(item.size, dtype=item.properties.dtype)
     if not wanted:
         raise ValueError(f"{directory}: no model tensors in the distributed checkpoint")
-    _load_state_dict(wanted, storage_reader=reader, no_dist=True)
+    with no_code_unpickling():
+        _load_state_dict(wanted, storage_reader=reader, no_dist=True)
     return wanted
 
 
