@@ -41,13 +41,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 
 from nemo_igrpo import distributed
+from nemo_igrpo.background import DaemonExecutor
 from nemo_igrpo.algorithms.batch import RolloutBatch
 from nemo_igrpo.algorithms.igrpo import Drafts, draft_stage, rollout
 from nemo_igrpo.data.dataset import PromptSampler
@@ -154,7 +155,7 @@ class DraftAheadProducer(RolloutProducer):
         super().__init__(run, sampler, prompts_per_step, start_step=start_step, max_steps=max_steps)
         self._refuse_model_parallel_peers("rollout.draft_ahead")
         self._ahead: _DraftJob | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-ahead")
+        self._executor = DaemonExecutor("draft-ahead")
 
     def next_batch(self, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:
         job, self._ahead = self._ahead, None
@@ -181,14 +182,11 @@ class DraftAheadProducer(RolloutProducer):
         super().sync_weights(weights, timer)
 
     def close(self) -> None:
-        """Finish (and drop) a pending draft job before the generator is closed."""
+        """Drop a pending draft job without waiting for it (its daemon thread cannot hold up the exit either)."""
         if self._ahead is not None:
-            try:
-                self._ahead.future.result()
-            except Exception:  # noqa: BLE001  (the run is ending; the job's own error does not matter now)
-                pass
+            self._ahead.future.cancel()
             self._ahead = None
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown()
 
     def _start_ahead(self) -> None:
         run, finished, start = self.run, [], self._position()  # before the job can draw
@@ -266,8 +264,9 @@ class AsyncRolloutProducer(RolloutProducer):
         self._queued_to = start_step  # the last step with a job
         self._gate = threading.Condition()  # guards the three fields below and the sampler/version reads of a job
         self._generating = False  # a job is running on the generator
-        self._sync_pending = False  # the loop waits to change the weights: no job may start
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
+        self._sync_pending = False  # the loop waits to change the weights (or a sync failed): no job may start
+        self._closed = False  # close() was called: a job waiting at the gate gives up
+        self._executor = DaemonExecutor("rollouts")
 
     def next_batch(self, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:
         step = self.step + 1
@@ -294,17 +293,17 @@ class AsyncRolloutProducer(RolloutProducer):
 
     def sync_weights(self, weights: Iterable, timer: PhaseTimer) -> None:
         """Change the weights between jobs: wait for the job in flight to finish on the old ones, keep the next from
-        starting, push, release."""
+        starting, push, release. A failed or interrupted sync keeps the gate shut: the generator's weights are then
+        unknown and the run is ending (a job started on a dead server would wait out its whole retry budget first);
+        ``close`` ends the jobs waiting at the gate."""
         with timer("sync_wait"):
             with self._gate:
                 self._sync_pending = True
                 self._gate.wait_for(lambda: not self._generating)
-        try:
-            super().sync_weights(weights, timer)
-        finally:
-            with self._gate:
-                self._sync_pending = False
-                self._gate.notify_all()
+        super().sync_weights(weights, timer)
+        with self._gate:
+            self._sync_pending = False
+            self._gate.notify_all()
 
     def state_dict(self) -> dict[str, int]:
         """The sampler state before the oldest unconsumed job's first draw (the current state if it has not started:
@@ -316,16 +315,22 @@ class AsyncRolloutProducer(RolloutProducer):
             return self.sampler.state_dict()
 
     def close(self) -> None:
-        """Drop the queued jobs, let the running one finish (before the generator is closed)."""
+        """Drop every job without waiting for the running one (its results would be discarded; its daemon thread
+        cannot hold up the exit either), and end a job waiting at the gate for a sync that will not come."""
+        with self._gate:
+            self._closed = True
+            self._gate.notify_all()
         for job in self._jobs:
             job.future.cancel()
         self._jobs.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown()
 
     def _queue(self, job: _RolloutJob) -> None:
         def produce():
             with self._gate:
-                self._gate.wait_for(lambda: not self._sync_pending)
+                self._gate.wait_for(lambda: not self._sync_pending or self._closed)
+                if self._closed:
+                    raise CancelledError("the rollout producer was closed")
                 self._generating = True
                 job.version = self.version
                 job.sampler_before, job.start = self.sampler.state_dict(), self._position()

@@ -32,9 +32,6 @@ import atexit
 import logging
 import math
 import multiprocessing
-import os
-import resource
-import signal
 import threading
 import time
 from collections import deque
@@ -44,71 +41,14 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, TypeVar
 
-from nemo_igrpo import faults
+from nemo_igrpo.rewards.pool_worker import CRASH, OK, READY, worker_main
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Messages from a worker: the handshake after start-up, then one (status, value) reply per item, in order.
-_READY = "ready"
-_OK = "ok"
-_ERROR = "error"
-_CRASH = "crash"  # the worker is about to exit (MemoryError): its teardown may outlast the item's deadline
-
 _JOIN_TIMEOUT_S = 5.0  # a SIGKILLed process is reaped within milliseconds; this only bounds a pathological case
-_ORPHAN_CHECK_S = 1.0  # how often a worker checks that its parent is alive
-
-
-def _exit_when_orphaned(parent_pid: int) -> None:
-    """Exit once the parent is gone (a SIGKILLed trainer): an item stuck in C code would never read the pipe's EOF."""
-    while True:
-        time.sleep(_ORPHAN_CHECK_S)
-        if os.getppid() != parent_pid:
-            os._exit(0)
-
-
-def _worker_main(
-    conn: Connection,
-    fn: Callable[[Any], Any],
-    initializer: Callable[[], None] | None,
-    memory_limit_mb: int | None,
-) -> None:
-    """Worker loop: set up, announce readiness, then answer one item per message until the pipe closes."""
-    # Ctrl-C and Slurm's SIGTERM reach the whole process group; the trainer stops gracefully after grading the step
-    # (with this worker), and shutting workers down is its job.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    if memory_limit_mb is not None:
-        # Turns a runaway allocation into a MemoryError in this worker instead of memory pressure on the trainer.
-        limit = memory_limit_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    if initializer is not None:
-        initializer()
-    conn.send(_READY)
-    while True:
-        try:
-            items = conn.recv()
-        except EOFError:  # the parent closed the pipe (or died): nothing left to do
-            return
-        for item in items:
-            try:
-                faults.point("reward.grade_item")  # armed through the environment, which spawned workers inherit
-                reply = (_OK, fn(item))
-            except MemoryError:
-                # The heap may be unusable: exit and let the parent start a fresh worker. Say so first, so that
-                # a slow teardown (a loaded machine) is not mistaken for a timeout.
-                try:
-                    conn.send((_CRASH, "MemoryError"))
-                except Exception:  # noqa: BLE001 - best effort; the parent still sees the exit
-                    pass
-                raise
-            except Exception as exc:  # noqa: BLE001 - fn failing on one item must not take the worker down
-                # Only the type: formatting an exception about hostile input can itself be slow or huge.
-                reply = (_ERROR, type(exc).__name__)
-            conn.send(reply)
 
 
 @dataclass
@@ -258,7 +198,7 @@ class GradingPool(Generic[T, R]):
     def _start_worker(self, attempt: int = 0) -> _Worker:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
-            target=_worker_main,
+            target=worker_main,
             args=(child_conn, self.fn, self.initializer, self.memory_limit_mb),
             name="grading-worker",
             daemon=True,  # never outlives the trainer, even if close() is skipped
@@ -300,6 +240,8 @@ class GradingPool(Generic[T, R]):
         deadline passes, then look at every worker."""
         todo = deque(range(len(items)))
         while todo or any(worker.busy for worker in self._workers):
+            if self._closed:  # by another thread (the run is ending): without workers this loop would spin
+                raise RuntimeError("GradingPool is closed")
             self._dispatch(todo, items)
             wait(self._watched(), timeout=self._seconds_to_next_event(todo))
             for slot in range(len(self._workers)):
@@ -358,7 +300,7 @@ class GradingPool(Generic[T, R]):
                 except (EOFError, OSError):
                     self._on_death(slot, todo, counters)
                     return
-                if isinstance(message, tuple) and message[0] == _CRASH:
+                if isinstance(message, tuple) and message[0] == CRASH:
                     self._on_death(slot, todo, counters, announced=True)
                     return
                 self._on_message(worker, message, results, counters)
@@ -374,7 +316,7 @@ class GradingPool(Generic[T, R]):
             self._on_failed_start(slot, f"did not start within {self.startup_timeout_s:.0f}s")
 
     def _on_message(self, worker: _Worker, message: Any, results: list[R], counters: dict[str, int]) -> None:
-        if message == _READY:
+        if message == READY:
             worker.ready = True
             return
         status, value = message
@@ -384,7 +326,7 @@ class GradingPool(Generic[T, R]):
             worker.start_next(time.monotonic(), self.timeout_s)
         if index is None:  # re-queued meanwhile: another worker answers it
             return
-        if status == _OK:
+        if status == OK:
             results[index] = value
         else:
             logger.warning("grading item %d raised %s", index, value)
