@@ -6,6 +6,7 @@ Registry-backed keys (losses, advantages, rewards, backends, ...) are checked ag
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from pathlib import Path
@@ -41,6 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def validate(config: Config) -> None:
     """Value checks the type system cannot express; each error names its key."""
+    check_ranges(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:
@@ -99,6 +101,30 @@ def validate(config: Config) -> None:
     if config.trainer.resume not in ("none", "auto") and not Path(config.trainer.resume).exists():
         raise ConfigError(f"trainer.resume: must be none, auto or an existing checkpoint path, "
                           f"got {config.trainer.resume!r}")
+
+
+_LIMITS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def check_ranges(section: Any, prefix: str = "") -> None:
+    """Every number in the config (each item of a list of numbers too) is finite and within the range its field
+    declares in ``config.py`` (``ranged``: metadata ``ge``/``gt``/``le``/``lt``); null passes where the type allows it.
+    NaN fails every comparison, so it is refused by name before the range is looked at."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not math.isfinite(item):
+                raise ConfigError(f"{key}: must be a finite number, got {item}")
+            limits = [(op, ok, f.metadata[name]) for name, (op, ok) in _LIMITS.items() if name in f.metadata]
+            if not all(ok(item, bound) for _, ok, bound in limits):
+                wanted = " and ".join(f"{op} {bound}" for op, _, bound in limits)
+                raise ConfigError(f"{key}: must be {wanted}, got {item}")
 
 
 def _check_registered(config: Config) -> None:
