@@ -112,9 +112,18 @@ def build_training_reward(config: Config) -> Reward:
     return WeightedReward(parts)
 
 
+# generation backends that cannot lend a reward a model of its own: a second client of the policy's server would push
+# the judge's weights into it (or, with weight_sync none, grade with the policy's weights)
+SHARED_GENERATION = ("server",)
+
+
 def build_chat_model(config: Config, path: str | None) -> ChatModel:
     """Model ``path`` (None: the policy's starting model) on ``generation.backend``, with its chat template."""
     from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
+
+    if config.generation.backend in SHARED_GENERATION:  # validation refuses the judge; this guards any other reward
+        raise ConfigError(f"reward.components: a reward asked for a model of its own, but generation.backend="
+                          f"{config.generation.backend} is the policy's engine; use generation.backend=hf or vllm")
 
     model_config = dataclasses.replace(config.model, path=path, tokenizer=None) if path else config.model
     tokenizer = load_tokenizer(model_config)

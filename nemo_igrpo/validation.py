@@ -18,6 +18,7 @@ from nemo_igrpo import algorithms, assembly, rewards, tracking  # noqa: F401
 from nemo_igrpo.errors import ConfigError
 from nemo_igrpo.evaluation import protocols  # noqa: F401
 from nemo_igrpo.registry import config_registries
+from nemo_igrpo.rewards import REWARDS
 
 if TYPE_CHECKING:
     from nemo_igrpo.config import Config, PolicyConfig
@@ -52,6 +53,7 @@ def validate(config: Config) -> None:
     _check_registered(config)
     if not config.reward.components:
         raise ConfigError("reward.components: give at least one reward, e.g. {boxed_match: 1.0}")
+    _check_chat_model_rewards(config)
     for name, weight in config.reward.components.items():
         if not math.isfinite(weight):
             raise ConfigError(f"reward.components.{name}: the weight must be finite, got {weight}")
@@ -125,6 +127,16 @@ def check_ranges(section: Any, prefix: str = "") -> None:
             if not all(ok(item, bound) for _, ok, bound in limits):
                 wanted = " and ".join(f"{op} {bound}" for op, _, bound in limits)
                 raise ConfigError(f"{key}: must be {wanted}, got {item}")
+
+
+def _check_chat_model_rewards(config: Config) -> None:
+    backend = config.generation.backend
+    for name in config.reward.components:
+        if backend in assembly.SHARED_GENERATION and getattr(REWARDS[name], "uses_chat_model", False):
+            raise ConfigError(f"reward.components.{name}: needs a model of its own, but generation.backend={backend} "
+                              "would lend it the policy's generation server (the judge's weights pushed into it, or "
+                              "graded with the policy's weights); use generation.backend=hf or vllm with this reward, "
+                              "or a rule reward such as math_verify")
 
 
 def _check_registered(config: Config) -> None:
