@@ -284,3 +284,46 @@ def test_a_replacement_that_fails_its_warm_up_is_retried(tmp_path, monkeypatch, 
         assert counters == {"timeouts": 0, "crashes": 1, "errors": 0}
         assert pool.start_failures == 1
         assert not marker.exists()
+
+
+ORPHAN_TRAINER = """
+import time
+from nemo_igrpo.rewards import GradingPool
+if __name__ == "__main__":
+    pool = GradingPool(time.sleep, num_workers=2, timeout_s=3600.0)
+    pool.start()
+    print(" ".join(str(worker.process.pid) for worker in pool._workers), flush=True)
+    pool.map([3600, 3600])  # both workers busy for an hour
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
+def test_workers_busy_when_the_trainer_is_sigkilled_exit_on_their_own(tmp_path):
+    # A SIGKILLed trainer cannot kill its workers, and they ignore SIGTERM: a worker stuck on an item would live on
+    # (holding memory and a GPU node's cores) unless it notices that its parent is gone.
+    import subprocess
+    import sys
+
+    script = tmp_path / "trainer.py"
+    script.write_text(ORPHAN_TRAINER)
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(pid) for pid in trainer.stdout.readline().split()]
+    assert len(pids) == 2 and all(_running(pid) for pid in pids)
+    time.sleep(0.5)  # the items reach the workers
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 15.0  # the watchdog checks every second; slack for a loaded machine
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = [pid for pid in pids if _running(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == []
