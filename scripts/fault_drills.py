@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -599,9 +600,186 @@ class _GenerationServer:
         self._stop()
 
 
+# ------------------------------------------------------------------------- issue 26: signals, the grading pool, config
+
+# A grading item that math-verify must parse (no quick verdict): it reaches a grading worker.
+SYMPY_ANSWER = "\\boxed{\\sqrt{49}}"
+POOL_MARKER_ENV = "FAULT_DRILL_POOL_MARKER"
+
+
+def drill_group_term(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """SIGTERM to the whole process group, as Slurm sends it, while a grading worker is busy: the workers must live
+    on, so the step the graceful stop checkpoints carries its real rewards (its reference is the same run, same forced
+    item, without the signal), and the resume equals it."""
+    extra = ["reward.components={math_verify: 1.0}", "reward.num_workers=2", "reward.timeout_s=30"]
+    slow_items = "reward.grade_item=sleep:1.0,times=all"  # the signal lands while an item is being graded
+    trials = []
+    for repeat in range(repeats):
+        step = rng.randint(1, _max_steps(h.overrides) - 1)
+        fault = {"kind": "group_term", "step": step, "seed": rng.randrange(1 << 30)}
+        reference, _ = h.run(h.work / f"group-term-{repeat}-reference", extra, faults=slow_items,
+                             fault={**fault, "signal": False})
+        run_dir = h.work / f"group-term-{repeat}"
+        stopped, _ = h.run(run_dir, extra, fault=fault, faults=slow_items)
+        from nemo_igrpo.cli import EXIT_STOPPED
+
+        records = {r["step"]: r for r in _read_metrics(run_dir / "metrics.jsonl")}
+        crashes = records.get(step, {}).get("reward/count/crashes")
+        notes = [f"exit status {stopped.returncode}", f"step {step}: reward/count/crashes = {crashes}",
+                 f"landed: {' '.join(m for m in _phase_log(run_dir, everything=True) if 'sigterm' in m)}"]
+        if reference.returncode != 0 or stopped.returncode != EXIT_STOPPED or max(records, default=0) != step:
+            trials.append(Trial("group-sigterm", f"during step {step}'s grading", False, _max_steps(h.overrides),
+                                0.0, notes + [_tail(stopped.output), _tail(reference.output)]))
+            continue
+        lost, seconds, more = h.resume_and_compare(run_dir, h.work / f"group-term-{repeat}-reference",
+                                                   lost_step=step + 1, extra=extra)
+        trials.append(Trial("group-sigterm", f"during step {step}'s grading", lost == 0 and crashes == 0, lost,
+                            seconds, notes + more))
+    return trials
+
+
+def drill_pool(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """The grading pool alone: two threads mapping different batches at once (async rollouts and the evaluation),
+    a replacement worker that dies during its warm-up, and workers orphaned by a SIGKILLed trainer."""
+    from nemo_igrpo.rewards import GradingPool
+
+    trials = []
+    for repeat in range(repeats):
+        start = time.perf_counter()
+        with GradingPool(_slow_double, num_workers=2, timeout_s=30.0) as pool:
+            batches = [[offset + i for i in range(rng.randint(20, 60))] for offset in (0, 1000)]
+            got: list = [None, None]
+
+            def grade(which: int) -> None:
+                got[which] = [pool.map(batches[which]) for _ in range(3)]
+
+            threads = [threading.Thread(target=grade, args=(which,), daemon=True) for which in (0, 1)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120.0)
+        wrong = sum(result != ([2.0 * item for item in batch], {"timeouts": 0, "crashes": 0, "errors": 0})
+                    for batch, results in zip(batches, got) for result in (results or [None] * 3))
+        trials.append(Trial("pool-concurrent-map", f"2 threads × 3 batches of {len(batches[0])}/{len(batches[1])}",
+                            wrong == 0, wrong, time.perf_counter() - start, [f"{wrong} of 6 batches wrong"]))
+
+        start, marker = time.perf_counter(), h.work / f"pool-warmup-{repeat}.marker"
+        os.environ[POOL_MARKER_ENV] = str(marker)
+        try:
+            with GradingPool(_double_or_exit, num_workers=1, timeout_s=30.0, initializer=_die_once_if_marked) as pool:
+                pool.start()
+                marker.touch()  # only the replacement started below sees it, and dies during its warm-up
+                results, counters = pool.map([1, "exit", 2])
+                ok = results == [2.0, 0.0, 4.0] and counters["crashes"] == 1 and pool.start_failures == 1
+                notes = [f"results {results}, {counters}, start_failures {pool.start_failures}"]
+        except RuntimeError as error:
+            ok, notes = False, [f"the run would have ended: {error}"]
+        finally:
+            os.environ.pop(POOL_MARKER_ENV, None)
+        trials.append(Trial("pool-warmup-death", "a replacement dies during warm-up", ok, 0 if ok else 1,
+                            time.perf_counter() - start, notes))
+
+        start = time.perf_counter()
+        trainer = subprocess.Popen([sys.executable, "-c", ORPHAN_TRAINER], stdout=subprocess.PIPE, text=True,
+                                   cwd=REPO)
+        pids = [int(pid) for pid in trainer.stdout.readline().split()]
+        time.sleep(0.5)  # both workers are inside their hour-long item
+        trainer.kill()
+        trainer.wait()
+        while any(_alive(pid) for pid in pids) and time.perf_counter() - start < 30.0:
+            time.sleep(0.2)
+        orphans = [pid for pid in pids if _alive(pid)]
+        for pid in orphans:
+            os.kill(pid, signal.SIGKILL)
+        trials.append(Trial("pool-orphans", "trainer SIGKILLed while both workers grade", bool(pids) and not orphans,
+                            len(orphans), time.perf_counter() - start, [f"{len(orphans)} of {len(pids)} outlived it"]))
+    return trials
+
+
+ORPHAN_TRAINER = """
+import time
+from nemo_igrpo.rewards import GradingPool
+if __name__ == "__main__":
+    pool = GradingPool(time.sleep, num_workers=2, timeout_s=3600.0)
+    pool.start()
+    print(" ".join(str(worker.process.pid) for worker in pool._workers), flush=True)
+    pool.map([3600, 3600])
+"""
+
+
+def _slow_double(item: int) -> float:
+    time.sleep(0.005)  # long enough for two concurrent batches to interleave on the workers
+    return 2.0 * item
+
+
+def _double_or_exit(item) -> float:
+    if item == "exit":
+        os._exit(1)
+    return 2.0 * item
+
+
+def _die_once_if_marked() -> None:
+    marker = os.environ.get(POOL_MARKER_ENV)
+    if marker and os.path.exists(marker):
+        os.remove(marker)
+        os._exit(3)
+
+
+def _replaced(section, path: list[str], value):
+    """A copy of the config ``section`` with the key at ``path`` set to ``value`` (nothing is modified in place)."""
+    import dataclasses
+
+    head, *rest = path
+    return dataclasses.replace(section, **{head: _replaced(getattr(section, head), rest, value) if rest else value})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def drill_fuzz(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """Every numeric key of the schema (found by walking its dataclasses) set to NaN, ±inf, -1, ±1e30 and ±10¹²:
+    each must be a ConfigError naming that key (nothing reaches a model)."""
+    import dataclasses
+    import functools
+
+    from nemo_igrpo.config import Config, ConfigError, load_config
+    from nemo_igrpo.validation import validate
+
+    base = load_config(CONFIG, h.overrides)
+    hostile = [math.nan, math.inf, -math.inf, -1, -1e30, 1e30, -10**12, 10**12]
+    start, missed, keys = time.perf_counter(), [], []
+
+    def walk(section, prefix: str) -> None:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif f.metadata:  # the ranged numeric keys (a numeric key without a range fails tests/unit)
+                keys.append(f"{prefix}{f.name}")
+
+    walk(Config(), "")
+    for key in keys:
+        for value in hostile:
+            path = key.split(".")
+            current = functools.reduce(getattr, path, base)
+            try:
+                validate(_replaced(base, path, [value, 0.999] if isinstance(current, list) else value))
+                missed.append(f"{key}={value} accepted")
+            except ConfigError as error:
+                if not str(error).startswith(f"{key}: "):
+                    missed.append(f"{key}={value}: {error}")
+    return [Trial("config-fuzz", f"{len(keys)} numeric keys × {len(hostile)} values", not missed, len(missed),
+                  time.perf_counter() - start, missed[:5])]
+
+
 DRILLS = {"kill": drill_kill, "term": drill_term, "corrupt": drill_corrupt, "disk": drill_disk_full,
           "reward": drill_reward, "server": drill_server, "async": drill_async, "nan": drill_nan,
-          "inputs": drill_inputs}
+          "inputs": drill_inputs, "group-term": drill_group_term, "pool": drill_pool, "fuzz": drill_fuzz}
 
 
 # ---------------------------------------------------------------------------------------------- the child
@@ -674,6 +852,19 @@ def child(fault: dict, overrides: list[str]) -> int:
             (run_dir / "server_killed").write_text(str(time.time()))
 
         faults.arm("rollout.reward", kill_server, when=at_step)
+    elif kind == "group_term":
+        os.setpgid(0, 0)  # a group of its own (its grading workers join it), so the drill harness is spared
+
+        def signal_group(texts: list[str], context) -> list[str]:
+            if fault.get("signal", True):  # the reference run forces the same item, without the signal
+                def send() -> None:
+                    mark(f"group-sigterm@{time.time()}:{_phase_log(run_dir)}")
+                    os.killpg(os.getpgid(0), signal.SIGTERM)
+
+                threading.Timer(0.3, send).start()  # inside the forced item's second of grading
+            return [SYMPY_ANSWER, *texts[1:]]
+
+        faults.arm("rollout.reward", signal_group, when=at_step)
     elif kind == "grader":
         def raise_flag(texts: list[str], context) -> list[str]:
             Path(fault["flag"]).write_text("")  # the grading worker that claims it hangs or dies (NEMO_IGRPO_FAULTS)

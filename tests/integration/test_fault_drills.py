@@ -119,3 +119,11 @@ def test_sigterm_checkpoints_the_step_exits_cleanly_and_resumes_to_the_reference
     from nemo_igrpo.cli import EXIT_STOPPED
 
     assert f"exit status {EXIT_STOPPED}" in trials[0].notes
+
+
+@pytest.mark.slow
+def test_grading_pool_under_concurrency_warm_up_death_and_orphaning_and_the_config_fuzz(drills, harness):
+    # issue 26: two threads mapping at once, a replacement dying in its warm-up, workers outliving a SIGKILLed
+    # trainer; every numeric key × NaN, ±inf, negative and huge values refused by name
+    assert_survived(drills.drill_pool(harness, random.Random(7), repeats=1), 3)
+    assert_survived(drills.drill_fuzz(harness, random.Random(8), repeats=1), 1)
