@@ -48,9 +48,9 @@ from typing import Iterable
 import torch
 
 from nemo_igrpo import distributed
-from nemo_igrpo.background import DaemonExecutor
 from nemo_igrpo.algorithms.batch import RolloutBatch
 from nemo_igrpo.algorithms.igrpo import Drafts, draft_stage, rollout
+from nemo_igrpo.background import DaemonExecutor
 from nemo_igrpo.data.dataset import PromptSampler
 from nemo_igrpo.errors import ConfigError
 from nemo_igrpo.progress import PhaseTimer
