@@ -653,7 +653,6 @@ class _GenerationServer:
 
 # A grading item that math-verify must parse (no quick verdict): it reaches a grading worker.
 SYMPY_ANSWER = "\\boxed{\\sqrt{49}}"
-POOL_MARKER_ENV = "FAULT_DRILL_POOL_MARKER"
 
 
 def drill_group_term(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
@@ -689,47 +688,28 @@ def drill_group_term(h: Harness, rng: random.Random, repeats: int) -> list[Trial
 
 def drill_pool(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
     """The grading pool alone: two threads mapping different batches at once (async rollouts and the evaluation),
-    a replacement worker that dies during its warm-up, and workers orphaned by a SIGKILLed trainer."""
-    from nemo_igrpo.rewards import GradingPool
-
+    a replacement worker that dies during its warm-up, and workers orphaned by a SIGKILLed trainer. Each runs as a
+    script of its own (``POOL_SCRIPT``): spawned workers import the functions they run from the main module."""
+    script = h.work / "pool_drill.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(POOL_SCRIPT)
     trials = []
     for repeat in range(repeats):
+        sizes = [rng.randint(20, 60), rng.randint(20, 60)]
         start = time.perf_counter()
-        with GradingPool(_slow_double, num_workers=2, timeout_s=30.0) as pool:
-            batches = [[offset + i for i in range(rng.randint(20, 60))] for offset in (0, 1000)]
-            got: list = [None, None]
+        out = _pool_script(script, "concurrent", *map(str, sizes))
+        wrong = out.get("wrong", 6)
+        trials.append(Trial("pool-concurrent-map", f"2 threads × 3 batches of {sizes[0]}/{sizes[1]}", wrong == 0,
+                            wrong, time.perf_counter() - start, [f"{wrong} of 6 batches wrong", *out.get("error", [])]))
 
-            def grade(which: int) -> None:
-                got[which] = [pool.map(batches[which]) for _ in range(3)]
-
-            threads = [threading.Thread(target=grade, args=(which,), daemon=True) for which in (0, 1)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join(120.0)
-        wrong = sum(result != ([2.0 * item for item in batch], {"timeouts": 0, "crashes": 0, "errors": 0})
-                    for batch, results in zip(batches, got) for result in (results or [None] * 3))
-        trials.append(Trial("pool-concurrent-map", f"2 threads × 3 batches of {len(batches[0])}/{len(batches[1])}",
-                            wrong == 0, wrong, time.perf_counter() - start, [f"{wrong} of 6 batches wrong"]))
-
-        start, marker = time.perf_counter(), h.work / f"pool-warmup-{repeat}.marker"
-        os.environ[POOL_MARKER_ENV] = str(marker)
-        try:
-            with GradingPool(_double_or_exit, num_workers=1, timeout_s=30.0, initializer=_die_once_if_marked) as pool:
-                pool.start()
-                marker.touch()  # only the replacement started below sees it, and dies during its warm-up
-                results, counters = pool.map([1, "exit", 2])
-                ok = results == [2.0, 0.0, 4.0] and counters["crashes"] == 1 and pool.start_failures == 1
-                notes = [f"results {results}, {counters}, start_failures {pool.start_failures}"]
-        except RuntimeError as error:
-            ok, notes = False, [f"the run would have ended: {error}"]
-        finally:
-            os.environ.pop(POOL_MARKER_ENV, None)
+        start = time.perf_counter()
+        out = _pool_script(script, "warmup", str(h.work / f"pool-warmup-{repeat}.marker"))
+        ok = out.get("results") == [2.0, 0.0, 4.0] and out.get("crashes") == 1 and out.get("start_failures") == 1
         trials.append(Trial("pool-warmup-death", "a replacement dies during warm-up", ok, 0 if ok else 1,
-                            time.perf_counter() - start, notes))
+                            time.perf_counter() - start, [json.dumps(out)]))
 
         start = time.perf_counter()
-        trainer = subprocess.Popen([sys.executable, "-c", ORPHAN_TRAINER], stdout=subprocess.PIPE, text=True,
+        trainer = subprocess.Popen([sys.executable, str(script), "orphans"], stdout=subprocess.PIPE, text=True,
                                    cwd=REPO)
         pids = [int(pid) for pid in trainer.stdout.readline().split()]
         time.sleep(0.5)  # both workers are inside their hour-long item
@@ -745,33 +725,73 @@ def drill_pool(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
     return trials
 
 
-ORPHAN_TRAINER = """
-import time
+def _pool_script(script: Path, *args: str) -> dict:
+    """Run one pool drill script; its last stdout line is its JSON outcome."""
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=REPO,
+                            timeout=300)
+    lines = result.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": [f"exit {result.returncode}: {_tail(result.stderr)}"]}
+
+
+POOL_SCRIPT = '''
+import json, os, sys, threading, time
 from nemo_igrpo.rewards import GradingPool
-if __name__ == "__main__":
-    pool = GradingPool(time.sleep, num_workers=2, timeout_s=3600.0)
-    pool.start()
-    print(" ".join(str(worker.process.pid) for worker in pool._workers), flush=True)
-    pool.map([3600, 3600])
-"""
 
-
-def _slow_double(item: int) -> float:
+def slow_double(item):
     time.sleep(0.005)  # long enough for two concurrent batches to interleave on the workers
     return 2.0 * item
 
-
-def _double_or_exit(item) -> float:
+def double_or_exit(item):
     if item == "exit":
         os._exit(1)
     return 2.0 * item
 
-
-def _die_once_if_marked() -> None:
-    marker = os.environ.get(POOL_MARKER_ENV)
+def die_once_if_marked():
+    marker = os.environ.get("POOL_DRILL_MARKER")
     if marker and os.path.exists(marker):
         os.remove(marker)
         os._exit(3)
+
+if __name__ == "__main__":
+    what = sys.argv[1]
+    if what == "concurrent":
+        batches = [[offset + i for i in range(int(size))] for offset, size in zip((0, 1000), sys.argv[2:4])]
+        got, errors = [[], []], []
+        with GradingPool(slow_double, num_workers=2, timeout_s=30.0) as pool:
+            pool.start()
+            def grade(which):
+                try:
+                    for _ in range(3):
+                        got[which].append(pool.map(batches[which]))
+                except Exception as error:
+                    errors.append(repr(error))
+            threads = [threading.Thread(target=grade, args=(which,), daemon=True) for which in (0, 1)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120.0)
+        right = sum(list(result) == [[2.0 * item for item in batch], {"timeouts": 0, "crashes": 0, "errors": 0}]
+                    for batch, results in zip(batches, got) for result in results)
+        print(json.dumps({"wrong": 6 - right, "error": errors}))
+    elif what == "warmup":
+        os.environ["POOL_DRILL_MARKER"] = sys.argv[2]
+        with GradingPool(double_or_exit, num_workers=1, timeout_s=30.0, initializer=die_once_if_marked) as pool:
+            pool.start()
+            open(sys.argv[2], "w").close()  # only the replacement sees it, and dies during its warm-up
+            try:
+                results, counters = pool.map([1, "exit", 2])
+                print(json.dumps({"results": results, **counters, "start_failures": pool.start_failures}))
+            except RuntimeError as error:
+                print(json.dumps({"error": [f"the run would have ended: {error}"]}))
+    elif what == "orphans":
+        pool = GradingPool(time.sleep, num_workers=2, timeout_s=3600.0)
+        pool.start()
+        print(" ".join(str(worker.process.pid) for worker in pool._workers), flush=True)
+        pool.map([3600, 3600])  # both workers busy for an hour
+'''
 
 
 def _replaced(section, path: list[str], value):
