@@ -118,6 +118,10 @@ def build_chat_model(config: Config, path: str | None) -> ChatModel:
     """Model ``path`` (None: the policy's starting model) on ``generation.backend``, with its chat template."""
     from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
 
+    if GENERATION_BACKENDS[config.generation.backend].policy_only:  # validation refuses the judge; this guards others
+        raise ConfigError(f"reward.components: a reward asked for a model of its own, but generation.backend="
+                          f"{config.generation.backend} is the policy's engine; use generation.backend=hf or vllm")
+
     model_config = dataclasses.replace(config.model, path=path, tokenizer=None) if path else config.model
     tokenizer = load_tokenizer(model_config)
     model = load_model(model_config, tokenizer)

@@ -52,6 +52,9 @@ class GenerationBackendEntry:
     overlaps_training: bool = False
     own_nodes: bool = False  # runs on nodes of its own (a launch plans them beside the training nodes)
     vllm_context: bool = False  # a vLLM engine: generation.vllm.max_model_len bounds its sequences
+    # Serves the policy's one model: a reward cannot get a second engine on it (a judge would push its weights into
+    # the policy's server, or with weight_sync none grade with the policy's weights).
+    policy_only: bool = False
 
     def builder(self) -> Callable[..., Any]:
         return _resolve(self.build)
@@ -67,4 +70,4 @@ GENERATION_BACKENDS.register("hf", GenerationBackendEntry("nemo_igrpo.assembly:_
 GENERATION_BACKENDS.register("vllm", GenerationBackendEntry("nemo_igrpo.assembly:_vllm_generation", vllm_context=True))
 GENERATION_BACKENDS.register("server", GenerationBackendEntry("nemo_igrpo.assembly:_server_generation",
                                                               overlaps_training=True, own_nodes=True,
-                                                              vllm_context=True))
+                                                              vllm_context=True, policy_only=True))

@@ -31,14 +31,25 @@ from nemo_igrpo.rewards.defaults import DEFAULT_EXTRACT, DEFAULT_NUM_WORKERS, DE
 from nemo_igrpo.validation import validate
 
 
+# Numeric keys declare their valid range next to their default (``ranged``); ``validation.check_ranges`` refuses a
+# value outside it, NaN and ±inf included, naming the key. Upper bounds sit far above any real run: they stop typos
+# and hostile values (``rollout.max_off_policy_steps=10000000`` would log 10⁷ metrics a step).
+SEED_MAX, TOKENS_MAX, STEPS_MAX, DAY_S, WEEK_S = 2**32 - 1, 2**20, 10**9, 86400.0, 604800.0  # TOKENS: one sequence
+
+
+def ranged(default: Any, **limits: float) -> Any:
+    """A numeric field: its default and its range (``ge``, ``gt``, ``le``, ``lt``; of each item, for a list)."""
+    return field(default=default, metadata=limits)
+
+
 @dataclass
 class TinyModelConfig:
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_position_embeddings: int = 512
+    hidden_size: int = ranged(128, ge=1, le=2**16)
+    intermediate_size: int = ranged(384, ge=1, le=2**18)
+    num_layers: int = ranged(4, ge=1, le=1024)
+    num_heads: int = ranged(4, ge=1, le=1024)
+    num_kv_heads: int = ranged(2, ge=1, le=1024)
+    max_position_embeddings: int = ranged(512, ge=1, le=2**20)
 
 
 @dataclass
@@ -51,13 +62,13 @@ class ModelConfig:
 
 @dataclass
 class ArithmeticConfig:
-    seed: int = 1234
-    num_train: int = 4000
-    num_heldout: int = 200
-    max_operand: int = 30
-    unboxed_fraction: float = 0.0
-    min_steps: int = 2  # builtin:chain only: operations per problem are drawn from min_steps..max_steps
-    max_steps: int = 4
+    seed: int = ranged(1234, ge=0, le=SEED_MAX)
+    num_train: int = ranged(4000, ge=1, le=10**7)
+    num_heldout: int = ranged(200, ge=0, le=10**6)
+    max_operand: int = ranged(30, ge=1, le=10**9)
+    unboxed_fraction: float = ranged(0.0, ge=0, le=1)
+    min_steps: int = ranged(2, ge=1, le=64)  # builtin:chain only: operations per problem, min_steps..max_steps
+    max_steps: int = ranged(4, ge=1, le=64)
 
 
 @dataclass
@@ -69,7 +80,7 @@ class DataConfig:
     solution_key: str | None = None
     train_split: str = "train"
     eval_split: str = "test"
-    max_prompt_tokens: int = 1024
+    max_prompt_tokens: int = ranged(1024, ge=1, le=TOKENS_MAX)
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
 
 
@@ -84,74 +95,74 @@ class PromptConfig:
 class JudgeConfig:
     model: str | None = None
     template: str = "judge/math_judge.txt"
-    max_new_tokens: int = 8
-    max_completion_chars: int = 4000
+    max_new_tokens: int = ranged(8, ge=1, le=TOKENS_MAX)
+    max_completion_chars: int = ranged(4000, ge=1, le=10**8)
 
 
 @dataclass
 class RewardConfig:
     components: dict[str, float] = field(default_factory=lambda: {"math_verify": 1.0, "format": 1.0})
     extract: str = DEFAULT_EXTRACT  # the reward constructors' defaults, so both read the same values
-    num_workers: int = DEFAULT_NUM_WORKERS
-    timeout_s: float = DEFAULT_TIMEOUT_S
-    overlong_buffer: int = 0
-    overlong_penalty: float = 1.0
+    num_workers: int = ranged(DEFAULT_NUM_WORKERS, ge=1, le=1024)
+    timeout_s: float = ranged(DEFAULT_TIMEOUT_S, gt=0, le=DAY_S)
+    overlong_buffer: int = ranged(0, ge=0, le=TOKENS_MAX)
+    overlong_penalty: float = ranged(1.0, ge=0, le=100)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 @dataclass
 class AlgorithmConfig:
     preset: str = "igrpo"
-    num_drafts: int = 4
-    num_refinements: int = 4
+    num_drafts: int = ranged(4, ge=0, le=1024)
+    num_refinements: int = ranged(4, ge=2, le=1024)  # a relative advantage needs 2
     tie_break: str = "first"
     advantage: str = "grpo"
-    adv_eps: float = 1e-6
+    adv_eps: float = ranged(1e-6, gt=0, le=1)
     policy_loss: str = "ppo"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = None
+    eps_low: float = ranged(0.2, ge=0, le=1)
+    eps_high: float = ranged(0.2, ge=0, le=10)
+    dual_clip: float | None = ranged(None, gt=1, le=1000)
     loss_agg: str = "seq-mean-token-mean"
-    kl_coef: float = 0.0
+    kl_coef: float = ranged(0.0, ge=0, le=1000)
     kl_estimator: str = "k3"
-    kl_clamp: float | None = 10.0
-    ppo_epochs: int = 1
+    kl_clamp: float | None = ranged(10.0, gt=0, le=10**4)
+    ppo_epochs: int = ranged(1, ge=1, le=100)
     dynamic_sampling: bool = False
-    max_sampling_rounds: int = 4
+    max_sampling_rounds: int = ranged(4, ge=1, le=1000)
     overlong_filter: bool = False
     importance_correction: str = "none"
-    importance_cap: float = 2.0
+    importance_cap: float = ranged(2.0, gt=0, le=10**6)
 
 
 @dataclass
 class VLLMConfig:
-    gpu_memory_utilization: float = 0.5
-    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = ranged(0.5, gt=0, le=1)
+    tensor_parallel_size: int = ranged(1, ge=1, le=1024)
     enforce_eager: bool = False
-    max_model_len: int | None = None
+    max_model_len: int | None = ranged(None, ge=1, le=2**24)
     enable_prefix_caching: bool = True
     sleep_mode: bool = False
     dtype: str = "auto"
     stream_refinements: bool = True
-    weight_bucket_mb: int = 512
+    weight_bucket_mb: int = ranged(512, ge=1, le=2**20)
 
 
 @dataclass
 class ServerConfig:
     url: str = "http://127.0.0.1:8000"
     token_env: str = "NEMO_IGRPO_SERVER_TOKEN"
-    retry_budget_s: float = 300.0
-    request_timeout_s: float = 3600.0
+    retry_budget_s: float = ranged(300.0, ge=0, le=WEEK_S)
+    request_timeout_s: float = ranged(3600.0, gt=0, le=WEEK_S)
     weight_sync: str = "auto"
 
 
 @dataclass
 class GenerationConfig:
     backend: str = "hf"
-    temperature: float = 0.7
-    top_p: float = 1.0
-    max_new_tokens: int = 4096
-    batch_size: int = 64
+    temperature: float = ranged(0.7, gt=0, le=10)
+    top_p: float = ranged(1.0, gt=0, le=1)
+    max_new_tokens: int = ranged(4096, ge=1, le=TOKENS_MAX)
+    batch_size: int = ranged(64, ge=1, le=2**20)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
@@ -159,14 +170,14 @@ class GenerationConfig:
 @dataclass
 class RolloutConfig:
     draft_ahead: bool = False  # step t+1's Stage-1 drafts generated during step t's update (rollout_producer)
-    max_off_policy_steps: int = 0  # k > 0: asynchronous rollouts up to k policy versions old (rollout_producer)
+    max_off_policy_steps: int = ranged(0, ge=0, le=64)  # k > 0: async rollouts up to k versions old (rollout_producer)
 
 
 @dataclass
 class MegatronConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    context_parallel_size: int = 1
+    tensor_model_parallel_size: int = ranged(1, ge=1, le=1024)
+    pipeline_model_parallel_size: int = ranged(1, ge=1, le=1024)
+    context_parallel_size: int = ranged(1, ge=1, le=1024)
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     recompute: str = "none"
@@ -174,24 +185,24 @@ class MegatronConfig:
     fp8: str = "none"
     fp8_recipe: str = "delayed"
     async_save: bool = False
-    make_vocab_size_divisible_by: int = 1
+    make_vocab_size_divisible_by: int = ranged(1, ge=1, le=2**16)
 
 
 @dataclass
 class LoraConfig:
-    rank: int = 0  # 0: full fine-tuning
-    alpha: float = 32.0
-    dropout: float = 0.0
+    rank: int = ranged(0, ge=0, le=2**16)  # 0: full fine-tuning
+    alpha: float = ranged(32.0, gt=0, le=10**4)
+    dropout: float = ranged(0.0, ge=0, lt=1)
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
 
 @dataclass
 class PolicyConfig:
     backend: str = "hf"
-    micro_batch_size: int = 16
-    max_tokens_per_micro_batch: int | None = None  # None: micro-batches of micro_batch_size rows
+    micro_batch_size: int = ranged(16, ge=1, le=2**20)
+    max_tokens_per_micro_batch: int | None = ranged(None, ge=1, le=2**30)  # None: micro_batch_size rows each
     sequence_packing: bool = False
-    logprob_chunk_size: int = 2048
+    logprob_chunk_size: int = ranged(2048, ge=1, le=2**30)
     gradient_checkpointing: bool = False
     precision: str = "fp32"
     device: str = "auto"
@@ -201,35 +212,35 @@ class PolicyConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    max_grad_norm: float = 1.0
-    warmup_ratio: float = 0.1
-    min_lr_ratio: float = 0.1
+    lr: float = ranged(1e-6, gt=0, le=1)
+    weight_decay: float = ranged(0.0, ge=0, le=10)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=dict(ge=0, lt=1))
+    max_grad_norm: float = ranged(1.0, ge=0, le=10**6)
+    warmup_ratio: float = ranged(0.1, ge=0, le=1)
+    min_lr_ratio: float = ranged(0.1, ge=0, le=1)
 
 
 @dataclass
 class WarmStartConfig:
-    steps: int = 0
-    lr: float = 1e-4
-    batch_size: int = 64
-    refinement_fraction: float = 0.0
+    steps: int = ranged(0, ge=0, le=STEPS_MAX)
+    lr: float = ranged(1e-4, gt=0, le=1)
+    batch_size: int = ranged(64, ge=1, le=2**20)
+    refinement_fraction: float = ranged(0.0, ge=0, le=1)
 
 
 @dataclass
 class EvalConfig:
     datasets: list[str] = field(default_factory=list)
     model: str | None = None
-    num_problems: int | None = None
-    samples_per_problem: int = 1
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int | None = None
+    num_problems: int | None = ranged(None, ge=0, le=10**9)
+    samples_per_problem: int = ranged(1, ge=1, le=2**14)
+    temperature: float = ranged(0.6, ge=0, le=10)
+    top_p: float = ranged(0.95, gt=0, le=1)
+    max_new_tokens: int | None = ranged(None, ge=1, le=TOKENS_MAX)
     output_dir: str | None = None
     protocol: str | None = None
     benchmarks_dir: str | None = None
-    max_samples_per_problem: int | None = None
+    max_samples_per_problem: int | None = ranged(None, ge=1, le=2**14)
 
 
 @dataclass
@@ -249,20 +260,20 @@ class MlflowConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 60
-    prompts_per_step: int = 128
-    seed: int = 0
+    max_steps: int = ranged(60, ge=0, le=STEPS_MAX)
+    prompts_per_step: int = ranged(128, ge=1, le=2**20)
+    seed: int = ranged(0, ge=0, le=SEED_MAX)
     output_dir: str = "runs/igrpo"
-    eval_every: int = 10
-    save_every: int = 10
-    keep_last: int = 2
+    eval_every: int = ranged(10, ge=0, le=STEPS_MAX)
+    save_every: int = ranged(10, ge=0, le=STEPS_MAX)
+    keep_last: int = ranged(2, ge=1, le=10**6)
     resume: str = "auto"
-    max_consecutive_nan_steps: int = 3
+    max_consecutive_nan_steps: int = ranged(3, ge=1, le=10**6)
     progress: bool = True
     loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
     wandb: WandbConfig = field(default_factory=WandbConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    dist_timeout_s: float = 1800.0
+    dist_timeout_s: float = ranged(1800.0, gt=0, le=WEEK_S)
 
 
 @dataclass

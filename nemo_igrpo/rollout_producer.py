@@ -46,7 +46,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -54,6 +54,7 @@ import torch
 
 from nemo_igrpo.algorithms.batch import RolloutBatch
 from nemo_igrpo.algorithms.igrpo import BatchCollector, Drafts
+from nemo_igrpo.background import DaemonExecutor
 from nemo_igrpo.progress import PhaseTimer
 from nemo_igrpo.sharding import ShardedSource, balance_across_ranks
 
@@ -157,7 +158,7 @@ class DraftAheadProducer(RolloutProducer):
                  start_step: int = 0, max_steps: int | None = None) -> None:
         super().__init__(collector, source, balance_tokens=balance_tokens, start_step=start_step, max_steps=max_steps)
         self._ahead: _DraftJob | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-ahead")
+        self._executor = DaemonExecutor("draft-ahead")
 
     def next_batch(self, timer: PhaseTimer) -> tuple[RolloutBatch, dict[str, float]]:
         job, self._ahead = self._ahead, None
@@ -184,14 +185,11 @@ class DraftAheadProducer(RolloutProducer):
         super().sync_weights(weights, timer)
 
     def close(self) -> None:
-        """Finish (and drop) a pending draft job before the generator is closed."""
+        """Drop a pending draft job without waiting for it (its daemon thread cannot hold up the exit either)."""
         if self._ahead is not None:
-            try:
-                self._ahead.future.result()
-            except Exception:  # noqa: BLE001  (the run is ending; the job's own error does not matter now)
-                pass
+            self._ahead.future.cancel()
             self._ahead = None
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown()
 
     def _start_ahead(self) -> None:
         finished, start = [], self._position()  # before the job can draw
@@ -261,8 +259,9 @@ class AsyncRolloutProducer(RolloutProducer):
         self._jobs: deque[_RolloutJob] = deque()  # queued or done, not consumed yet, in step order
         self._gate = threading.Condition()  # guards the three fields below and the sampler/version reads of a job
         self._generating = False  # a job is running on the generator
-        self._sync_pending = False  # the loop waits to change the weights: no job may start
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts")
+        self._sync_pending = False  # the loop waits to change the weights (or a sync failed): no job may start
+        self._closed = False  # close() was called: a job waiting at the gate gives up
+        self._executor = DaemonExecutor("rollouts")
 
     def resume_at(self, step: int) -> None:
         super().resume_at(step)
@@ -293,17 +292,17 @@ class AsyncRolloutProducer(RolloutProducer):
 
     def sync_weights(self, weights: Iterable, timer: PhaseTimer) -> None:
         """Change the weights between jobs: wait for the job in flight to finish on the old ones, keep the next from
-        starting, push, release."""
+        starting, push, release. A failed or interrupted sync keeps the gate shut: the generator's weights are then
+        unknown and the run is ending (a job started on a dead server would wait out its whole retry budget first);
+        ``close`` ends the jobs waiting at the gate."""
         with timer("sync_wait"):
             with self._gate:
                 self._sync_pending = True
                 self._gate.wait_for(lambda: not self._generating)
-        try:
-            super().sync_weights(weights, timer)
-        finally:
-            with self._gate:
-                self._sync_pending = False
-                self._gate.notify_all()
+        super().sync_weights(weights, timer)
+        with self._gate:
+            self._sync_pending = False
+            self._gate.notify_all()
 
     def state_dict(self) -> dict[str, int]:
         """The sampler state before the oldest unconsumed job's first draw (the current state if it has not started:
@@ -315,16 +314,22 @@ class AsyncRolloutProducer(RolloutProducer):
             return self.sampler.state_dict()
 
     def close(self) -> None:
-        """Drop the queued jobs, let the running one finish (before the generator is closed)."""
+        """Drop every job without waiting for the running one (its results would be discarded; its daemon thread
+        cannot hold up the exit either), and end a job waiting at the gate for a sync that will not come."""
+        with self._gate:
+            self._closed = True
+            self._gate.notify_all()
         for job in self._jobs:
             job.future.cancel()
         self._jobs.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown()
 
     def _queue(self, job: _RolloutJob) -> None:
         def produce():
             with self._gate:
-                self._gate.wait_for(lambda: not self._sync_pending)
+                self._gate.wait_for(lambda: not self._sync_pending or self._closed)
+                if self._closed:
+                    raise CancelledError("the rollout producer was closed")
                 self._generating = True
                 job.version = self.version
                 job.sampler_before, job.start = self.sampler.state_dict(), self._position()

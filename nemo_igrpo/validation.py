@@ -9,6 +9,7 @@ the assembly knows the parallel sizes.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from pathlib import Path
@@ -21,6 +22,7 @@ from nemo_igrpo.backends import GENERATION_BACKENDS, POLICY_BACKENDS
 from nemo_igrpo.errors import ConfigError
 from nemo_igrpo.evaluation import protocols  # noqa: F401
 from nemo_igrpo.registry import config_registries
+from nemo_igrpo.rewards import REWARDS
 
 if TYPE_CHECKING:
     from nemo_igrpo.config import Config, PolicyConfig
@@ -45,6 +47,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def validate(config: Config) -> None:
     """Value checks the type system cannot express; each error names its key."""
+    check_ranges(config)
     for key, allowed in CHOICES.items():
         value = _get(config, key)
         if value not in allowed:
@@ -54,6 +57,7 @@ def validate(config: Config) -> None:
     _check_registered(config)
     if not config.reward.components:
         raise ConfigError("reward.components: give at least one reward, e.g. {boxed_match: 1.0}")
+    _check_chat_model_rewards(config)
     for name, weight in config.reward.components.items():
         if not math.isfinite(weight):
             raise ConfigError(f"reward.components.{name}: the weight must be finite, got {weight}")
@@ -103,6 +107,40 @@ def validate(config: Config) -> None:
     if config.trainer.resume not in ("none", "auto") and not Path(config.trainer.resume).exists():
         raise ConfigError(f"trainer.resume: must be none, auto or an existing checkpoint path, "
                           f"got {config.trainer.resume!r}")
+
+
+_LIMITS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def check_ranges(section: Any, prefix: str = "") -> None:
+    """Every number in the config (each item of a list of numbers too) is finite and within the range its field
+    declares in ``config.py`` (``ranged``: metadata ``ge``/``gt``/``le``/``lt``); null passes where the type allows it.
+    NaN fails every comparison, so it is refused by name before the range is looked at."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not math.isfinite(item):
+                raise ConfigError(f"{key}: must be a finite number, got {item}")
+            limits = [(op, ok, f.metadata[name]) for name, (op, ok) in _LIMITS.items() if name in f.metadata]
+            if not all(ok(item, bound) for _, ok, bound in limits):
+                wanted = " and ".join(f"{op} {bound}" for op, _, bound in limits)
+                raise ConfigError(f"{key}: must be {wanted}, got {item}")
+
+
+def _check_chat_model_rewards(config: Config) -> None:
+    backend = config.generation.backend
+    for name in config.reward.components:
+        if GENERATION_BACKENDS[backend].policy_only and getattr(REWARDS[name], "uses_chat_model", False):
+            raise ConfigError(f"reward.components.{name}: needs a model of its own, but generation.backend={backend} "
+                              "would lend it the policy's generation server (the judge's weights pushed into it, or "
+                              "graded with the policy's weights); use generation.backend=hf or vllm with this reward, "
+                              "or a rule reward such as math_verify")
 
 
 def _check_registered(config: Config) -> None:

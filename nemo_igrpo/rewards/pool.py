@@ -13,7 +13,12 @@ This pool therefore runs ``fn`` in separate processes and treats each of them as
   ``os._exit``, ``MemoryError``) is replaced; either way its item gets ``default`` and is counted, the items queued
   behind it go back to the queue, and the rest of the batch goes on;
 - items queued behind an item that has stalled for ``steal_after_s`` go back to the queue for other workers, so
-  one slow item does not hold up the ones sent with it (a late answer to a re-queued item is dropped).
+  one slow item does not hold up the ones sent with it (a late answer to a re-queued item is dropped);
+- a replacement that dies or stalls while starting is retried (``max_start_retries`` times, counted in
+  ``start_failures``): the first workers started, so no batch is to blame, and one bad start must not end a run;
+- workers ignore SIGINT and SIGTERM (Slurm signals the whole process group, and the graceful stop still grades the
+  step; the parent kills them on close) and exit on their own once their parent is gone;
+- ``map`` is serialised by a lock (async rollouts and evaluation grade from two threads; replies carry no batch id).
 
 Workers are started with the ``spawn`` method so they inherit no state (torch threads, CUDA, locks) from the
 trainer. Two consequences: ``fn`` (and ``initializer``) must be picklable by reference, i.e. module-level
@@ -27,8 +32,7 @@ import atexit
 import logging
 import math
 import multiprocessing
-import resource
-import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -37,59 +41,14 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, TypeVar
 
-from nemo_igrpo import faults
+from nemo_igrpo.rewards.pool_worker import CRASH, OK, READY, worker_main
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Messages from a worker: the handshake after start-up, then one (status, value) reply per item, in order.
-_READY = "ready"
-_OK = "ok"
-_ERROR = "error"
-_CRASH = "crash"  # the worker is about to exit (MemoryError): its teardown may outlast the item's deadline
-
 _JOIN_TIMEOUT_S = 5.0  # a SIGKILLed process is reaped within milliseconds; this only bounds a pathological case
-
-
-def _worker_main(
-    conn: Connection,
-    fn: Callable[[Any], Any],
-    initializer: Callable[[], None] | None,
-    memory_limit_mb: int | None,
-) -> None:
-    """Worker loop: set up, announce readiness, then answer one item per message until the pipe closes."""
-    # Ctrl-C reaches the whole process group; shutting workers down is the parent's job.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if memory_limit_mb is not None:
-        # Turns a runaway allocation into a MemoryError in this worker instead of memory pressure on the trainer.
-        limit = memory_limit_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
-    if initializer is not None:
-        initializer()
-    conn.send(_READY)
-    while True:
-        try:
-            items = conn.recv()
-        except EOFError:  # the parent closed the pipe (or died): nothing left to do
-            return
-        for item in items:
-            try:
-                faults.point("reward.grade_item")  # armed through the environment, which spawned workers inherit
-                reply = (_OK, fn(item))
-            except MemoryError:
-                # The heap may be unusable: exit and let the parent start a fresh worker. Say so first, so that
-                # a slow teardown (a loaded machine) is not mistaken for a timeout.
-                try:
-                    conn.send((_CRASH, "MemoryError"))
-                except Exception:  # noqa: BLE001 - best effort; the parent still sees the exit
-                    pass
-                raise
-            except Exception as exc:  # noqa: BLE001 - fn failing on one item must not take the worker down
-                # Only the type: formatting an exception about hostile input can itself be slow or huge.
-                reply = (_ERROR, type(exc).__name__)
-            conn.send(reply)
 
 
 @dataclass
@@ -100,6 +59,7 @@ class _Worker:
     conn: Connection
     ready: bool = False  # the start-up handshake has arrived
     started_at: float = 0.0
+    attempt: int = 0  # 0: one of the first workers; n >= 1: the n-th try at starting a replacement
     # Positions (in the current batch) of the items sent and not yet answered, in the worker's order; None marks
     # an item that was re-queued for another worker, whose late answer is dropped.
     pending: deque[int | None] = field(default_factory=deque)
@@ -131,10 +91,12 @@ class GradingPool(Generic[T, R]):
 
     ``map`` never raises because of what an item does to a worker: a timed-out, crashed or failing item gets
     ``default`` and is counted in ``timeouts``, ``crashes`` or ``errors``. It raises ``RuntimeError`` only when a
-    worker cannot even start (broken ``initializer``, or no handshake within ``startup_timeout_s``).
+    worker cannot even start (broken ``initializer``, or no handshake within ``startup_timeout_s``): at once for the
+    first workers, after ``max_start_retries`` failed tries in a row for a replacement.
 
     Workers start on the first ``map`` and are reused across calls. ``close`` (also on leaving a ``with`` block and
-    at interpreter exit) kills them. Not thread-safe: call ``map`` from one thread at a time.
+    at interpreter exit) kills them. ``map`` and ``start`` may be called from several threads; calls run one at a
+    time.
     """
 
     def __init__(
@@ -149,6 +111,7 @@ class GradingPool(Generic[T, R]):
         startup_timeout_s: float = 60.0,
         max_items_per_message: int = 16,
         steal_after_s: float = 1.0,
+        max_start_retries: int = 3,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -165,6 +128,9 @@ class GradingPool(Generic[T, R]):
         # Far above a typical item (milliseconds, or a few hundred on a machine loaded 5x over), below a deadline: only
         # a stalled item triggers re-queuing (a re-queued item may be graded twice, so a low value wastes work).
         self.steal_after_s = steal_after_s
+        self.max_start_retries = max_start_retries
+        self.start_failures = 0  # replacements that died or stalled while starting (and were retried)
+        self._lock = threading.Lock()  # one map (or start) at a time: replies carry no batch identity
         self._context = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         self._closed = False
@@ -174,38 +140,40 @@ class GradingPool(Generic[T, R]):
 
     def map(self, items: Sequence[T]) -> tuple[list[R], dict[str, int]]:
         """``fn(item)`` for every item, in order, plus ``{"timeouts", "crashes", "errors"}`` counts."""
-        if self._closed:
-            raise RuntimeError("GradingPool is closed")
         results: list[R] = [self.default] * len(items)
         counters = {"timeouts": 0, "crashes": 0, "errors": 0}
-        if not items:
-            return results, counters
-        try:
-            if not self._workers:
-                self._workers = [self._start_worker() for _ in range(self.num_workers)]
-            self._run(items, results, counters)
-        except BaseException:
-            # Busy workers would answer items of this batch during the next one (and a start-up failure would
-            # recur): an interrupted pool is not reusable.
-            self.close()
-            raise
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("GradingPool is closed")
+            if not items:
+                return results, counters
+            try:
+                if not self._workers:
+                    self._workers = [self._start_worker() for _ in range(self.num_workers)]
+                self._run(items, results, counters)
+            except BaseException:
+                # Busy workers would answer items of this batch during the next one (and a start-up failure would
+                # recur): an interrupted pool is not reusable.
+                self.close()
+                raise
         return results, counters
 
     def start(self) -> None:
         """Start the workers and wait until every one is ready (``map`` otherwise starts them on first use)."""
-        if self._closed:
-            raise RuntimeError("GradingPool is closed")
         no_items: deque[int] = deque()
-        try:
-            if not self._workers:
-                self._workers = [self._start_worker() for _ in range(self.num_workers)]
-            while not all(worker.ready for worker in self._workers):
-                wait(self._watched(), timeout=self._seconds_to_next_event(no_items))
-                for slot in range(len(self._workers)):
-                    self._service(slot, no_items, [], {"timeouts": 0, "crashes": 0, "errors": 0})
-        except BaseException:
-            self.close()
-            raise
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("GradingPool is closed")
+            try:
+                if not self._workers:
+                    self._workers = [self._start_worker() for _ in range(self.num_workers)]
+                while not all(worker.ready for worker in self._workers):
+                    wait(self._watched(), timeout=self._seconds_to_next_event(no_items))
+                    for slot in range(len(self._workers)):
+                        self._service(slot, no_items, [], {"timeouts": 0, "crashes": 0, "errors": 0})
+            except BaseException:
+                self.close()
+                raise
 
     @property
     def closed(self) -> bool:
@@ -227,10 +195,10 @@ class GradingPool(Generic[T, R]):
 
     # --------------------------------------------------------------------------------------------- worker life
 
-    def _start_worker(self) -> _Worker:
+    def _start_worker(self, attempt: int = 0) -> _Worker:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
-            target=_worker_main,
+            target=worker_main,
             args=(child_conn, self.fn, self.initializer, self.memory_limit_mb),
             name="grading-worker",
             daemon=True,  # never outlives the trainer, even if close() is skipped
@@ -238,7 +206,7 @@ class GradingPool(Generic[T, R]):
         process.start()
         # Drop our copy of the child's end, so that the worker's death shows up as EOF on parent_conn.
         child_conn.close()
-        return _Worker(process=process, conn=parent_conn, started_at=time.monotonic())
+        return _Worker(process=process, conn=parent_conn, started_at=time.monotonic(), attempt=attempt)
 
     @staticmethod
     def _stop(worker: _Worker) -> None:
@@ -250,9 +218,20 @@ class GradingPool(Generic[T, R]):
             worker.process.close()  # frees the sentinel now rather than at garbage collection
         worker.conn.close()
 
-    def _replace(self, slot: int) -> None:
+    def _replace(self, slot: int, attempt: int = 1) -> None:
         self._stop(self._workers[slot])
-        self._workers[slot] = self._start_worker()
+        self._workers[slot] = self._start_worker(attempt)
+
+    def _on_failed_start(self, slot: int, why: str) -> None:
+        """A worker died or stalled before its handshake: nothing from a batch can cause that (fn has not run).
+        Raise for the first workers (a broken setup would loop forever) and for a replacement out of retries;
+        otherwise count it and try again."""
+        worker = self._workers[slot]
+        if worker.attempt == 0 or worker.attempt > self.max_start_retries:
+            raise RuntimeError(f"grading worker {why}" + (f" ({worker.attempt} tries)" if worker.attempt else ""))
+        self.start_failures += 1
+        logger.warning("replacement grading worker %s; retrying (%d/%d)", why, worker.attempt, self.max_start_retries)
+        self._replace(slot, worker.attempt + 1)
 
     # ------------------------------------------------------------------------------------------------ the loop
 
@@ -261,6 +240,8 @@ class GradingPool(Generic[T, R]):
         deadline passes, then look at every worker."""
         todo = deque(range(len(items)))
         while todo or any(worker.busy for worker in self._workers):
+            if self._closed:  # by another thread (the run is ending): without workers this loop would spin
+                raise RuntimeError("GradingPool is closed")
             self._dispatch(todo, items)
             wait(self._watched(), timeout=self._seconds_to_next_event(todo))
             for slot in range(len(self._workers)):
@@ -319,7 +300,7 @@ class GradingPool(Generic[T, R]):
                 except (EOFError, OSError):
                     self._on_death(slot, todo, counters)
                     return
-                if isinstance(message, tuple) and message[0] == _CRASH:
+                if isinstance(message, tuple) and message[0] == CRASH:
                     self._on_death(slot, todo, counters, announced=True)
                     return
                 self._on_message(worker, message, results, counters)
@@ -332,10 +313,10 @@ class GradingPool(Generic[T, R]):
             todo.extendleft(reversed(worker.take_queued()))
             self._replace(slot)
         elif not worker.ready and time.monotonic() >= worker.started_at + self.startup_timeout_s:
-            raise RuntimeError(f"grading worker did not start within {self.startup_timeout_s:.0f}s")
+            self._on_failed_start(slot, f"did not start within {self.startup_timeout_s:.0f}s")
 
     def _on_message(self, worker: _Worker, message: Any, results: list[R], counters: dict[str, int]) -> None:
-        if message == _READY:
+        if message == READY:
             worker.ready = True
             return
         status, value = message
@@ -345,7 +326,7 @@ class GradingPool(Generic[T, R]):
             worker.start_next(time.monotonic(), self.timeout_s)
         if index is None:  # re-queued meanwhile: another worker answers it
             return
-        if status == _OK:
+        if status == OK:
             results[index] = value
         else:
             logger.warning("grading item %d raised %s", index, value)
@@ -358,8 +339,8 @@ class GradingPool(Generic[T, R]):
         if not announced:
             worker.process.join(_JOIN_TIMEOUT_S)
         if not worker.ready:
-            # Nothing from the batch can cause this: fn has not run yet. Retrying would loop forever.
-            raise RuntimeError(f"grading worker exited during start-up (exit code {worker.process.exitcode})")
+            self._on_failed_start(slot, f"exited during start-up (exit code {worker.process.exitcode})")
+            return
         if worker.index is not None:
             logger.warning("grading worker died on item %d (exit code %s)", worker.index, worker.process.exitcode)
             counters["crashes"] += 1

@@ -10,8 +10,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -162,16 +164,68 @@ def test_a_saved_and_restored_checkpoint_resumes_the_prompt_stream(kind, tmp_pat
         (8, 12), (12, 16)]
 
 
-def test_close_drops_queued_jobs_and_waits_for_the_running_one():
-    generator = RandomAnswers(delay=0.1)
+def test_close_drops_queued_jobs_and_does_not_wait_for_the_running_one():
+    """close() discards the job in flight, so it must not wait for it (a server rollout can take minutes), and the
+    rollout thread is a daemon, so it cannot hold up the interpreter's exit either; queued jobs never start."""
+    generator = RandomAnswers(delay=0.5)
     producer = AsyncRolloutProducer(collector(generator, settings()), shard(PromptSampler(PROBLEMS)),
                                     max_off_policy_steps=3)
-    producer.next_batch(PhaseTimer())  # queues steps 1-4; step 2's job starts at once
+    producer.next_batch(PhaseTimer())  # queues steps 1-4; step 2's job starts at once (two 0.5 s requests)
+    start = time.perf_counter()
     producer.close()
+    assert time.perf_counter() - start < 0.4  # the running job had about a second left
+    assert all(t.daemon for t in threading.enumerate() if t.name.startswith("rollouts"))
+    time.sleep(1.5)  # the discarded job ends on its own
+    assert generator.busy == 0
+    assert len(generator.calls) <= 4  # steps 1 and 2 at most (2 requests each): the queued jobs never started
+
+
+class FailingSync(RandomAnswers):
+    def update_weights(self, weights):
+        raise RuntimeError("push failed")
+
+
+def test_a_failed_weight_sync_keeps_the_next_job_from_starting():
+    """A failed push leaves the generator's weights unknown and ends the run: the next job must not start on them
+    (on a dead server it would wait out a whole retry budget before the loop could stop)."""
+    generator = FailingSync(delay=0.05)
+    producer = AsyncRolloutProducer(collector(generator, settings()), shard(PromptSampler(PROBLEMS)),
+                                    max_off_policy_steps=2)
+    producer.next_batch(PhaseTimer())  # queues steps 1-3; step 2's job starts at once
+    with pytest.raises(RuntimeError, match="push failed"):
+        producer.sync_weights([], PhaseTimer())  # waits for step 2's job, then fails
     calls = len(generator.calls)
+    time.sleep(0.5)
+    assert len(generator.calls) == calls == 4  # steps 1 and 2; step 3's job never started
+    producer.close()
+
+
+class InterruptedWait(PhaseTimer):
+    """A Ctrl-C that lands while the loop waits to sync (KeyboardInterrupt out of the "sync_wait" phase)."""
+
+    @contextmanager
+    def __call__(self, name):
+        with super().__call__(name):
+            yield
+        if name == "sync_wait":
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_close_after_a_ctrl_c_during_the_sync_wait_does_not_hang(k):
+    generator = RandomAnswers(delay=0.05)
+    producer = AsyncRolloutProducer(collector(generator, settings()), shard(PromptSampler(PROBLEMS)),
+                                    max_off_policy_steps=k)
+    producer.next_batch(PhaseTimer())
+    with pytest.raises(KeyboardInterrupt):
+        producer.sync_weights([], InterruptedWait())
+    closer = threading.Thread(target=producer.close, daemon=True)
+    closer.start()
+    closer.join(5.0)
+    assert not closer.is_alive(), "close() hung on a job waiting for a sync that will never come"
     time.sleep(0.3)
-    assert calls == len(generator.calls) and generator.busy == 0  # nothing runs after close()
-    assert calls <= 4  # steps 1 and 2 at most (2 requests each): the queued jobs never started
+    assert len(generator.calls) == 4  # no job started after the interrupted sync
+    assert generator.version == 0  # and the weights were never pushed
 
 
 def test_an_error_in_a_rollout_reaches_the_loop():

@@ -79,7 +79,7 @@ def test_drills_arm_the_packages_environment_variable(drills):
 
     assert drills.FAULTS_ENV == faults.ENV  # the script spells it out so that its parent process imports nothing
     assert {point for options in drills.KILL_POINTS.values() for _, point, _ in options} <= set(faults.POINTS)
-    assert set(drills.KILL_POINTS) == set(drills.PHASES)
+    assert set(drills.KILL_POINTS) == set(drills.PHASES) | set(drills.END_PHASES)
 
 
 def test_summary_counts_repetitions_survivors_and_lost_steps(drills, tmp_path):
@@ -125,3 +125,11 @@ def test_sigterm_checkpoints_the_step_exits_cleanly_and_resumes_to_the_reference
     from nemo_igrpo.cli import EXIT_STOPPED
 
     assert f"exit status {EXIT_STOPPED}" in trials[0].notes
+
+
+@pytest.mark.slow
+def test_grading_pool_under_concurrency_warm_up_death_and_orphaning_and_the_config_fuzz(drills, harness):
+    # issue 26: two threads mapping at once, a replacement dying in its warm-up, workers outliving a SIGKILLed
+    # trainer; every numeric key × NaN, ±inf, negative and huge values refused by name
+    assert_survived(drills.drill_pool(harness, random.Random(7), repeats=1), 3)
+    assert_survived(drills.drill_fuzz(harness, random.Random(8), repeats=1), 1)

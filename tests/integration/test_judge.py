@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import needs_smollm2
 
-from nemo_igrpo.config import load_config
+from nemo_igrpo.config import ConfigError, load_config
 from nemo_igrpo.generation.base import Completion, GenerationBackend
 from nemo_igrpo.assembly import build_training_reward
 from nemo_igrpo.rewards import JudgeReward
@@ -72,3 +72,30 @@ def test_a_real_small_model_judges(tmp_path):
     parsed = [parse_score(reply) for reply in replies]
     assert out.scores == [p if p is not None else 0.0 for p in parsed]
     assert out.counters == {"judge_unparseable": parsed.count(None)}
+
+
+def test_a_judge_on_the_generation_server_is_refused():
+    # The judge's generator would be a second client of the policy's server: it would push the judge's weights into
+    # it (every judge call then fails as "server restarted"), or, with weight_sync none, grade with the policy's
+    # weights. It needs an engine of its own, so the combination is refused naming the keys (issue 26 item 7).
+    with pytest.raises(ConfigError, match=r"reward\.components\.judge: .*generation\.backend=server"):
+        load_config(None, ["reward.components={judge: 1.0}", "generation.backend=server"])
+    with pytest.raises(ConfigError, match=r"reward\.components\.judge: .*generation\.backend=server"):
+        load_config(None, ["reward.components={judge: 1.0, format: 1.0}", "generation.backend=server",
+                           "generation.server.weight_sync=none"])
+    assert load_config(None, ["reward.components={judge: 1.0}"]).generation.backend == "hf"  # its own engine
+
+
+def test_the_assembly_never_lends_a_chat_model_on_the_generation_server(monkeypatch):
+    # Behind the validation (a reward of one's own may ask for a chat model too): the assembly refuses before any
+    # model is loaded or weights are pushed.
+    import dataclasses
+
+    from nemo_igrpo import assembly
+
+    config = load_config(None)
+    config.generation = dataclasses.replace(config.generation, backend="server")
+    monkeypatch.setenv(config.generation.server.token_env, "secret")
+    monkeypatch.setattr(assembly, "build_generation", lambda *a, **k: pytest.fail("a judge engine on the server"))
+    with pytest.raises(ConfigError, match=r"reward\.components: .*generation\.backend=server"):
+        assembly.build_chat_model(config, None)

@@ -173,3 +173,157 @@ def test_invalid_arguments_are_rejected():
         GradingPool(behave, num_workers=0, timeout_s=1.0)
     with pytest.raises(ValueError):
         GradingPool(behave, num_workers=1, timeout_s=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- issue 26
+
+
+def slow_double(item: int) -> float:
+    """Doubles, after a few milliseconds: long enough that two concurrent batches interleave on the workers."""
+    time.sleep(0.005)
+    return 2.0 * item
+
+
+def sleepy_double(item: int) -> float:
+    time.sleep(0.1)
+    return 2.0 * item
+
+
+def die_once_if_marked() -> None:
+    """Initializer: a worker that finds the marker file removes it and dies during start-up (one death only)."""
+    marker = os.environ.get("GRADING_POOL_TEST_MARKER", "")
+    if marker:
+        try:
+            os.remove(marker)
+        except FileNotFoundError:
+            return
+        os._exit(3)
+
+
+def sleep_once_if_marked() -> None:
+    """Initializer: a worker that finds the marker file removes it and stalls its start-up for a minute."""
+    marker = os.environ.get("GRADING_POOL_TEST_MARKER", "")
+    if marker:
+        try:
+            os.remove(marker)
+        except FileNotFoundError:
+            return
+        time.sleep(60)
+
+
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
+def test_two_threads_mapping_at_once_each_get_their_own_rewards():
+    # Async rollouts (rollout.max_off_policy_steps >= 2) grade in the rollout thread while the evaluation grades in
+    # the loop's thread, through the same pool: each caller must get exactly its own batch's results.
+    import threading
+
+    with GradingPool(slow_double, num_workers=2, timeout_s=30.0) as pool:
+        pool.start()
+        batches = {name: [offset + i for i in range(40)] for name, offset in (("a", 0), ("b", 1000))}
+        got: dict[str, list] = {}
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(2)
+
+        def grade(name: str) -> None:
+            try:
+                barrier.wait()
+                for _ in range(3):
+                    results, counters = pool.map(batches[name])
+                    got.setdefault(name, []).append((results, counters))
+            except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+                errors.append(error)
+
+        threads = [threading.Thread(target=grade, args=(name,), daemon=True) for name in batches]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60.0)
+        assert not any(thread.is_alive() for thread in threads), "a concurrent map hung"
+        assert errors == []
+        for name, batch in batches.items():
+            assert got[name] == [([2.0 * item for item in batch], {"timeouts": 0, "crashes": 0, "errors": 0})] * 3
+
+
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
+def test_workers_survive_a_process_group_sigterm():
+    # Slurm signals the whole process group at preemption; the trainer stops gracefully after the step, so the
+    # workers must keep grading it (the trainer kills them itself on close).
+    import threading
+
+    with GradingPool(sleepy_double, num_workers=2, timeout_s=30.0) as pool:
+        pool.start()
+        pids = [worker.process.pid for worker in pool._workers]
+
+        def signal_group() -> None:  # mid-batch, as a preemption lands
+            time.sleep(0.3)
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+
+        killer = threading.Thread(target=signal_group)
+        killer.start()
+        results, counters = pool.map(list(range(20)))  # 20 × 0.1 s on two workers: about a second
+        killer.join()
+        assert results == [2.0 * i for i in range(20)]
+        assert counters == {"timeouts": 0, "crashes": 0, "errors": 0}
+        assert [worker.process.pid for worker in pool._workers] == pids  # the same workers, none replaced
+
+
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
+@pytest.mark.parametrize("initializer", [die_once_if_marked, sleep_once_if_marked])
+def test_a_replacement_that_fails_its_warm_up_is_retried(tmp_path, monkeypatch, initializer):
+    # The first workers started fine, so the batch cannot be to blame for a replacement that dies (or stalls) while
+    # starting: retry it (a bounded number of times, counted) instead of aborting the run.
+    marker = tmp_path / "die"
+    monkeypatch.setenv("GRADING_POOL_TEST_MARKER", str(marker))
+    with GradingPool(behave, num_workers=1, timeout_s=30.0, initializer=initializer,
+                     startup_timeout_s=20.0) as pool:
+        pool.start()
+        marker.touch()  # only the replacement sees it
+        results, counters = pool.map([1, "exit", 2])
+        assert results == [2.0, 0.0, 4.0]
+        assert counters == {"timeouts": 0, "crashes": 1, "errors": 0}
+        assert pool.start_failures == 1
+        assert not marker.exists()
+
+
+ORPHAN_TRAINER = """
+import time
+from nemo_igrpo.rewards import GradingPool
+if __name__ == "__main__":
+    pool = GradingPool(time.sleep, num_workers=2, timeout_s=3600.0)
+    pool.start()
+    print(" ".join(str(worker.process.pid) for worker in pool._workers), flush=True)
+    pool.map([3600, 3600])  # both workers busy for an hour
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow  # grading workers: each start or restart is a fresh interpreter (seconds on loaded cores)
+def test_workers_busy_when_the_trainer_is_sigkilled_exit_on_their_own(tmp_path):
+    # A SIGKILLed trainer cannot kill its workers, and they ignore SIGTERM: a worker stuck on an item would live on
+    # (holding memory and a GPU node's cores) unless it notices that its parent is gone.
+    import subprocess
+    import sys
+
+    script = tmp_path / "trainer.py"
+    script.write_text(ORPHAN_TRAINER)
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(pid) for pid in trainer.stdout.readline().split()]
+    assert len(pids) == 2 and all(_running(pid) for pid in pids)
+    time.sleep(0.5)  # the items reach the workers
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 15.0  # the watchdog checks every second; slack for a loaded machine
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = [pid for pid in pids if _running(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == []

@@ -447,3 +447,27 @@ def test_defaults_come_from_the_config():
     assert (reward.extract, reward.num_workers, reward.timeout_s) == (
         defaults.extract, defaults.num_workers, defaults.timeout_s)
     assert reward.extract == "boxed_or_tag"
+
+
+def test_two_threads_get_one_pool(monkeypatch):
+    # Async rollouts and the evaluation grade from two threads (issue 26 item 2): when the pool is (re)created lazily,
+    # both must get the same one (two pools would leak one's workers and race on the reward's state).
+    import threading
+
+    made = []
+
+    class SlowPool:
+        def __init__(self, *args, **kwargs):
+            time.sleep(0.2)  # a constructor slow enough for the other thread to arrive meanwhile
+            made.append(self)
+            self.closed = False
+
+    monkeypatch.setattr("nemo_igrpo.rewards.math_verify_reward.GradingPool", SlowPool)
+    reward = MathVerifyReward()
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(reward._get_pool())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1 and got == [made[0], made[0]]
