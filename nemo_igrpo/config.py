@@ -215,6 +215,9 @@ class WarmStartConfig:
     lr: float = 1e-4
     batch_size: int = 64
     refinement_fraction: float = 0.0
+    # draft kind → share of the refinement rows (nemo_igrpo.data.drafts); the default is the mix before mixes existed
+    draft_mix: dict[str, float] = field(default_factory=lambda: {"reference": 0.5, "foreign": 0.5})
+    own_refresh_rows: int = 256  # `own` drafts: the sampler gets the warmed model's weights every this many rows
 
 
 @dataclass
@@ -282,7 +285,7 @@ class Config:
 
 
 # Mapping-valued keys that a layer replaces whole: `reward.components: {boxed_match: 1.0}` means only boxed_match.
-REPLACED_MAPPINGS = ("reward.components",)
+REPLACED_MAPPINGS = ("reward.components", "warm_start.draft_mix")
 
 # ---------------------------------------------------------------------------------------------- loading
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 # These modules hold the registries behind config keys (algorithm.*, reward.components, *.backend, eval.protocol,
 # trainer.loggers); importing them registers the built-ins. None of them imports the config schema at run time.
 from nemo_igrpo import algorithms, assembly, rewards, tracking  # noqa: F401
+from nemo_igrpo.data import drafts  # noqa: F401  (warm_start.draft_mix's kinds)
 from nemo_igrpo.errors import ConfigError
 from nemo_igrpo.evaluation import protocols  # noqa: F401
 from nemo_igrpo.registry import config_registries
@@ -64,7 +65,7 @@ def validate(config: Config) -> None:
                 "trainer.keep_last", "algorithm.ppo_epochs", "algorithm.max_sampling_rounds",
                 "eval.samples_per_problem", "data.max_prompt_tokens",
                 "generation.vllm.tensor_parallel_size", "generation.vllm.weight_bucket_mb",
-                "policy.megatron.make_vocab_size_divisible_by"]
+                "policy.megatron.make_vocab_size_divisible_by", "warm_start.own_refresh_rows"]
     for key in positive:
         if _get(config, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {_get(config, key)}")
@@ -92,6 +93,9 @@ def validate(config: Config) -> None:
     if not 0 <= config.warm_start.refinement_fraction <= 1:
         raise ConfigError(f"warm_start.refinement_fraction: must be in [0, 1], "
                           f"got {config.warm_start.refinement_fraction}")
+    mix = config.warm_start.draft_mix
+    if any(not math.isfinite(v) or v < 0 for v in mix.values()) or not sum(mix.values()) > 0:
+        raise ConfigError(f"warm_start.draft_mix: shares must be finite and >= 0 with a positive sum, got {mix}")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas: needs two values, got {config.optim.betas}")
     if config.trainer.dist_timeout_s <= 0:
