@@ -105,6 +105,7 @@ class AlgorithmConfig:
     num_drafts: int = 4
     num_refinements: int = 4
     tie_break: str = "first"
+    draft_selection: str = "best"  # best (the paper) | random (ablation: a uniformly random draft)
     advantage: str = "grpo"
     adv_eps: float = 1e-6
     policy_loss: str = "ppo"

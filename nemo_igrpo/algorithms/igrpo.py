@@ -23,7 +23,7 @@ import torch
 from nemo_igrpo import faults
 from nemo_igrpo.algorithms.advantages import compute_advantages, zero_variance_groups
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
-from nemo_igrpo.algorithms.selection import select_best
+from nemo_igrpo.algorithms.selection import select_draft
 from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
 
 
@@ -55,6 +55,7 @@ class RolloutSettings:
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of the budget (0 = off)
     overlong_penalty: float = 1.0  # the penalty at the full budget
     overlong_filter: bool = False  # DAPO overlong filtering: truncated samples get no loss
+    draft_selection: str = "best"  # which draft Stage 2 sees: best (the paper) | random (selection.py)
 
 
 # How _rows and _extend treat each StageSamples field (its metadata), so that a new field is one line here.
@@ -188,7 +189,7 @@ class _DraftSelection:
         _count(samples.reward_counters, scored.counters)
         _count_non_finite(samples.reward_counters, scored.scores)
         scores = scored.scores
-        best = int(select_best(torch.tensor([scores]), settings.tie_break)[0])
+        best = int(select_draft(torch.tensor([scores]), settings.draft_selection, settings.tie_break)[0])
         self.reward_seconds += time.perf_counter() - started
         self.draft_rewards[i], self.draft_solved[i] = list(scores), scored.solved()
         self.best_index[i], self.best_drafts[i] = best, texts[best]
