@@ -23,6 +23,7 @@ import torch
 from nemo_igrpo import faults
 from nemo_igrpo.algorithms.advantages import compute_advantages, zero_variance_groups
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
+from nemo_igrpo.algorithms.refinement_metrics import refinement_metrics
 from nemo_igrpo.algorithms.selection import select_draft
 from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
 
@@ -79,10 +80,13 @@ class StageSamples:
     rewards: list[float] = _field(_ROW)
     group_ids: list[int] = _field(_ROW)
     components: dict[str, list[float]] = _field(_ROW_COLUMNS, dict)
+    texts: list[str] = _field(_ROW)  # the refinements decoded, and their accuracy verdicts (refinement_metrics)
+    solved: list[bool] = _field(_ROW)
     draft_rewards: list[list[float]] = _field(_PROBLEM)  # [problem][N]
     draft_solved: list[list[bool]] = _field(_PROBLEM)  # [problem][N]: the accuracy verdicts
     best_draft_index: list[int] = _field(_PROBLEM)  # [problem]: the selected draft
     draft_lengths: list[int] = _field(_PROBLEM)
+    draft_logprob_sums: list[float] = _field(_PROBLEM)  # per draft, NaN without log-probs (refinement_metrics)
     best_drafts: list[str] = _field(_PROBLEM)
     reward_counters: dict[str, int] = _field(_COUNTERS, dict)  # e.g. grader timeouts, over both stages
 
@@ -194,6 +198,8 @@ class _DraftSelection:
         self.draft_rewards[i], self.draft_solved[i] = list(scores), scored.solved()
         self.best_index[i], self.best_drafts[i] = best, texts[best]
         samples.draft_lengths.extend(len(d.token_ids) for d in drafts)
+        samples.draft_logprob_sums.extend(sum(d.logprobs) if len(d.logprobs) == len(d.token_ids) else math.nan
+                                          for d in drafts)
         return self.template.refinement_ids(self.problems[i].problem, texts[best])
 
     def fill(self) -> None:
@@ -275,7 +281,7 @@ def _score_refinements(samples: StageSamples, problems, stage2_prompts, refineme
     _count_non_finite(samples.reward_counters, scored.scores)
     _add(timings, "rollout/reward", time.perf_counter() - started)
     samples.prompts = [list(stage2_prompts[i]) for i in range(len(problems)) for _ in range(g)]
-    samples.completions = flat
+    samples.completions, samples.texts, samples.solved = flat, texts, scored.solved()
     samples.rewards = list(scored.scores)
     samples.components = {k: list(v) for k, v in scored.components.items()}
     samples.group_ids = [first_group_id + i for i in range(len(problems)) for _ in range(g)]
@@ -394,6 +400,7 @@ def _rollout_metrics(seen: StageSamples, batch: StageSamples, settings: RolloutS
         metrics[f"reward/count/{key}"] = float(count)
     if settings.num_drafts:
         metrics.update(_draft_metrics(seen, rewards, settings))
+    metrics.update(refinement_metrics(seen, settings.num_refinements, has_drafts=settings.num_drafts > 0))
     return metrics
 
 
