@@ -106,6 +106,7 @@ class AlgorithmConfig:
     num_refinements: int = 4
     tie_break: str = "first"
     draft_selection: str = "best"  # best (the paper) | random (ablation: a uniformly random draft)
+    draft_loss_weight: float = 0.0  # > 0: + w · GRPO loss on the drafts (algorithms/draft_loss.py; beyond the paper)
     advantage: str = "grpo"
     adv_eps: float = 1e-6
     policy_loss: str = "ppo"

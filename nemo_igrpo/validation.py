@@ -93,6 +93,7 @@ def validate(config: Config) -> None:
     if not 0 <= config.warm_start.refinement_fraction <= 1:
         raise ConfigError(f"warm_start.refinement_fraction: must be in [0, 1], "
                           f"got {config.warm_start.refinement_fraction}")
+    _check_draft_loss(config)
     mix = config.warm_start.draft_mix
     if any(not math.isfinite(v) or v < 0 for v in mix.values()) or not sum(mix.values()) > 0:
         raise ConfigError(f"warm_start.draft_mix: shares must be finite and >= 0 with a positive sum, got {mix}")
@@ -142,6 +143,21 @@ def _check_rollout(config: Config) -> None:
     if rollout.draft_ahead and config.algorithm.num_drafts == 0:
         raise ConfigError("rollout.draft_ahead: needs Stage-1 drafts, but algorithm.num_drafts is 0 (GRPO has no "
                           "drafts to generate ahead); set rollout.draft_ahead=false")
+
+
+def _check_draft_loss(config: Config) -> None:
+    algorithm, weight = config.algorithm, config.algorithm.draft_loss_weight
+    if not math.isfinite(weight) or weight < 0:
+        raise ConfigError(f"algorithm.draft_loss_weight: must be finite and >= 0, got {weight}")
+    if weight == 0:
+        return
+    if algorithm.num_drafts < 2:
+        raise ConfigError(f"algorithm.draft_loss_weight={weight}: the drafts of a problem are its group, which needs "
+                          f"algorithm.num_drafts >= 2 (got {algorithm.num_drafts})")
+    for key, on in (("algorithm.dynamic_sampling", algorithm.dynamic_sampling),
+                    ("rollout.draft_ahead", config.rollout.draft_ahead)):
+        if on:  # dropped groups would leave their drafts behind; drafts made ahead are a policy version old
+            raise ConfigError(f"algorithm.draft_loss_weight={weight} is not supported with {key}; set one of them off")
 
 
 def _check_micro_batching(policy: PolicyConfig) -> None:

@@ -23,6 +23,7 @@ import torch
 from nemo_igrpo import faults
 from nemo_igrpo.algorithms.advantages import compute_advantages, zero_variance_groups
 from nemo_igrpo.algorithms.batch import RolloutBatch, pad_sequences
+from nemo_igrpo.algorithms.draft_loss import with_draft_rows
 from nemo_igrpo.algorithms.refinement_metrics import refinement_metrics
 from nemo_igrpo.algorithms.selection import select_draft
 from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
@@ -57,6 +58,8 @@ class RolloutSettings:
     overlong_penalty: float = 1.0  # the penalty at the full budget
     overlong_filter: bool = False  # DAPO overlong filtering: truncated samples get no loss
     draft_selection: str = "best"  # which draft Stage 2 sees: best (the paper) | random (selection.py)
+    draft_loss_weight: float = 0.0  # > 0: the drafts are trained too, with loss_agg (draft_loss.py; beyond the paper)
+    loss_agg: str = "seq-mean-token-mean"
 
 
 # How _rows and _extend treat each StageSamples field (its metadata), so that a new field is one line here.
@@ -87,6 +90,8 @@ class StageSamples:
     best_draft_index: list[int] = _field(_PROBLEM)  # [problem]: the selected draft
     draft_lengths: list[int] = _field(_PROBLEM)
     draft_logprob_sums: list[float] = _field(_PROBLEM)  # per draft, NaN without log-probs (refinement_metrics)
+    draft_prompts: list[list[int]] = _field(_PROBLEM)  # [problem], and [problem][N] drafts: for draft_loss.py
+    draft_completions: list[list[Completion]] = _field(_PROBLEM)
     best_drafts: list[str] = _field(_PROBLEM)
     reward_counters: dict[str, int] = _field(_COUNTERS, dict)  # e.g. grader timeouts, over both stages
 
@@ -159,6 +164,8 @@ def rollout(
     batch_samples = _first_groups(batch_samples, num_problems)
 
     batch = _to_batch(batch_samples, settings, pad_token_id)
+    if settings.draft_loss_weight > 0:
+        batch = with_draft_rows(batch, batch_samples, settings, pad_token_id)
     metrics = _rollout_metrics(seen, batch_samples, settings, rounds=round_index + 1)
     return batch, metrics
 
@@ -180,6 +187,7 @@ class _DraftSelection:
         self.draft_solved: dict[int, list[bool]] = {}
         self.best_index: dict[int, int] = {}
         self.best_drafts: dict[int, str] = {}
+        self.drafts: dict[int, list[Completion]] = {}
 
     def __call__(self, i: int, drafts: list[Completion]) -> list[int]:
         n, settings, samples = self.settings.num_drafts, self.settings, self.samples
@@ -196,7 +204,7 @@ class _DraftSelection:
         best = int(select_draft(torch.tensor([scores]), settings.draft_selection, settings.tie_break)[0])
         self.reward_seconds += time.perf_counter() - started
         self.draft_rewards[i], self.draft_solved[i] = list(scores), scored.solved()
-        self.best_index[i], self.best_drafts[i] = best, texts[best]
+        self.best_index[i], self.best_drafts[i], self.drafts[i] = best, texts[best], drafts
         samples.draft_lengths.extend(len(d.token_ids) for d in drafts)
         samples.draft_logprob_sums.extend(sum(d.logprobs) if len(d.logprobs) == len(d.token_ids) else math.nan
                                           for d in drafts)
@@ -208,6 +216,8 @@ class _DraftSelection:
         samples.draft_solved = [self.draft_solved[i] for i in sorted(self.draft_solved)]
         samples.best_draft_index = [self.best_index[i] for i in sorted(self.best_index)]
         samples.best_drafts = [self.best_drafts[i] for i in sorted(self.best_drafts)]
+        samples.draft_completions = [self.drafts[i] for i in sorted(self.drafts)]
+        samples.draft_prompts = [self.template.problem_ids(self.problems[i].problem) for i in sorted(self.drafts)]
 
 
 def draft_stage(problems_source: Callable[[int], Sequence[Problem]], num_problems: int,

@@ -213,7 +213,8 @@ class AlternatingProblemsReward(Reward):
 
 def test_refinement_metrics_logged_with_a_draft_mix_and_random_selection(tmp_path, monkeypatch):
     """Issue 27's "done when": a 2-step run with warm_start.draft_mix (every kind, own drafts sampled from the
-    warmed model) and algorithm.draft_selection=random logs the refinement metrics, each in [0, 1]."""
+    warmed model), algorithm.draft_selection=random and algorithm.draft_loss_weight=0.5 logs the refinement
+    metrics, each in [0, 1] (the draft rows themselves: tests/unit/test_draft_loss.py)."""
     from nemo_igrpo import warm_start
 
     counts = {"refresh": 0, "own": 0}
@@ -235,7 +236,8 @@ def test_refinement_metrics_logged_with_a_draft_mix_and_random_selection(tmp_pat
     train(tiny_config(run, "data.train=builtin:chain", "data.eval=builtin:chain", "warm_start.steps=4",
                       "warm_start.batch_size=16", "warm_start.refinement_fraction=1.0", "warm_start.own_refresh_rows=32",
                       "warm_start.draft_mix={reference: 0.25, near_miss: 0.25, foreign: 0.25, own: 0.25}",
-                      "algorithm.draft_selection=random", "reward.components={test_alternating_problems: 1.0}",
+                      "algorithm.draft_selection=random", "algorithm.draft_loss_weight=0.5",
+                      "reward.components={test_alternating_problems: 1.0}",
                       "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0"))
     # 64 warm-start rows, a quarter of them own drafts; the sampler got the weights after rows 32 (step 3)
     assert counts["refresh"] == 1 and 0 < counts["own"] < 64
@@ -251,3 +253,4 @@ def test_refinement_metrics_logged_with_a_draft_mix_and_random_selection(tmp_pat
         assert record["reward/accuracy/refined_after_right_draft"] == 0.5
         assert record["reward/accuracy/refined_after_wrong_draft"] == 0.5
         assert record["rollout/entropy/draft"] > 0 and record["rollout/entropy/refinement"] > 0
+        assert math.isfinite(record["train/loss"]) and record["train/skipped"] == 0.0
