@@ -37,7 +37,8 @@ class OwnDrafts(Protocol):
 
 
 def warm_start(policy: PolicyBackend, model: torch.nn.Module, examples: list[Example], template: PromptBuilder,
-               tokenizer, ws: WarmStartConfig, seed: int, console: Console, own_drafts: OwnDrafts | None = None) -> None:
+               tokenizer, ws: WarmStartConfig, seed: int, console: Console,
+               own_drafts: OwnDrafts | None = None) -> None:
     """``warm_start.steps`` steps of token-mean NLL on (prompt, solution) pairs, on ``policy`` (built over ``model``
 at temperature 1, without a reference).
 

@@ -1,4 +1,4 @@
-"""iGRPO Stage 1: pick the draft per prompt that Stage 2 is conditioned on (the best, or a random one as an ablation)."""
+"""iGRPO Stage 1: pick the draft per prompt that Stage 2 is conditioned on (best; random as ablation)."""
 
 from __future__ import annotations
 

@@ -234,7 +234,8 @@ def test_refinement_metrics_logged_with_a_draft_mix_and_random_selection(tmp_pat
     monkeypatch.setattr(warm_start.ModelDrafts, "__call__", counted_sample)
     run = tmp_path / "run"
     train(tiny_config(run, "data.train=builtin:chain", "data.eval=builtin:chain", "warm_start.steps=4",
-                      "warm_start.batch_size=16", "warm_start.refinement_fraction=1.0", "warm_start.own_refresh_rows=32",
+                      "warm_start.batch_size=16", "warm_start.refinement_fraction=1.0",
+                      "warm_start.own_refresh_rows=32",
                       "warm_start.draft_mix={reference: 0.25, near_miss: 0.25, foreign: 0.25, own: 0.25}",
                       "algorithm.draft_selection=random", "algorithm.draft_loss_weight=0.5",
                       "reward.components={test_alternating_problems: 1.0}",

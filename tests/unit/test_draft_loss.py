@@ -73,7 +73,8 @@ def test_the_rollout_appends_one_row_per_draft_with_scaled_group_advantages():
     batch, _ = run(generator, [Example("Q?", "7")], settings(4, 2, draft_loss_weight=0.5))
     assert batch.size == 2 + 4 and batch.group_ids.tolist() == [0, 0, 1, 1, 1, 1]
     # 2 refinement + 4 draft sequences: scales 6/2 = 3 and 0.5 · 6/4 = 0.75 (seq-mean-token-mean)
-    # refinements: mean 0.5, std 0.7071 → ±0.7071 · 3; drafts: mean 0.25, std 0.5 → [1.5, -0.5, -0.5, -0.5] · 0.75
+    # refinements: mean 0.5, std 0.7071 → ±0.7071 · 3
+    # drafts: mean 0.25, std 0.5 → [1.5, -0.5, -0.5, -0.5] · 0.75
     root = 1 / math.sqrt(2)
     expected = torch.tensor([3 * root, -3 * root, 1.125, -0.375, -0.375, -0.375])
     torch.testing.assert_close(batch.advantages, expected, atol=1e-4, rtol=0)
