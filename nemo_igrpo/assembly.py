@@ -67,6 +67,8 @@ def build_rollout_settings(config: Config, stop_token_ids: tuple[int, ...]) -> R
         advantage=algorithm.advantage, adv_eps=algorithm.adv_eps, dynamic_sampling=algorithm.dynamic_sampling,
         max_sampling_rounds=algorithm.max_sampling_rounds, overlong_buffer=config.reward.overlong_buffer,
         overlong_penalty=config.reward.overlong_penalty, overlong_filter=algorithm.overlong_filter,
+        draft_selection=algorithm.draft_selection, draft_loss_weight=algorithm.draft_loss_weight,
+        loss_agg=algorithm.loss_agg,
         sampling=SamplingParams(temperature=generation.temperature, top_p=generation.top_p,
                                 max_new_tokens=generation.max_new_tokens, stop_token_ids=stop_token_ids))
 
@@ -275,10 +277,20 @@ def build_warm_start_policy(config: Config, model: torch.nn.Module) -> PolicyBac
 def warm_start_model(config: Config, model: torch.nn.Module, train_set: list[Example], template: PromptBuilder,
                      tokenizer, console) -> None:
     """``warm_start.steps`` supervised steps on ``model`` in place (``nemo_igrpo.warm_start``)."""
-    from nemo_igrpo.warm_start import warm_start
+    from nemo_igrpo.models import stop_token_ids
+    from nemo_igrpo.warm_start import ModelDrafts, warm_start
 
-    warm_start(build_warm_start_policy(config, model), model, train_set, template, tokenizer, config.warm_start,
-               config.trainer.seed, console)
+    ws, policy = config.warm_start, build_warm_start_policy(config, model)
+    own = None
+    if ws.refinement_fraction > 0 and ws.draft_mix.get("own", 0.0) > 0:  # drafts sampled from the warmed model
+        sampling = dataclasses.replace(build_rollout_settings(config, stop_token_ids(tokenizer, model)).sampling, n=1)
+        own = ModelDrafts(build_generation(config, model, tokenizer.pad_token_id), policy, template,
+                          lambda ids: tokenizer.decode(ids, skip_special_tokens=True), sampling)
+    try:
+        warm_start(policy, model, train_set, template, tokenizer, ws, config.trainer.seed, console, own)
+    finally:
+        if own is not None:
+            own.generator.close()
 
 
 def build_producer(config: Config, collector: BatchCollector, source: ShardedSource) -> RolloutProducer:

@@ -99,9 +99,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "plot": Subcommand(
         summary="PNG training curves of one or more runs, overlaid (needs the plot extra: matplotlib)",
-        description=("Plot reward (drafts, best draft, refinements), held-out accuracy, entropy, response length, "
-                     "KL and the zero-variance-group fraction from each RUN_DIR/metrics.jsonl, against the step "
-                     "and against rollouts consumed, all runs overlaid with a legend; one PNG per quantity."),
+        description=("Plot reward (drafts, best draft, refinements), held-out accuracy, entropy (both stages), "
+                     "refinement accuracy after a right / wrong draft, copy rate and edit distance to the draft, "
+                     "response length, KL and the zero-variance-group fraction from each RUN_DIR/metrics.jsonl, "
+                     "against the step and against rollouts consumed, all runs overlaid with a legend; one PNG per "
+                     "quantity."),
         add_arguments=_plot_arguments,
     ),
     "plan": Subcommand(

@@ -15,17 +15,15 @@ gradient checkpointing; the recipes in ``conf/recipes/`` set all three. The embe
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from nemo_igrpo.algorithms.presets import PRESETS
+from nemo_igrpo.config_sources import check_keys, first_line, parse_overrides, read_yaml
 from nemo_igrpo.errors import ConfigError  # noqa: F401  (re-exported: ``from nemo_igrpo.config import ConfigError``)
 from nemo_igrpo.rewards.defaults import DEFAULT_EXTRACT, DEFAULT_NUM_WORKERS, DEFAULT_TIMEOUT_S
 from nemo_igrpo.validation import validate
@@ -116,6 +114,8 @@ class AlgorithmConfig:
     num_drafts: int = ranged(4, ge=0, le=1024)
     num_refinements: int = ranged(4, ge=2, le=1024)  # a relative advantage needs 2
     tie_break: str = "first"
+    draft_selection: str = "best"  # best (the paper) | random (ablation: a uniformly random draft)
+    draft_loss_weight: float = ranged(0.0, ge=0, le=1000)  # > 0: + w · GRPO loss on the drafts (beyond the paper)
     advantage: str = "grpo"
     adv_eps: float = ranged(1e-6, gt=0, le=1)
     policy_loss: str = "ppo"
@@ -226,6 +226,9 @@ class WarmStartConfig:
     lr: float = ranged(1e-4, gt=0, le=1)
     batch_size: int = ranged(64, ge=1, le=2**20)
     refinement_fraction: float = ranged(0.0, ge=0, le=1)
+    # draft kind → share of the refinement rows (nemo_igrpo.data.drafts); the default is the mix before mixes existed
+    draft_mix: dict[str, float] = field(default_factory=lambda: {"reference": 0.5, "foreign": 0.5})
+    own_refresh_rows: int = ranged(256, ge=1, le=2**30)  # `own` drafts: the warmed weights reach the sampler this often
 
 
 @dataclass
@@ -293,7 +296,7 @@ class Config:
 
 
 # Mapping-valued keys that a layer replaces whole: `reward.components: {boxed_match: 1.0}` means only boxed_match.
-REPLACED_MAPPINGS = ("reward.components",)
+REPLACED_MAPPINGS = ("reward.components", "warm_start.draft_mix")
 
 # ---------------------------------------------------------------------------------------------- loading
 
@@ -302,11 +305,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Defaults ← preset ← YAML file ``path`` ← ``overrides`` (``a.b=value`` dotlist), validated and typed."""
     layers: list[tuple[str, dict]] = []
     if path is not None:
-        layers.append((str(path), _read_yaml(Path(path))))
+        layers.append((str(path), read_yaml(Path(path))))
     if overrides:
-        layers.append(("command line", _parse_overrides(overrides)))
+        layers.append(("command line", parse_overrides(overrides)))
     for source, data in layers:
-        _check_keys(data, Config, source, prefix="")
+        check_keys(data, Config, source, prefix="")
 
     merged = OmegaConf.structured(Config)
     for source, data in layers:
@@ -337,63 +340,8 @@ def _merge(base: DictConfig, data: dict, source: str) -> DictConfig:
         return OmegaConf.merge(base, data)  # type: ignore[return-value]
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
-        raise ConfigError(f"{source}: {key}: {_first_line(error)}") from None
+        raise ConfigError(f"{source}: {key}: {first_line(error)}") from None
 
 
 def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: malformed YAML: {error.problem}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: malformed YAML: {error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def _parse_overrides(overrides: Sequence[str]) -> dict:
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"command line: override {item!r} must look like section.key=value")
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
-    except OmegaConfBaseException as error:
-        raise ConfigError(f"command line: {_first_line(error)}") from None
-
-
-def _check_keys(data: Any, schema: type, source: str, prefix: str) -> None:
-    """Reject keys the schema does not have, naming the full key and the closest valid one."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {data!r}")
-    valid = {f.name: f for f in dataclasses.fields(schema)}
-    for key, value in data.items():
-        if key not in valid:
-            hint = difflib.get_close_matches(str(key), list(valid), n=1)
-            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{suggestion}")
-        sub = _dataclass_type(valid[key])
-        if sub is not None and value is not None:
-            _check_keys(value, sub, source, prefix=f"{prefix}{key}.")
-
-
-def _dataclass_type(f: dataclasses.Field) -> type | None:
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-    return type(default) if dataclasses.is_dataclass(default) else None
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0]

@@ -24,7 +24,15 @@ FIGURES: dict[str, tuple[str, str, list[tuple[str, str]]]] = {
         ("reward/accuracy/best_draft_mean", "selected draft right"),
         ("reward/accuracy/best_draft_predicted", "1-(1-p)^N, p per problem")]),
     "accuracy": ("Held-out accuracy", "avg@k", [("eval/accuracy", "held-out")]),
-    "entropy": ("Policy entropy (refinement tokens)", "nats / token", [("train/entropy", "entropy")]),
+    "entropy": ("Policy entropy", "nats / token", [
+        ("train/entropy", "trained tokens"), ("rollout/entropy/draft", "drafts (sampled)"),
+        ("rollout/entropy/refinement", "refinements (sampled)")]),
+    "refinement": ("Refinement accuracy by the selected draft's verdict", "accuracy", [
+        ("reward/accuracy/refined_after_right_draft", "after a right draft"),
+        ("reward/accuracy/refined_after_wrong_draft", "after a wrong draft"),
+        ("reward/accuracy/refinement_mean", "all refinements")]),
+    "copying": ("Refinements against their draft", "fraction", [
+        ("rollout/copy_rate", "copy rate"), ("rollout/edit_distance_to_draft", "normalised edit distance")]),
     "response_length": ("Response length", "tokens", [
         ("response_length/refinement_mean", "refinements"), ("response_length/draft_mean", "drafts")]),
     "kl": ("KL to the reference policy", "token-mean KL", [("train/kl", "KL")]),

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 # trainer.loggers); importing them registers the built-ins. None of them imports the config schema at run time.
 from nemo_igrpo import algorithms, rewards, tracking  # noqa: F401
 from nemo_igrpo.backends import GENERATION_BACKENDS, POLICY_BACKENDS
+from nemo_igrpo.data import drafts  # noqa: F401  (warm_start.draft_mix's kinds)
 from nemo_igrpo.errors import ConfigError
 from nemo_igrpo.evaluation import protocols  # noqa: F401
 from nemo_igrpo.registry import config_registries
@@ -72,7 +73,7 @@ def validate(config: Config) -> None:
                 "trainer.keep_last", "algorithm.ppo_epochs", "algorithm.max_sampling_rounds",
                 "eval.samples_per_problem", "data.max_prompt_tokens",
                 "generation.vllm.tensor_parallel_size", "generation.vllm.weight_bucket_mb",
-                "policy.megatron.make_vocab_size_divisible_by"]
+                "policy.megatron.make_vocab_size_divisible_by", "warm_start.own_refresh_rows"]
     for key in positive:
         if _get(config, key) < 1:
             raise ConfigError(f"{key}: must be >= 1, got {_get(config, key)}")
@@ -100,6 +101,10 @@ def validate(config: Config) -> None:
     if not 0 <= config.warm_start.refinement_fraction <= 1:
         raise ConfigError(f"warm_start.refinement_fraction: must be in [0, 1], "
                           f"got {config.warm_start.refinement_fraction}")
+    _check_draft_loss(config)
+    mix = config.warm_start.draft_mix
+    if any(not math.isfinite(v) or v < 0 for v in mix.values()) or not sum(mix.values()) > 0:
+        raise ConfigError(f"warm_start.draft_mix: shares must be finite and >= 0 with a positive sum, got {mix}")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas: needs two values, got {config.optim.betas}")
     if config.trainer.dist_timeout_s <= 0:
@@ -195,6 +200,19 @@ def check_rollout_parallelism(config: Config, model_parallel_size: int, data_par
                           "algorithm.dynamic_sampling (ranks would draw different numbers of prompts ahead of "
                           "the steps that align them); set algorithm.dynamic_sampling=false or "
                           "rollout.max_off_policy_steps=0")
+
+
+def _check_draft_loss(config: Config) -> None:
+    algorithm, weight = config.algorithm, config.algorithm.draft_loss_weight  # finite and >= 0: the schema's range
+    if weight == 0:
+        return
+    if algorithm.num_drafts < 2:
+        raise ConfigError(f"algorithm.draft_loss_weight={weight}: the drafts of a problem are its group, which needs "
+                          f"algorithm.num_drafts >= 2 (got {algorithm.num_drafts})")
+    for key, on in (("algorithm.dynamic_sampling", algorithm.dynamic_sampling),
+                    ("rollout.draft_ahead", config.rollout.draft_ahead)):
+        if on:  # dropped groups would leave their drafts behind; drafts made ahead are a policy version old
+            raise ConfigError(f"algorithm.draft_loss_weight={weight} is not supported with {key}; set one of them off")
 
 
 def _check_micro_batching(policy: PolicyConfig) -> None:

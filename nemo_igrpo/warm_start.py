@@ -18,8 +18,9 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import safetensors.torch
 
@@ -29,7 +30,9 @@ from rich.console import Console
 from nemo_igrpo import distributed
 from nemo_igrpo.algorithms.batch import RolloutBatch, TokenStats, pad_sequences
 from nemo_igrpo.data.dataset import Example
+from nemo_igrpo.data.drafts import DRAFT_KINDS
 from nemo_igrpo.data.prompts import PromptBuilder
+from nemo_igrpo.generation.base import GenerationBackend, SamplingParams
 from nemo_igrpo.policy.base import PolicyBackend
 
 if TYPE_CHECKING:
@@ -76,23 +79,50 @@ def warm_started_base(config: Config, model: torch.nn.Module, *, fresh: bool, tr
     distributed.barrier()  # every rank resumes from the stored copy only once it is complete
 
 
+class OwnDrafts(Protocol):
+    """The ``own`` draft kind: drafts sampled from the model being warmed (``nemo_igrpo.assembly`` builds one)."""
+
+    def refresh(self) -> None:
+        """Load the warmed model's current weights into the sampler."""
+
+    def __call__(self, problems: list[str]) -> list[str]:
+        """One sampled draft (decoded text) per problem."""
+
+
 def warm_start(policy: PolicyBackend, model: torch.nn.Module, examples: list[Example], template: PromptBuilder,
-               tokenizer, ws: WarmStartConfig, seed: int, console: Console) -> None:
+               tokenizer, ws: WarmStartConfig, seed: int, console: Console,
+               own_drafts: OwnDrafts | None = None) -> None:
     """``warm_start.steps`` steps of token-mean NLL on (prompt, solution) pairs, on ``policy`` (built over ``model``
 at temperature 1, without a reference).
 
-    A ``warm_start.refinement_fraction`` of the examples is shown as a Stage-2 prompt, with a draft that is the
-    problem's own reference solution or, half of the time, another problem's (a wrong draft), so the model has
-    seen the refinement format before RL conditions on its own drafts. The target is always the reference.
+    A ``warm_start.refinement_fraction`` of the rows is shown as a Stage-2 prompt whose draft is drawn from
+    ``warm_start.draft_mix`` (``nemo_igrpo.data.drafts``: the problem's own reference, a near miss, another
+    problem's solution, or the model's own draft from ``own_drafts``, whose weights are refreshed every
+    ``warm_start.own_refresh_rows`` rows), so the model has seen the refinement format, and what to do with right
+    and wrong drafts, before RL conditions on its own. The target is always the reference.
     """
     with_solution = [e for e in examples if e.solution]
     if not with_solution:
         raise ValueError("warm_start.steps > 0 needs examples with a solution (set data.solution_key)")
     end = tokenizer.eos_token_id
     rng = random.Random(seed)
+    thresholds = draft_thresholds(ws.draft_mix)
+    if ws.refinement_fraction > 0 and "own" in thresholds and own_drafts is None:
+        raise ValueError("warm_start.draft_mix has own drafts but no sampler was given (own_drafts)")
+    rows_since_refresh = 0
     for step in range(1, ws.steps + 1):
         rows = rng.sample(with_solution, min(ws.batch_size, len(with_solution)))
-        prompts = [_prompt(e, with_solution, template, ws.refinement_fraction, rng) for e in rows]
+        drafts = [_draft(e, with_solution, ws.refinement_fraction, thresholds, rng) for e in rows]
+        own = [i for i, draft in enumerate(drafts) if draft is _OWN]
+        if own:
+            if rows_since_refresh >= ws.own_refresh_rows:
+                own_drafts.refresh()  # type: ignore[union-attr]
+                rows_since_refresh = 0
+            for i, text in zip(own, own_drafts([rows[i].problem for i in own])):  # type: ignore[misc]
+                drafts[i] = text
+        rows_since_refresh += len(rows)
+        prompts = [template.problem_ids(e.problem) if d is None else template.refinement_ids(e.problem, d)
+                   for e, d in zip(rows, drafts)]
         targets = [tokenizer.encode(e.solution, add_special_tokens=False) + [end] for e in rows]
         input_ids, attention_mask, loss_mask, _ = pad_sequences(prompts, targets, tokenizer.pad_token_id)
         batch = RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
@@ -112,12 +142,48 @@ at temperature 1, without a reference).
             model.load_state_dict(dict(policy.export_weights()))
 
 
-def _prompt(example: Example, pool: list[Example], template: PromptBuilder, refinement_fraction: float,
-            rng: random.Random) -> list[int]:
+class ModelDrafts:
+    """``OwnDrafts`` over a generation backend that started from the warmed model's weights: ``refresh`` syncs the
+    policy's current weights into it, as the RL loop does after an update."""
+
+    def __init__(self, generator: GenerationBackend, policy: PolicyBackend, template: PromptBuilder,
+                 decode: Callable[[list[int]], str], sampling: SamplingParams) -> None:
+        self.generator, self.policy, self.template, self.decode = generator, policy, template, decode
+        self.sampling = replace(sampling, n=1)
+
+    def refresh(self) -> None:
+        self.generator.update_weights(self.policy.export_weights())
+
+    def __call__(self, problems: list[str]) -> list[str]:
+        groups = self.generator.generate([self.template.problem_ids(p) for p in problems], self.sampling)
+        return [self.decode(group[0].token_ids) for group in groups]
+
+
+_OWN = object()  # a row whose draft the model will sample
+
+
+def draft_thresholds(mix: dict[str, float]) -> dict[str, float]:
+    """Cumulative shares of the kinds with a positive share, in ``DRAFT_KINDS`` order (so the draw does not
+    depend on the order a YAML lists them), normalised to end at 1: kind k is drawn when u < its threshold."""
+    total = sum(mix.values())
+    thresholds, running = {}, 0.0
+    for kind in DRAFT_KINDS:
+        if mix.get(kind, 0.0) > 0:
+            running += mix[kind] / total
+            thresholds[kind] = running
+    return thresholds
+
+
+def _draft(example: Example, pool: list[Example], refinement_fraction: float, thresholds: dict[str, float],
+           rng: random.Random):
+    """None for a plain-prompt row, else the draft text (``_OWN``: to be sampled). One uniform draw picks the
+    kind: with the default mix {reference: 0.5, foreign: 0.5} the random stream is the one before mixes existed."""
     if rng.random() >= refinement_fraction:
-        return template.problem_ids(example.problem)
-    draft = example if rng.random() < 0.5 else rng.choice(pool)
-    return template.refinement_ids(example.problem, draft.solution)
+        return None
+    u = rng.random()
+    kind = next((k for k, threshold in thresholds.items() if u < threshold), list(thresholds)[-1])
+    make = DRAFT_KINDS[kind]
+    return _OWN if make is None else make(example, pool, rng)
 
 
 def _nll(num_tokens: float):

@@ -21,11 +21,12 @@ from nemo_igrpo.algorithms.policy_losses import (
     ppo_loss,
     register_policy_loss,
 )
-from nemo_igrpo.algorithms.selection import TIE_BREAKS, select_best
+from nemo_igrpo.algorithms.selection import DRAFT_SELECTIONS, TIE_BREAKS, select_best, select_draft
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATIONS",
+    "DRAFT_SELECTIONS",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
     "TIE_BREAKS",
@@ -47,5 +48,6 @@ __all__ = [
     "register_policy_loss",
     "rloo_advantages",
     "select_best",
+    "select_draft",
     "zero_variance_groups",
 ]

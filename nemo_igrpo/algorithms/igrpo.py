@@ -25,6 +25,8 @@ from nemo_igrpo import faults
 from nemo_igrpo.algorithms import two_stage
 from nemo_igrpo.algorithms.advantages import zero_variance_groups
 from nemo_igrpo.algorithms.batch import RolloutBatch
+from nemo_igrpo.algorithms.draft_loss import with_draft_rows
+from nemo_igrpo.algorithms.refinement_metrics import refinement_metrics
 from nemo_igrpo.algorithms.samples import (
     StageSamples,
     add_counts,
@@ -60,6 +62,9 @@ class RolloutSettings:
     overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens of the budget (0 = off)
     overlong_penalty: float = 1.0  # the penalty at the full budget
     overlong_filter: bool = False  # DAPO overlong filtering: truncated samples get no loss
+    draft_selection: str = "best"  # which draft Stage 2 sees: best (the paper) | random (selection.py)
+    draft_loss_weight: float = 0.0  # > 0: the drafts are trained too, with loss_agg (draft_loss.py; beyond the paper)
+    loss_agg: str = "seq-mean-token-mean"
 
 
 @dataclass
@@ -130,6 +135,8 @@ def collect_batch(
     batch_samples = first_groups(batch_samples, num_problems)
 
     batch = to_batch(batch_samples, settings, pad_token_id)
+    if settings.draft_loss_weight > 0:
+        batch = with_draft_rows(batch, batch_samples, settings, pad_token_id)
     metrics = _rollout_metrics(seen, batch_samples, settings, rounds=round_index + 1)
     return batch, metrics
 
@@ -177,7 +184,7 @@ def _selection(problems, reward, template, decode, settings: RolloutSettings, sa
         return _with_length_penalty(reward(texts, answers), drafts, settings)
 
     return DraftSelection(problems, template, decode, settings.num_drafts, score,
-                          two_stage.best_reward(settings.tie_break), samples)
+                          two_stage.by_reward(settings.draft_selection, settings.tie_break), samples)
 
 
 def _refine_drafts(drafts: Drafts, generator, reward, decode, settings, timings) -> StageSamples:
@@ -219,7 +226,7 @@ def _score_refinements(samples: StageSamples, problems, stage2_prompts, refineme
     count_non_finite(samples.reward_counters, scored.scores)
     add_seconds(timings, "rollout/reward", time.perf_counter() - started)
     samples.prompts = [list(stage2_prompts[i]) for i in range(len(problems)) for _ in range(g)]
-    samples.completions = flat
+    samples.completions, samples.texts, samples.solved = flat, texts, scored.solved()
     samples.rewards = list(scored.scores)
     samples.components = {k: list(v) for k, v in scored.components.items()}
     samples.group_ids = [first_group_id + i for i in range(len(problems)) for _ in range(g)]
@@ -274,6 +281,7 @@ def _rollout_metrics(seen: StageSamples, batch: StageSamples, settings: RolloutS
         metrics[f"reward/count/{key}"] = float(count)
     if settings.num_drafts:
         metrics.update(_draft_metrics(seen, rewards, settings))
+    metrics.update(refinement_metrics(seen, settings.num_refinements, has_drafts=settings.num_drafts > 0))
     return metrics
 
 

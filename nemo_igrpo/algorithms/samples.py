@@ -40,10 +40,15 @@ class StageSamples:
     rewards: list[float] = _field(_ROW)
     group_ids: list[int] = _field(_ROW)
     components: dict[str, list[float]] = _field(_ROW_COLUMNS, dict)
+    texts: list[str] = _field(_ROW)  # the refinements decoded, and their accuracy verdicts (refinement_metrics)
+    solved: list[bool] = _field(_ROW)
     draft_rewards: list[list[float]] = _field(_PROBLEM)  # [problem][N]
     draft_solved: list[list[bool]] = _field(_PROBLEM)  # [problem][N]: the accuracy verdicts
     best_draft_index: list[int] = _field(_PROBLEM)  # [problem]: the selected draft
     draft_lengths: list[int] = _field(_PROBLEM)
+    draft_logprob_sums: list[float] = _field(_PROBLEM)  # per draft, NaN without log-probs (refinement_metrics)
+    draft_prompts: list[list[int]] = _field(_PROBLEM)  # [problem], and [problem][N] drafts: for draft_loss.py
+    draft_completions: list[list[Completion]] = _field(_PROBLEM)
     best_drafts: list[str] = _field(_PROBLEM)
     reward_counters: dict[str, int] = _field(_COUNTERS, dict)  # e.g. grader timeouts, over both stages
 

@@ -1,4 +1,4 @@
-"""iGRPO Stage 1: pick the best draft per prompt."""
+"""iGRPO Stage 1: pick the draft per prompt that Stage 2 is conditioned on (best; random as ablation)."""
 
 from __future__ import annotations
 
@@ -42,3 +42,24 @@ def select_best(rewards: Tensor, tie_break: str, generator: torch.Generator | No
     rewards = rewards.masked_fill(~torch.isfinite(rewards), -torch.inf)
     is_max = rewards == rewards.amax(dim=1, keepdim=True)  # [P, N]
     return breaker(is_max, generator).argmax(dim=1)
+
+
+# (rewards [P, N], tie_break, generator) -> LongTensor [P]: the draft each prompt's Stage 2 is conditioned on
+DraftSelector = Callable[[Tensor, str, "torch.Generator | None"], Tensor]
+
+DRAFT_SELECTIONS: Registry[DraftSelector] = Registry("draft selection", "algorithm.draft_selection")
+DRAFT_SELECTIONS.register("best", select_best)  # the paper: argmax of the reward
+
+
+@DRAFT_SELECTIONS.register("random")
+def select_random(rewards: Tensor, tie_break: str, generator: torch.Generator | None = None) -> Tensor:
+    """A uniformly random draft per prompt, whatever its reward (an ablation of the selection the paper does not
+    run). Unscorable drafts (non-finite reward) are left out unless every draft of the prompt is."""
+    finite = torch.isfinite(rewards)
+    candidates = torch.where(finite.any(dim=1, keepdim=True), finite, torch.ones_like(finite))
+    return TIE_BREAKS["random"](candidates, generator).argmax(dim=1)
+
+
+def select_draft(rewards: Tensor, selection: str, tie_break: str, generator: torch.Generator | None = None) -> Tensor:
+    """The registered ``algorithm.draft_selection`` (``best`` | ``random``): rewards [P, N] -> LongTensor [P]."""
+    return DRAFT_SELECTIONS.lookup(selection)(rewards, tie_break, generator)

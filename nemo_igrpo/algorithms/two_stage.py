@@ -12,6 +12,7 @@ Seconds per phase are returned under the keys the training metrics use (``rollou
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Protocol, Sequence
 
@@ -19,7 +20,7 @@ import torch
 
 from nemo_igrpo import faults
 from nemo_igrpo.algorithms.samples import StageSamples, add_counts, count_non_finite
-from nemo_igrpo.algorithms.selection import select_best
+from nemo_igrpo.algorithms.selection import select_draft
 from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
 
 
@@ -39,9 +40,15 @@ DraftScorer = Callable[[list[str], list[str], list[Completion]], object]
 DraftChooser = Callable[[list[float], list[str]], int]
 
 
+def by_reward(selection: str, tie_break: str) -> DraftChooser:
+    """Select by the drafts' rewards with the registered ``algorithm.draft_selection``: ``best`` is Algorithm 1's
+    argmax (ties by ``tie_break``), ``random`` the ablation that ignores them."""
+    return lambda scores, texts: int(select_draft(torch.tensor([scores]), selection, tie_break)[0])
+
+
 def best_reward(tie_break: str) -> DraftChooser:
     """Select the draft with the highest reward (Algorithm 1's argmax; ties by ``tie_break``)."""
-    return lambda scores, texts: int(select_best(torch.tensor([scores]), tie_break)[0])
+    return by_reward("best", tie_break)
 
 
 class DraftSelection:
@@ -64,6 +71,7 @@ class DraftSelection:
         self.draft_solved: dict[int, list[bool]] = {}
         self.best_index: dict[int, int] = {}
         self.best_drafts: dict[int, str] = {}
+        self.drafts: dict[int, list[Completion]] = {}
 
     def __call__(self, i: int, drafts: list[Completion]) -> list[int]:
         n, samples = self.num_drafts, self.samples
@@ -81,8 +89,10 @@ class DraftSelection:
         self.reward_seconds += time.perf_counter() - started
         self.draft_texts[i] = texts
         self.draft_rewards[i], self.draft_solved[i] = list(scores), scored.solved()
-        self.best_index[i], self.best_drafts[i] = best, texts[best]
+        self.best_index[i], self.best_drafts[i], self.drafts[i] = best, texts[best], drafts
         samples.draft_lengths.extend(len(d.token_ids) for d in drafts)
+        samples.draft_logprob_sums.extend(sum(d.logprobs) if len(d.logprobs) == len(d.token_ids) else math.nan
+                                          for d in drafts)
         return self.template.refinement_ids(self.problems[i].problem, texts[best])
 
     def fill(self) -> None:
@@ -91,6 +101,8 @@ class DraftSelection:
         samples.draft_solved = [self.draft_solved[i] for i in sorted(self.draft_solved)]
         samples.best_draft_index = [self.best_index[i] for i in sorted(self.best_index)]
         samples.best_drafts = [self.best_drafts[i] for i in sorted(self.best_drafts)]
+        samples.draft_completions = [self.drafts[i] for i in sorted(self.drafts)]
+        samples.draft_prompts = [self.template.problem_ids(self.problems[i].problem) for i in sorted(self.drafts)]
 
 
 def draft_and_refine(problems: Sequence[Problem], generator: GenerationBackend, select: DraftSelection,

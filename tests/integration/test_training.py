@@ -191,3 +191,67 @@ def test_math_verify_reward_in_the_loop_leaves_no_workers(tmp_path):
     assert record["reward/count/timeouts"] == 0 and record["reward/count/crashes"] == 0
     assert 0.0 <= record["reward/accuracy"] <= 1.0 and 0.0 <= record["eval/accuracy"] <= 1.0
     assert multiprocessing.active_children() == []  # the grading pool was closed with the run
+
+
+@register_reward("test_alternating_problems")
+class AlternatingProblemsReward(Reward):
+    """A call that scores one problem's N drafts (``num_drafts`` texts) marks all of them right or all wrong, on
+    alternate calls, so that whatever draft is selected both right and wrong selected drafts occur every step;
+    any other call (the refinements) alternates 1, 0, 1, 0 so every group has variance."""
+
+    num_drafts = 4
+
+    def __init__(self, extract: str = "boxed"):
+        self.calls = 0
+
+    def __call__(self, completions, answers):
+        self.calls += 1
+        if len(completions) == self.num_drafts:
+            return RewardOutput(scores=[float(self.calls % 2)] * len(completions), components={})
+        return RewardOutput(scores=[float(i % 2 == 0) for i in range(len(completions))], components={})
+
+
+def test_refinement_metrics_logged_with_a_draft_mix_and_random_selection(tmp_path, monkeypatch):
+    """Issue 27's "done when": a 2-step run with warm_start.draft_mix (every kind, own drafts sampled from the
+    warmed model), algorithm.draft_selection=random and algorithm.draft_loss_weight=0.5 logs the refinement
+    metrics, each in [0, 1] (the draft rows themselves: tests/unit/test_draft_loss.py)."""
+    from nemo_igrpo import warm_start
+
+    counts = {"refresh": 0, "own": 0}
+    refresh, sample = warm_start.ModelDrafts.refresh, warm_start.ModelDrafts.__call__
+
+    def counted_refresh(self):
+        counts["refresh"] += 1
+        return refresh(self)
+
+    def counted_sample(self, problems):
+        counts["own"] += len(problems)
+        drafts = sample(self, problems)
+        assert len(drafts) == len(problems) and all(isinstance(d, str) for d in drafts)
+        return drafts
+
+    monkeypatch.setattr(warm_start.ModelDrafts, "refresh", counted_refresh)
+    monkeypatch.setattr(warm_start.ModelDrafts, "__call__", counted_sample)
+    run = tmp_path / "run"
+    train(tiny_config(run, "data.train=builtin:chain", "data.eval=builtin:chain", "warm_start.steps=4",
+                      "warm_start.batch_size=16", "warm_start.refinement_fraction=1.0",
+                      "warm_start.own_refresh_rows=32",
+                      "warm_start.draft_mix={reference: 0.25, near_miss: 0.25, foreign: 0.25, own: 0.25}",
+                      "algorithm.draft_selection=random", "algorithm.draft_loss_weight=0.5",
+                      "reward.components={test_alternating_problems: 1.0}",
+                      "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0"))
+    # 64 warm-start rows, a quarter of them own drafts; the sampler got the weights after rows 32 (step 3)
+    assert counts["refresh"] == 1 and 0 < counts["own"] < 64
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    keys = ["reward/accuracy/refined_after_right_draft", "reward/accuracy/refined_after_wrong_draft",
+            "rollout/copy_rate", "rollout/edit_distance_to_draft", "rollout/entropy/draft",
+            "rollout/entropy/refinement"]
+    for record in records:
+        for key in keys[:4]:
+            assert 0.0 <= record[key] <= 1.0, (key, record[key])
+        # refinements alternate right, wrong within each group of 4, after right and after wrong drafts alike
+        assert record["reward/accuracy/refined_after_right_draft"] == 0.5
+        assert record["reward/accuracy/refined_after_wrong_draft"] == 0.5
+        assert record["rollout/entropy/draft"] > 0 and record["rollout/entropy/refinement"] > 0
+        assert math.isfinite(record["train/loss"]) and record["train/skipped"] == 0.0

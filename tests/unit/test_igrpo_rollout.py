@@ -215,3 +215,13 @@ def test_non_finite_rewards_are_unscorable_in_both_stages():
     assert metrics["reward/draft_mean"] == 0.5 and metrics["reward/best_draft_mean"] == 1.0
     assert metrics["zero_variance_fraction"] == 0.0
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_random_draft_selection_conditions_stage2_on_any_draft():
+    chosen = set()
+    for seed in range(16):
+        torch.manual_seed(seed)  # random selection draws from torch's global RNG, as random tie-breaks do
+        generator = ScriptedGenerator(drafts_then_refinements(["7", "1", "1", "1"], ["7", "1"]))
+        run(generator, [Example("Q?", "7")], settings(4, 2, draft_selection="random"))
+        chosen.add(generator.calls[1][0][0].split("Draft:\n#")[1][0])
+    assert chosen == {"0", "1", "2", "3"}  # the right draft and the wrong ones (best would always give #0)

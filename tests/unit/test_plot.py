@@ -28,7 +28,10 @@ def write_run(directory, *, drafts: int, refinements: int, prompts: int, steps: 
             record.update({"reward/draft_mean": 0.05 * step, "reward/best_draft_mean": 0.08 * step,
                            "reward/accuracy/any_draft_correct": 0.09 * step,
                            "reward/accuracy/best_draft_mean": 0.08 * step,
-                           "reward/accuracy/best_draft_predicted": 0.07 * step, "response_length/draft_mean": 15.0})
+                           "reward/accuracy/best_draft_predicted": 0.07 * step, "response_length/draft_mean": 15.0,
+                           "reward/accuracy/refined_after_right_draft": 0.9, "rollout/copy_rate": 0.3 + 0.1 * step,
+                           "reward/accuracy/refined_after_wrong_draft": 0.1 * step, "rollout/entropy/draft": 1.2,
+                           "rollout/edit_distance_to_draft": 0.5})
         if step % 2 == 0:
             record["eval/accuracy"] = 0.1 + 0.1 * step + offset
         records.append(record)
@@ -71,7 +74,14 @@ def test_plot_command_writes_pngs_with_the_logged_curves(two_runs, tmp_path):
     reward = figures["reward"].lines["step"]
     assert set(reward) == {"grpo · refinements", "igrpo · drafts", "igrpo · best draft", "igrpo · refinements"}
     assert reward["igrpo · best draft"][1] == pytest.approx([0.08, 0.16, 0.24, 0.32])
-    assert figures["entropy"].lines["rollouts"]["grpo"][0] == [32.0, 64.0, 96.0, 128.0]
+    assert figures["entropy"].lines["rollouts"]["grpo · trained tokens"][0] == [32.0, 64.0, 96.0, 128.0]
+    assert figures["entropy"].lines["step"]["igrpo · drafts (sampled)"][1] == [1.2] * 4  # Stage 1's entropy too
+    refinement = figures["refinement"].lines["step"]  # iGRPO only: GRPO has no draft
+    assert set(refinement) == {"igrpo · after a right draft", "igrpo · after a wrong draft"}
+    assert refinement["igrpo · after a wrong draft"][1] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    copying = figures["copying"].lines["step"]
+    assert copying["igrpo · copy rate"][1] == pytest.approx([0.4, 0.5, 0.6, 0.7])
+    assert copying["igrpo · normalised edit distance"][1] == [0.5] * 4
     assert set(figures["best_draft"].lines["step"]) == {
         "igrpo · observed best of N", "igrpo · selected draft right", "igrpo · 1-(1-p)^N, p per problem"}
 

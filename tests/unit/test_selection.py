@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from nemo_igrpo.algorithms.selection import select_best
+from nemo_igrpo.algorithms.selection import DRAFT_SELECTIONS, select_best, select_draft
+from nemo_igrpo.config import ConfigError, load_config
 
 # prompt 0: tie between drafts 1 and 2; prompt 1: tie between 0, 2, 3; prompt 2: unique max at 3
 REWARDS = torch.tensor([[0.0, 1.0, 1.0, 0.0], [2.0, 0.0, 2.0, 2.0], [0.0, 0.0, 0.0, 5.0]])
@@ -41,3 +42,29 @@ def test_non_finite_rewards_are_never_the_best_draft():
     for seed in range(5):
         best = select_best(rewards, "random", torch.Generator().manual_seed(seed)).tolist()
         assert best[:3] == [2, 1, 2]
+
+
+def test_draft_selection_best_is_select_best_and_random_is_uniform_over_all_drafts():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 4000)
+    assert torch.equal(select_draft(rewards, "best", "first"), torch.zeros(4000, dtype=torch.long))
+    chosen = select_draft(rewards, "random", "first", torch.Generator().manual_seed(0))
+    counts = torch.bincount(chosen, minlength=4).float() / 4000
+    # each index has probability 1/4 whatever its reward; binomial std over 4000 prompts is 0.0068: 0.03 > 4 std
+    torch.testing.assert_close(counts, torch.full((4,), 0.25), atol=0.03, rtol=0)
+
+
+def test_random_draft_selection_skips_unscorable_drafts_unless_all_are():
+    rewards = torch.tensor([[float("nan"), 0.0, float("inf"), 0.0], [float("nan")] * 4])
+    seen = {0: set(), 1: set()}
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        for p, i in enumerate(select_draft(rewards, "random", "first", generator).tolist()):
+            seen[p].add(i)
+    assert seen == {0: {1, 3}, 1: {0, 1, 2, 3}}
+
+
+def test_draft_selection_is_a_registered_config_option():
+    assert list(DRAFT_SELECTIONS) == ["best", "random"]
+    assert load_config(None).algorithm.draft_selection == "best"  # the paper's method by default
+    with pytest.raises(ConfigError, match="algorithm.draft_selection: unknown draft selection 'randm'"):
+        load_config(None, ["algorithm.draft_selection=randm"])
