@@ -191,6 +191,7 @@ class PolicyConfig:
     micro_batch_size: int = 16
     max_tokens_per_micro_batch: int | None = None  # None: micro-batches of micro_batch_size rows
     sequence_packing: bool = False
+    shared_prefix: bool = False  # hf: each group's common prefix (prompt + draft) computed once for its rows
     logprob_chunk_size: int = 2048
     gradient_checkpointing: bool = False
     precision: str = "fp32"
