@@ -94,6 +94,7 @@ class HFPolicy(PolicyBackend):
 
         if shared_prefix:
             _shared.check_implementation(self.model)
+            _shared.use_span_attention(self.model)
         check_head_matches_forward(self.model)
         disable_dropout(self.model)
         self.shared_prefix = shared_prefix  # one row per group: its common prefix once (policy.shared_prefix)

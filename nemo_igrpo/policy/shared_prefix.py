@@ -27,11 +27,13 @@ import torch
 from torch import nn
 
 from nemo_igrpo.algorithms.batch import RolloutBatch, TokenStats
+from nemo_igrpo.policy import prefix_attention
 from nemo_igrpo.policy.logprobs import final_hidden_states, final_logit_softcap, head_stats
 from nemo_igrpo.policy.microbatch import token_budget_groups
 
 KEY = "policy.shared_prefix"
-MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # implementations that take an explicit (block) mask
+# Implementations that take an explicit (block) mask; sdpa runs span by span (policy.prefix_attention).
+MASKED_ATTENTION = ("sdpa", prefix_attention.IMPLEMENTATION, "eager", "flex_attention")
 # Non-attention mixers carry state from the prefix's end into EVERY suffix in sequence order, i.e. across suffixes.
 _RECURRENT_MODEL_TYPES = ("nemotron_h", "mamba", "mamba2", "falcon_mamba", "jamba", "zamba", "zamba2", "bamba",
                           "falcon_h1", "granitemoehybrid", "lfm2", "qwen3_next", "rwkv", "recurrent_gemma")
@@ -91,8 +93,7 @@ def token_stats(model: nn.Module, batch: RolloutBatch, packed: bool, temperature
         raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
     shared = layout(batch, packed)
     device = batch.input_ids.device
-    mask = attention_mask(model, shared.segment.to(device), shared.branch.to(device),
-                          model.get_input_embeddings().weight.dtype)
+    mask = attention_mask(model, shared, device, model.get_input_embeddings().weight.dtype)
     hidden = final_hidden_states(model, shared.input_ids.to(device), mask, shared.position_ids.to(device))
     rows, cols = shared.rows.to(device), shared.cols.to(device)
     predictors = hidden[shared.predictor[0].to(device), shared.predictor[1].to(device)]
@@ -109,6 +110,7 @@ class Layout:
     segment: torch.Tensor  # [R, T] unit id within its shared row (-1 on padding)
     branch: torch.Tensor  # [R, T] 0 on a prefix, i + 1 on the unit's i-th suffix (-1 on padding)
     predictor: tuple[torch.Tensor, torch.Tensor]  # (shared row, column) of the hidden state predicting each token
+    spans: prefix_attention.Spans  # per shared row: (start, prefix, [(suffix start, length)]) of each unit
     rows: torch.Tensor  # [N] the scored token's row in the micro-batch
     cols: torch.Tensor  # [N] and its column there
 
@@ -127,8 +129,10 @@ def layout(batch: RolloutBatch, packed: bool) -> Layout:
     where_row = torch.zeros(batch.input_ids.shape, dtype=torch.long)
     where_col = torch.zeros(batch.input_ids.shape, dtype=torch.long)
     ids = batch.input_ids.cpu()
+    spans: prefix_attention.Spans = []
     for shared_row, unit_list in enumerate(rows_of_units):
         start = 0
+        spans.append([])
         for seg, unit in enumerate(unit_list):
             p = unit.prefix
             first = unit.rows[0]
@@ -139,8 +143,10 @@ def layout(batch: RolloutBatch, packed: bool) -> Layout:
             for r in unit.rows:
                 where_row[r, :p], where_col[r, :p] = shared_row, torch.arange(start, start + p)
             at = start + p
+            spans[-1].append((start, p, []))
             for i, (r, n) in enumerate(zip(unit.rows, unit.lengths)):
                 m = n - p
+                spans[-1][-1][2].append((at, m))
                 input_ids[shared_row, at:at + m] = ids[r, p:n]
                 position_ids[shared_row, at:at + m] = torch.arange(p, n)
                 branch[shared_row, at:at + m] = i + 1
@@ -150,7 +156,7 @@ def layout(batch: RolloutBatch, packed: bool) -> Layout:
     rows, cols = batch.loss_mask[:, 1:].cpu().nonzero(as_tuple=True)
     cols = cols + 1  # position 0 has no predecessor and is never scored
     predictor = (where_row[rows, cols - 1], where_col[rows, cols - 1])
-    return Layout(input_ids, position_ids, segment, branch, predictor, rows, cols)
+    return Layout(input_ids, position_ids, segment, branch, predictor, spans, rows, cols)
 
 
 def allowed(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -167,10 +173,20 @@ def allowed(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     return (mask | torch.eye(t, dtype=torch.bool, device=segment.device)).unsqueeze(1)
 
 
-def attention_mask(model: nn.Module, segment: torch.Tensor, branch: torch.Tensor, dtype: torch.dtype):
+def use_span_attention(model: nn.Module) -> None:
+    """Switch an ``sdpa`` model to :mod:`policy.prefix_attention` (SDPA span by span for shared rows, plain SDPA for
+    every other call, so generation from the same model is unchanged)."""
+    if model.config._attn_implementation == "sdpa":
+        model.config._attn_implementation_internal = prefix_attention.IMPLEMENTATION
+
+
+def attention_mask(model: nn.Module, shared: Layout, device: torch.device, dtype: torch.dtype):
     """The mask in the form ``model``'s attention implementation takes as a prepared 4D mask (transformers 5.19
     passes a 4D tensor or BlockMask through ``masking_utils`` untouched)."""
     implementation = model.config._attn_implementation
+    if implementation == prefix_attention.IMPLEMENTATION:
+        return prefix_attention.span_mask(shared.spans, *shared.segment.shape, device)
+    segment, branch = shared.segment.to(device), shared.branch.to(device)
     if implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -195,6 +211,10 @@ def check_implementation(model: nn.Module) -> None:
         raise ValueError(f"{KEY}=true: {type(model).__name__} ({model_type}) has recurrent (Mamba/SSM) layers whose "
                          "state runs across the prefix/refinement boundaries in the shared row, so refinements would "
                          f"see each other; set {KEY}=false")
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []) or (
+            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
+        raise ValueError(f"{KEY}=true: {type(model).__name__} has sliding-window attention layers, which the "
+                         f"shared-prefix mask (full attention to the prefix) would widen; set {KEY}=false")
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation not in MASKED_ATTENTION:
         raise ValueError(f"{KEY}=true: attention implementation {implementation!r} of {type(model).__name__} has no "
@@ -222,14 +242,13 @@ def check_supported(model: nn.Module, tolerance: float = 1e-4) -> None:
     shared = layout(batch, packed=False)
     with torch.no_grad():
         hidden = final_hidden_states(model, shared.input_ids.to(device),
-                                     attention_mask(model, shared.segment.to(device), shared.branch.to(device),
-                                                    model.get_input_embeddings().weight.dtype),
+                                     attention_mask(model, shared, device, model.get_input_embeddings().weight.dtype),
                                      shared.position_ids.to(device))[0, 4:].float()
         alone = torch.cat([final_hidden_states(model, ids[i:i + 1, :4 + len(s)].to(device),
                                                mask[i:i + 1, :4 + len(s)].to(device))[0, 4:]
                            for i, s in enumerate(suffixes)]).float()
     scale = alone.abs().max().clamp_min(1e-6)
     error = (hidden - alone).abs().max()
-    if error > tolerance * scale:
+    if not error <= tolerance * scale:  # NaN included
         raise ValueError(f"{KEY}=true: {type(model).__name__} ({implementation}) does not honour the shared-prefix "
                          f"block mask (max error {error.item():.3g} at scale {scale.item():.3g}); set {KEY}=false")

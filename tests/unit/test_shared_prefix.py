@@ -84,6 +84,21 @@ def test_block_mask_position_ids_and_predictors():
     # scored tokens (0,2) (0,3) (1,2): predicted by p1, a0, and p1 again (the prefix's last position)
     assert list(zip(layout.rows.tolist(), layout.cols.tolist())) == [(0, 2), (0, 3), (1, 2)]
     assert layout.predictor[1].tolist() == [1, 2, 1]
+    assert layout.spans == [[(0, 2, [(2, 2), (4, 1)])]]  # what the span-by-span SDPA path runs
+
+
+def test_sdpa_models_switch_to_span_attention_and_stay_plain_elsewhere():
+    """sdpa models score shared rows span by span; every other forward (generation shares the model) is plain SDPA."""
+    from nemo_igrpo.policy import prefix_attention
+
+    model = tiny_llama(seed=3).double()
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    before = model(input_ids=ids, attention_mask=mask).logits
+    shared = make_policy(model, shared_prefix=True)
+    assert shared.model.config._attn_implementation == prefix_attention.IMPLEMENTATION
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, atol=0, rtol=0)
 
 
 def test_packed_units_do_not_see_each_other():
