@@ -165,7 +165,7 @@ def train_step(config: Config, run: Run, producer: RolloutProducer) -> dict[str,
     group = policy.data_parallel_group
     batch, metrics = producer.next_batch(timer)  # timed as "rollout" ("rollout_wait" / "draft_wait" if it overlaps)
     if config.policy.max_tokens_per_micro_batch is not None:  # long-tailed lengths: equal tokens per DP rank
-        batch = balance_across_ranks(batch, group)
+        batch = balance_across_ranks(batch, group, config.policy.shared_prefix)
     if run.loss.needs_reference:
         with timer("reference_logprobs"):
             batch.ref_logprobs = policy.compute_logprobs(batch, reference=True).logprobs

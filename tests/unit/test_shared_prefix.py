@@ -36,7 +36,8 @@ def igrpo_batch(seed: int = 0, groups=GROUPS) -> RolloutBatch:
             group_ids.append(gid)
     completions[1][0] = completions[0][0]  # equal first completion tokens must not be shared (they are scored)
     input_ids, attention_mask, loss_mask, _ = pad_sequences(prompts, completions, pad_token_id=0)
-    loss_mask[5] = 0.0  # a truncated row (overlong filter): in its group's prefix, without loss
+    if len(prompts) > 5:
+        loss_mask[5] = 0.0  # a truncated row (overlong filter): in its group's prefix, without loss
     rows = len(prompts)
     noise = 0.3 * torch.randn(input_ids.shape, generator=g)
     return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, loss_mask=loss_mask,
@@ -231,3 +232,49 @@ def test_flex_attention_block_mask_equals_unshared_rows():
     want, got = plain.compute_logprobs(batch), shared.compute_logprobs(batch)
     torch.testing.assert_close(got.logprobs, want.logprobs, atol=1e-4, rtol=0)
     torch.testing.assert_close(got.entropy, want.entropy, atol=1e-4, rtol=0)
+
+
+def test_data_parallel_shares_keep_groups_whole_and_balance_computed_tokens(monkeypatch):
+    """Two simulated DP ranks, each numbering its groups from 0: whole groups are dealt by the tokens the shared layout
+    computes, and the two shares' summed gradients equal the single-process step's."""
+    from nemo_igrpo import distributed
+    from nemo_igrpo.policy.microbatch import balance_across_ranks
+
+    rank_batches = [igrpo_batch(seed=4, groups=GROUPS[:2]), igrpo_batch(seed=5, groups=GROUPS[2:])]
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda obj, group=None: rank_batches)
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: 2)
+    shares = []
+    for r in range(2):
+        monkeypatch.setattr(distributed, "rank", lambda group=None, r=r: r)
+        shares.append(balance_across_ranks(rank_batches[r], group="dp", shared_prefix=True))
+    computed = [sum(u.tokens for u in shared_prefix.units(s)) for s in shares]
+    # units of 34, 32 (rank 0) and 13, 18 (rank 1) tokens: LPT deals 34 + 13 and 32 + 18
+    assert computed == [47, 50]
+    for share in shares:  # every group whole on one rank: its prefix computed once
+        for unit in shared_prefix.units(share):
+            assert len(unit.rows) == {9: 4, 14: 3, 5: 1, 7: 2}[unit.prefix]
+
+    whole = RolloutBatch(**{f: torch.cat([getattr(s, f) if getattr(s, f).dim() == 1 else
+                                          torch.nn.functional.pad(getattr(s, f), (0, 30 - getattr(s, f).shape[1]))
+                                          for s in shares]) for f in ("input_ids", "attention_mask", "loss_mask",
+                                                                       "advantages", "group_ids", "gen_logprobs",
+                                                                       "ref_logprobs")})
+    loss_fn = loss_for(whole)
+    single, sharded = policy(), policy(shared_prefix=True, max_tokens_per_micro_batch=64, sequence_packing=True)
+    single.optimizer.zero_grad()
+    loss, _ = single._accumulate_gradients(whole, loss_fn)
+    sharded.optimizer.zero_grad()
+    parts = [sharded._accumulate_gradients(share, loss_fn) for share in shares]  # gradients accumulate = DP sum
+    assert sum(p[0] for p in parts) == pytest.approx(loss, abs=TOL)
+    scale = max(p.grad.abs().max().item() for p in single.model.parameters())
+    for name, param in single.model.named_parameters():
+        torch.testing.assert_close(sharded.model.get_parameter(name).grad, param.grad, atol=TOL * scale, rtol=0)
+
+
+def test_config_key_and_megatron_refusal():
+    from nemo_igrpo.config import ConfigError, load_config
+
+    assert not load_config().policy.shared_prefix  # off by default
+    assert load_config(overrides=["policy.shared_prefix=true"]).policy.shared_prefix
+    with pytest.raises(ConfigError, match=r"policy\.shared_prefix=true: only policy\.backend=hf .*docs/megatron\.md"):
+        load_config(overrides=["policy.shared_prefix=true", "policy.backend=megatron"])
