@@ -112,10 +112,13 @@ def test_packed_units_do_not_see_each_other():
     assert layout.position_ids[0, 34].item() == 0  # the second unit restarts its positions
 
 
-@pytest.mark.parametrize("mode", ["rows", "budget", "packed"])
+@pytest.mark.parametrize("mode", ["rows", "budget", "packed", "checkpointed"])
 def test_shared_prefix_equals_unshared_rows(mode):
     options = {"rows": {}, "budget": {"max_tokens_per_micro_batch": 40},
-               "packed": {"max_tokens_per_micro_batch": 40, "sequence_packing": True}}[mode]
+               "packed": {"max_tokens_per_micro_batch": 40, "sequence_packing": True},
+               # activation checkpointing recomputes each layer in backward: the spans ride on the mask it replays
+               "checkpointed": {"max_tokens_per_micro_batch": 40, "sequence_packing": True,
+                                "gradient_checkpointing": True}}[mode]
     batch = igrpo_batch()
     loss_fn = loss_for(batch)
     plain, shared = policy(), policy(shared_prefix=True, **options)
