@@ -89,7 +89,7 @@ def balance_across_ranks(batch: RolloutBatch, group, shared_prefix: bool = False
         gathered = _distinct_group_ids(gathered)
     everything = _concat([_pad_to(part, width) for part in gathered])
     if shared_prefix:
-        from nemo_igrpo.policy.shared_prefix import units
+        from nemo_igrpo.policy.prefix_groups import units
 
         groups = units(everything)
         share = balance_by_tokens([u.tokens for u in groups], len(gathered))[distributed.rank(group)]

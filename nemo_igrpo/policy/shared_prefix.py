@@ -30,6 +30,7 @@ from nemo_igrpo.algorithms.batch import RolloutBatch, TokenStats
 from nemo_igrpo.policy import prefix_attention
 from nemo_igrpo.policy.logprobs import final_hidden_states, final_logit_softcap, head_stats
 from nemo_igrpo.policy.microbatch import token_budget_groups
+from nemo_igrpo.policy.prefix_groups import Unit, units  # noqa: F401  (re-exported: the layout's groups)
 
 KEY = "policy.shared_prefix"
 # Implementations that take an explicit (block) mask; sdpa runs span by span (policy.prefix_attention).
@@ -37,40 +38,6 @@ MASKED_ATTENTION = ("sdpa", prefix_attention.IMPLEMENTATION, "eager", "flex_atte
 # Non-attention mixers carry state from the prefix's end into EVERY suffix in sequence order, i.e. across suffixes.
 _RECURRENT_MODEL_TYPES = ("nemotron_h", "mamba", "mamba2", "falcon_mamba", "jamba", "zamba", "zamba2", "bamba",
                           "falcon_h1", "granitemoehybrid", "lfm2", "qwen3_next", "rwkv", "recurrent_gemma")
-
-
-@dataclass
-class Unit:
-    rows: list[int]  # rows of the micro-batch that share the prefix
-    prefix: int  # number of shared leading tokens
-    lengths: list[int]  # real tokens of each row
-
-    @property
-    def tokens(self) -> int:
-        """Tokens the shared layout computes: the prefix once plus every suffix."""
-        return self.prefix + sum(n - self.prefix for n in self.lengths)
-
-
-def units(batch: RolloutBatch) -> list[Unit]:
-    """The batch's rows grouped by ``group_ids`` (first-appearance order), with each group's shareable prefix."""
-    lengths = batch.attention_mask.sum(dim=1).tolist()
-    by_group: dict[int, list[int]] = {}
-    for row, gid in enumerate(batch.group_ids.tolist()):
-        by_group.setdefault(int(gid), []).append(row)
-    out = []
-    for rows in by_group.values():
-        row_lengths = [int(lengths[r]) for r in rows]
-        limit = min(_first_scored(batch.loss_mask[r], n) for r, n in zip(rows, row_lengths))
-        ids = batch.input_ids[rows, :limit]
-        same = (ids == ids[:1]).all(dim=0)
-        prefix = int(same.long().cumprod(0).sum()) if limit else 0
-        out.append(Unit(rows, prefix, row_lengths))
-    return out
-
-
-def _first_scored(loss_mask: torch.Tensor, length: int) -> int:
-    scored = loss_mask[:length].nonzero()
-    return int(scored[0]) if len(scored) else length
 
 
 def micro_batch_rows(batch: RolloutBatch, micro_batch_size: int, max_tokens: int | None,
