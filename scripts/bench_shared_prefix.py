@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The update on Stage-2 rows with ``policy.shared_prefix`` on and off: trained tokens/s and peak memory.
 
-Each Stage-2 group is G refinements of one prefix (prompt + selected draft). Unshared, every row runs the prefix; shared,
-the group is one row computing the prefix once (docs/algorithm.md). Both modes run forward and backward
+Each Stage-2 group is G refinements of one prefix (prompt + selected draft). Unshared, every row runs the prefix;
+shared, the group is one row computing the prefix once (docs/algorithm.md). Both modes run forward and backward
 (``HFPolicy._accumulate_gradients``: the update minus the optimizer step, which is the same in both) over the SAME
 rows with the SAME ~110M-parameter Llama-shaped model (scripts/bench_packing.py's ``100m``), repetitions alternating
 unshared / shared so that load from other processes hits both alike; the median per mode is reported, in wall-clock
@@ -77,7 +77,8 @@ def render_table(rows: list[dict], summary: dict, title: str) -> str:
     for r in rows:
         ratios = summary[r["shape"]] if r["mode"] == "shared" else {"ratio": 1.0, "cpu_ratio": 1.0, "memory_ratio": 1.0}
         lines.append(f"| {r['shape']} | {r['mode']} | {r['computed_tokens']} | {r['trained_tokens']} | "
-                     f"{r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {ratios['ratio']:.2f}× | {r['cpu_tokens_per_s']:.0f} | "
+                     f"{r['seconds']:.2f} | {r['tokens_per_s']:.0f} | {ratios['ratio']:.2f}× | "
+                     f"{r['cpu_tokens_per_s']:.0f} | "
                      f"{ratios['cpu_ratio']:.2f}× | "
                      f"{r['peak_bytes'] / MiB:.0f} | {ratios['memory_ratio']:.2f}× |")
     return "\n".join(lines)
