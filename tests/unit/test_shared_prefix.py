@@ -97,9 +97,12 @@ def test_sdpa_models_switch_to_span_attention_and_stay_plain_elsewhere():
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     before = model(input_ids=ids, attention_mask=mask).logits
+    greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    generated = model.generate(ids[:1], attention_mask=mask[:1], **greedy)
     shared = make_policy(model, shared_prefix=True)
     assert shared.model.config._attn_implementation == prefix_attention.IMPLEMENTATION
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, atol=0, rtol=0)
+    assert torch.equal(model.generate(ids[:1], attention_mask=mask[:1], **greedy), generated)  # KV-cache decoding
 
 
 def test_packed_units_do_not_see_each_other():
