@@ -144,7 +144,7 @@ def _hf_policy(config: Config, model: torch.nn.Module, training: TrainingArgumen
     return HFPolicy(model, **training.as_kwargs(), logprob_chunk_size=p.logprob_chunk_size,
                     gradient_checkpointing=p.gradient_checkpointing,
                     autocast_dtype="bfloat16" if p.precision == "bf16" else None,
-                    device=resolve_device(p.device), lora=p.lora)
+                    device=resolve_device(p.device), lora=p.lora, shared_prefix=p.shared_prefix)
 
 
 def _megatron_policy(config: Config, model: torch.nn.Module, training: TrainingArguments) -> PolicyBackend:

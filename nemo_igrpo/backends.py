@@ -34,6 +34,7 @@ class PolicyBackendEntry:
     check: Callable[..., None] | str | None = None  # (config, model) -> None: raise ConfigError before training work
     lora: bool = False  # trains LoRA adapters (policy.lora.rank > 0)
     model_parallel: bool = False  # splits the model: policy.megatron.{tensor,pipeline,context}_parallel_size apply
+    shared_prefix: bool = False  # computes a group's common prefix once (policy.shared_prefix)
 
     def builder(self) -> Callable[..., Any]:
         return _resolve(self.build)
@@ -63,7 +64,7 @@ class GenerationBackendEntry:
 POLICY_BACKENDS: Registry[PolicyBackendEntry] = Registry("policy backend", "policy.backend")
 GENERATION_BACKENDS: Registry[GenerationBackendEntry] = Registry("generation backend", "generation.backend")
 
-POLICY_BACKENDS.register("hf", PolicyBackendEntry("nemo_igrpo.assembly:_hf_policy", lora=True))
+POLICY_BACKENDS.register("hf", PolicyBackendEntry("nemo_igrpo.assembly:_hf_policy", lora=True, shared_prefix=True))
 POLICY_BACKENDS.register("megatron", PolicyBackendEntry("nemo_igrpo.assembly:_megatron_policy",
                                                         "nemo_igrpo.assembly:_megatron_check", model_parallel=True))
 GENERATION_BACKENDS.register("hf", GenerationBackendEntry("nemo_igrpo.assembly:_hf_generation"))

@@ -202,6 +202,7 @@ class PolicyConfig:
     micro_batch_size: int = ranged(16, ge=1, le=2**20)
     max_tokens_per_micro_batch: int | None = ranged(None, ge=1, le=2**30)  # None: micro_batch_size rows each
     sequence_packing: bool = False
+    shared_prefix: bool = False  # hf: each group's common prefix (prompt + draft) computed once for its rows
     logprob_chunk_size: int = ranged(2048, ge=1, le=2**30)
     gradient_checkpointing: bool = False
     precision: str = "fp32"

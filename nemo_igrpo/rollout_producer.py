@@ -63,12 +63,13 @@ class RolloutProducer:
     """The synchronous producer: step t's rollout when the loop asks for it, on the weights of update t − 1."""
 
     def __init__(self, collector: BatchCollector, source: ShardedSource, *, balance_tokens: bool = False,
-                 start_step: int = 0, max_steps: int | None = None) -> None:
+                 shared_prefix: bool = False, start_step: int = 0, max_steps: int | None = None) -> None:
         self.collector = collector
         self.generator = collector.generator
         self.source = source
         self.sampler = source.sampler
         self.balance_tokens = balance_tokens  # re-deal each batch over the data-parallel ranks by tokens
+        self.shared_prefix = shared_prefix  # ... in whole groups, weighed by the tokens the shared layout computes
         self.max_steps = max_steps
         self.resume_at(start_step)
 
@@ -112,7 +113,9 @@ class RolloutProducer:
 
     def _balanced(self, batch: RolloutBatch) -> RolloutBatch:
         """Long-tailed lengths under a token budget: equal tokens (not rows) per data-parallel rank."""
-        return balance_across_ranks(batch, self.source.group) if self.balance_tokens else batch
+        if not self.balance_tokens:
+            return batch
+        return balance_across_ranks(batch, self.source.group, self.shared_prefix)
 
     def _position(self) -> int:
         """How many prompts the sampler has handed out since the start of its stream (epoch 0, position 0)."""
@@ -154,9 +157,8 @@ class DraftAheadProducer(RolloutProducer):
     checkpoint synchronously from the checkpointed weights (same prompts; not the same drafts).
     """
 
-    def __init__(self, collector: BatchCollector, source: ShardedSource, *, balance_tokens: bool = False,
-                 start_step: int = 0, max_steps: int | None = None) -> None:
-        super().__init__(collector, source, balance_tokens=balance_tokens, start_step=start_step, max_steps=max_steps)
+    def __init__(self, collector: BatchCollector, source: ShardedSource, **options) -> None:
+        super().__init__(collector, source, **options)
         self._ahead: _DraftJob | None = None
         self._executor = DaemonExecutor("draft-ahead")
 
@@ -251,8 +253,8 @@ class AsyncRolloutProducer(RolloutProducer):
     """
 
     def __init__(self, collector: BatchCollector, source: ShardedSource, *, max_off_policy_steps: int,
-                 balance_tokens: bool = False, start_step: int = 0, max_steps: int | None = None) -> None:
-        super().__init__(collector, source, balance_tokens=balance_tokens, start_step=start_step, max_steps=max_steps)
+                 **options) -> None:
+        super().__init__(collector, source, **options)
         if max_off_policy_steps < 1:
             raise ValueError(f"max_off_policy_steps must be >= 1, got {max_off_policy_steps}")
         self.k = max_off_policy_steps
@@ -348,12 +350,10 @@ class AsyncRolloutProducer(RolloutProducer):
 
 
 def make_producer(collector: BatchCollector, source: ShardedSource, *, draft_ahead: bool = False,
-                  max_off_policy_steps: int = 0, balance_tokens: bool = False, start_step: int = 0,
-                  max_steps: int | None = None) -> RolloutProducer:
+                  max_off_policy_steps: int = 0, **options) -> RolloutProducer:
     """The producer the ``rollout`` config section asks for (``validation`` refuses the combinations that cannot
     overlap)."""
-    common = dict(balance_tokens=balance_tokens, start_step=start_step, max_steps=max_steps)
     if max_off_policy_steps > 0:
-        return AsyncRolloutProducer(collector, source, max_off_policy_steps=max_off_policy_steps, **common)
+        return AsyncRolloutProducer(collector, source, max_off_policy_steps=max_off_policy_steps, **options)
     kind = DraftAheadProducer if draft_ahead else RolloutProducer
-    return kind(collector, source, **common)
+    return kind(collector, source, **options)  # RolloutProducer's keyword options

@@ -104,19 +104,38 @@ def balance_by_tokens(lengths: list[int], ranks: int) -> list[list[int]]:
     return [sorted(rows) for rows in owned]
 
 
-def balance_across_ranks(batch: RolloutBatch, group) -> RolloutBatch:
+def balance_across_ranks(batch: RolloutBatch, group, shared_prefix: bool = False) -> RolloutBatch:
     """Re-deal this step's rows over the data-parallel ``group`` so every rank trains on about as many tokens.
 
     Every rank sends its rows to every other one (rollout tensors are small next to the model) and keeps the share
     :func:`balance_by_tokens` assigns it; ranks holding identical rows (tensor/pipeline peers) keep identical shares.
+    ``shared_prefix`` (``policy.shared_prefix``): whole groups are dealt, weighed by the tokens the shared layout
+    computes (the prefix once), so no group's prefix is computed on two ranks.
     """
     if group is None or distributed.world_size(group) == 1:
         return batch
     gathered = distributed.all_gather_objects(batch.to("cpu"), group)
     width = max(part.input_ids.shape[1] for part in gathered)
+    if shared_prefix:  # group ids are numbered per rank: make them distinct across ranks first
+        gathered = _distinct_group_ids(gathered)
     everything = _concat([_pad_to(part, width) for part in gathered])
-    mine = balance_by_tokens(row_lengths(everything), len(gathered))[distributed.rank(group)]
+    if shared_prefix:
+        from nemo_igrpo.policy.prefix_groups import units
+
+        groups = units(everything)
+        share = balance_by_tokens([u.tokens for u in groups], len(gathered))[distributed.rank(group)]
+        mine = sorted(row for i in share for row in groups[i].rows)
+    else:
+        mine = balance_by_tokens(row_lengths(everything), len(gathered))[distributed.rank(group)]
     return everything.select(torch.tensor(mine, dtype=torch.long)).trim().to(batch.input_ids.device)
+
+
+def _distinct_group_ids(parts: list[RolloutBatch]) -> list[RolloutBatch]:
+    out, offset = [], 0
+    for part in parts:
+        out.append(replace(part, group_ids=part.group_ids + offset))
+        offset += int(part.group_ids.max()) + 1 if part.size else 0
+    return out
 
 
 def _pad_to(batch: RolloutBatch, width: int) -> RolloutBatch:

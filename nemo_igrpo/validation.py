@@ -221,6 +221,11 @@ def _check_micro_batching(policy: PolicyConfig) -> None:
                           f"got {policy.max_tokens_per_micro_batch}")
     if policy.sequence_packing and policy.max_tokens_per_micro_batch is None:
         raise ConfigError("policy.sequence_packing: needs policy.max_tokens_per_micro_batch (the packed row length)")
+    if policy.shared_prefix and not POLICY_BACKENDS[policy.backend].shared_prefix:
+        supported = ", ".join(name for name, entry in POLICY_BACKENDS.items() if entry.shared_prefix)
+        raise ConfigError(f"policy.shared_prefix=true: only policy.backend={supported} computes a group's prefix once "
+                          f"(Megatron needs an arbitrary attention mask path, see docs/megatron.md); set "
+                          f"policy.shared_prefix=false for policy.backend={policy.backend}")
     lora = policy.lora
     if lora.rank < 0 or not 0 <= lora.dropout < 1 or not lora.target_modules:
         raise ConfigError(f"policy.lora: rank must be >= 0, dropout in [0, 1), target_modules non-empty; got {lora}")

@@ -22,6 +22,7 @@ from torch import nn
 from nemo_igrpo.algorithms.batch import RolloutBatch
 from nemo_igrpo.policy import lora as lora_lib
 from nemo_igrpo.policy import packing
+from nemo_igrpo.policy import shared_prefix as _shared
 from nemo_igrpo.policy.base import LossFn, PolicyBackend, TokenStats
 from nemo_igrpo.policy.logprobs import check_head_matches_forward, token_logprobs_and_entropy
 from nemo_igrpo.policy.microbatch import micro_batches, row_lengths, token_budget_groups
@@ -72,6 +73,7 @@ class HFPolicy(PolicyBackend):
         max_tokens_per_micro_batch: int | None = None,
         sequence_packing: bool = False,
         lora: Any = None,
+        shared_prefix: bool = False,
     ) -> None:
         self.device = torch.device(device)
         # "auto": the whole world when this process is one of several (HF replicas are pure data parallelism).
@@ -90,9 +92,15 @@ class HFPolicy(PolicyBackend):
         self.max_grad_norm = math.inf if max_grad_norm is None else max_grad_norm
         self.autocast_dtype = None if autocast_dtype is None else getattr(torch, autocast_dtype)
 
+        if shared_prefix:
+            _shared.check_implementation(self.model)
+            _shared.use_span_attention(self.model)
         check_head_matches_forward(self.model)
         disable_dropout(self.model)
-        if sequence_packing:
+        self.shared_prefix = shared_prefix  # one row per group: its common prefix once (policy.shared_prefix)
+        if shared_prefix:
+            _shared.check_supported(self.model)
+        elif sequence_packing:
             packing.check_packing_supported(self.model)
         # LoRA (``policy.lora``, rank > 0): adapters injected in place after dropout is zeroed, so lora.dropout stays.
         self.peft_model = None
@@ -186,6 +194,9 @@ class HFPolicy(PolicyBackend):
 
     def _micro_batches(self, batch: RolloutBatch) -> list[tuple[torch.Tensor, RolloutBatch]]:
         """(rows of ``batch``, micro-batch): by rows, by a token budget, or packed bins of the budget."""
+        if self.shared_prefix:  # whole groups, sized by the tokens the shared layout computes
+            groups = _shared.micro_batch_rows(batch, self.micro_batch_size, self.max_tokens, self.sequence_packing)
+            return [(index, batch.select(index).trim()) for index in map(torch.tensor, groups)]
         if not self.sequence_packing:
             return micro_batches(batch, self.micro_batch_size, self.max_tokens)
         groups = token_budget_groups(row_lengths(batch), self.max_tokens, packed=True)
@@ -202,6 +213,10 @@ class HFPolicy(PolicyBackend):
 
     def _stats(self, model: nn.Module, batch: RolloutBatch) -> TokenStats:
         """Token stats of the completion tokens of a batch already on the device."""
+        if self.shared_prefix:
+            with self._autocast():
+                return _shared.token_stats(model, batch, self.sequence_packing, self.temperature,
+                                           self.logprob_chunk_size)
         if self.sequence_packing:
             return self._packed_stats(model, batch)
         with self._autocast():

@@ -48,9 +48,16 @@ def token_logprobs_and_entropy(
     # Position 0 has no predecessor, so only columns 1.. can be scored.
     rows, cols = positions_mask[:, 1:].nonzero(as_tuple=True)
     cols = cols + 1
-    predictors = hidden[rows, cols - 1]  # [N, H]
-    targets = input_ids[rows, cols]  # [N]
+    return head_stats(model, hidden[rows, cols - 1], input_ids[rows, cols], rows, cols, input_ids.shape,
+                      temperature, chunk_size, softcap)
 
+
+def head_stats(model: nn.Module, predictors: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+               cols: torch.Tensor, shape: torch.Size, temperature: float, chunk_size: int,
+               softcap: float | None) -> TokenStats:
+    """Steps 3-4: the head over the hidden states ``predictors`` [N, H] that predict ``targets`` [N], chunked,
+    scattered to (``rows``, ``cols``) of zero [B, L] = ``shape`` tensors (also used by ``policy.shared_prefix``,
+    whose predictors are not simply the previous column)."""
     head = model.get_output_embeddings()
     logprob_chunks, entropy_chunks = [], []
     for start in range(0, targets.numel(), chunk_size):
@@ -60,8 +67,8 @@ def token_logprobs_and_entropy(
         entropy_chunks.append(entropy)
 
     return TokenStats(
-        logprobs=_scatter(logprob_chunks, rows, cols, input_ids.shape, hidden.device),
-        entropy=_scatter(entropy_chunks, rows, cols, input_ids.shape, hidden.device),
+        logprobs=_scatter(logprob_chunks, rows, cols, shape, predictors.device),
+        entropy=_scatter(entropy_chunks, rows, cols, shape, predictors.device),
     )
 
 

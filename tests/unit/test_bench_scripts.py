@@ -318,3 +318,24 @@ def test_parity_range_paired_differences_and_intervals():
     with pytest.raises(ValueError, match="needs finished sync and k=1 runs"):
         parity.equal_time_steps({"sync": summaries["sync"]})
     assert parity.run_directory(Path("r"), "k=1", 2) == Path("r/k1-s2")
+
+
+def test_bench_shared_prefix_token_counts_table_and_json(tmp_path, monkeypatch):
+    bench = load_script("bench_shared_prefix")
+    assert bench.parse_prefix("64:448") == (64, 448)
+    # the default shape: 4 × (512 + 512) unshared against 512 + 4 × 512 shared, the 1.6× bound of the issue
+    assert bench.computed_tokens(512, 512, 4, 1, shared=False) == 4096
+    assert bench.computed_tokens(512, 512, 4, 1, shared=True) == 2560
+    output = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench_shared_prefix.py", "--model", "tiny", "--prefixes", "8:8", "16:16",
+                                      "--refinement", "8", "--repeats", "1", "--threads", "1",
+                                      "--output", str(output)])
+    bench.main()
+    report = json.loads(output.read_text())
+    rows = report["rows"]
+    assert [(r["mode"], r["computed_tokens"]) for r in rows] == [("unshared", 96), ("shared", 48),
+                                                                ("unshared", 160), ("shared", 64)]
+    assert report["ratio"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+    assert report["peak_bytes"] == {"unshared": rows[0]["peak_bytes"], "shared": rows[1]["peak_bytes"]}
+    assert report["peak_bytes"]["shared"] < report["peak_bytes"]["unshared"]  # fewer activations kept
+    assert "| prefix 16 (8+8) | shared | 48 |" in report["table"]
