@@ -15,6 +15,7 @@ import torch
 from nemo_igrpo import distributed
 from nemo_igrpo.algorithms.aggregation import LossNormalizer
 from nemo_igrpo.algorithms.batch import RolloutBatch, row_lengths
+from nemo_igrpo.algorithms.prefix_groups import units
 from nemo_igrpo.data.dataset import Example, PromptSampler
 from nemo_igrpo.errors import ConfigError
 
@@ -120,8 +121,6 @@ def balance_across_ranks(batch: RolloutBatch, group, shared_prefix: bool = False
         gathered = _distinct_group_ids(gathered)
     everything = _concat([_pad_to(part, width) for part in gathered])
     if shared_prefix:
-        from nemo_igrpo.policy.prefix_groups import units
-
         groups = units(everything)
         share = balance_by_tokens([u.tokens for u in groups], len(gathered))[distributed.rank(group)]
         mine = sorted(row for i in share for row in groups[i].rows)

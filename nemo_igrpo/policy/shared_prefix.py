@@ -30,7 +30,7 @@ from nemo_igrpo.algorithms.batch import RolloutBatch, TokenStats
 from nemo_igrpo.policy import prefix_attention
 from nemo_igrpo.policy.logprobs import final_hidden_states, final_logit_softcap, head_stats
 from nemo_igrpo.policy.microbatch import token_budget_groups
-from nemo_igrpo.policy.prefix_groups import Unit, units  # noqa: F401  (re-exported: the layout's groups)
+from nemo_igrpo.algorithms.prefix_groups import Unit, units  # noqa: F401  (re-exported: the layout's groups)
 
 KEY = "policy.shared_prefix"
 # Implementations that take an explicit (block) mask; sdpa runs span by span (policy.prefix_attention).

@@ -107,7 +107,7 @@ def test_megatron_with_lora_is_refused():
     assert load_config(overrides=["policy.lora.rank=16"]).policy.lora.rank == 16
     with pytest.raises(ConfigError, match=r"policy\.lora\.rank > 0: LoRA is only supported with policy\.backend=hf"):
         load_config(overrides=["policy.lora.rank=16", "policy.backend=megatron"])
-    with pytest.raises(ConfigError, match=r"policy\.lora: rank must be >= 0"):
+    with pytest.raises(ConfigError, match=r"policy\.lora\.rank: must be >= 0"):
         load_config(overrides=["policy.lora.rank=-1"])
 
 

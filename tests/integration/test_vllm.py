@@ -306,7 +306,7 @@ def test_buckets_never_split_a_fused_group():
 
 @pytest.mark.parametrize("override, message", [
     ("generation.vllm.weight_bucket_mb=0", "generation.vllm.weight_bucket_mb: must be >= 1"),
-    ("generation.vllm.gpu_memory_utilization=0", r"generation.vllm.gpu_memory_utilization: must be in \(0, 1\]"),
+    ("generation.vllm.gpu_memory_utilization=0", r"generation.vllm.gpu_memory_utilization: must be > 0 and <= 1"),
     ("generation.vllm.tensor_parallel_size=0", "generation.vllm.tensor_parallel_size: must be >= 1"),
     ("generation.backend=vlm", "did you mean 'vllm'"),
 ])

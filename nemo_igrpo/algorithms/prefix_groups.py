@@ -1,7 +1,7 @@
 """A batch's rows grouped by ``group_ids``, each group with the prefix its rows share (``policy.shared_prefix``).
 
-Apart from ``policy.shared_prefix`` so that ``policy.microbatch`` (data-parallel shards of whole groups) can use it
-without importing the layout, which itself builds on ``policy.microbatch``.
+Pure bookkeeping over a ``RolloutBatch``, apart from the layout (``policy.shared_prefix``) so that the data-parallel
+re-deal (``sharding.balance_across_ranks``, whole groups) can use it without importing a policy backend.
 """
 
 from __future__ import annotations
