@@ -136,6 +136,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _device() -> torch.device:
     """Where collective buffers live: NCCL needs the rank's GPU, gloo takes CPU tensors."""
     if dist.is_initialized() and dist.get_backend() == "nccl":

@@ -128,22 +128,12 @@ def _holder(path: Path) -> dict[str, Any] | None:
         holder = {}
     same_host = holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int)
     # no heartbeat for STALE_AFTER_S: gone on any host (on this one, also a dead pid, or a pid reused since)
-    gone = age > STALE_AFTER_S or (same_host and not _alive(holder["pid"]))
+    gone = age > STALE_AFTER_S or (same_host and not distributed.process_alive(holder["pid"]))
     if not gone:
         return holder
     log.warning("removing the lock %s of a run that is gone (%s)", path, holder or "unreadable")
     path.unlink(missing_ok=True)
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _beat(path: Path, stop: threading.Event) -> None:

@@ -46,18 +46,8 @@ def remove_stale_buckets() -> None:
         return
     for path in root.glob(f"{BUCKET_PREFIX}*"):
         pid = path.name[len(BUCKET_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not distributed.process_alive(int(pid)):
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ServerWeightSync(ServerHTTPClient):

@@ -189,25 +189,27 @@ def sleepy_double(item: int) -> float:
     return 2.0 * item
 
 
+def _took_marker() -> bool:
+    """Whether this worker removed the marker file (only one worker can: the fault happens once)."""
+    marker = os.environ.get("GRADING_POOL_TEST_MARKER", "")
+    if not marker:
+        return False
+    try:
+        os.remove(marker)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def die_once_if_marked() -> None:
     """Initializer: a worker that finds the marker file removes it and dies during start-up (one death only)."""
-    marker = os.environ.get("GRADING_POOL_TEST_MARKER", "")
-    if marker:
-        try:
-            os.remove(marker)
-        except FileNotFoundError:
-            return
+    if _took_marker():
         os._exit(3)
 
 
 def sleep_once_if_marked() -> None:
     """Initializer: a worker that finds the marker file removes it and stalls its start-up for a minute."""
-    marker = os.environ.get("GRADING_POOL_TEST_MARKER", "")
-    if marker:
-        try:
-            os.remove(marker)
-        except FileNotFoundError:
-            return
+    if _took_marker():
         time.sleep(60)
 
 
