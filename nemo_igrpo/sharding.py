@@ -16,6 +16,7 @@ from nemo_igrpo import distributed
 from nemo_igrpo.algorithms.aggregation import LossNormalizer
 from nemo_igrpo.algorithms.batch import RolloutBatch, row_lengths
 from nemo_igrpo.algorithms.prefix_groups import units
+from nemo_igrpo.algorithms.refinement_metrics import WEIGHT  # weighted means (e.g. per-token entropy)
 from nemo_igrpo.data.dataset import Example, PromptSampler
 from nemo_igrpo.errors import ConfigError
 
@@ -28,9 +29,20 @@ _MAXED = ("time/", "response_length/refinement_max", "sampling_rounds")
 
 def reduce_metrics(metrics: dict[str, float], group) -> dict[str, float]:
     """Combine one step's per-rank metrics over the data-parallel group (identical on every rank afterwards)."""
+    weights = {name[len(WEIGHT):]: value for name, value in metrics.items() if name.startswith(WEIGHT)}
     size = distributed.world_size(group)
     if group is None or size == 1:
-        return metrics
+        return {name: value for name, value in metrics.items()
+                if not name.startswith(WEIGHT) and weights.get(name, 1.0) > 0}
+    reduced = _reduce({name: value * weights.get(name, 1.0) for name, value in metrics.items()}, group, size)
+    for name in weights:  # sums of value × weight over the ranks, divided by the summed weight
+        weight, total = reduced.pop(WEIGHT + name), reduced.pop(name)
+        if weight > 0:
+            reduced[name] = total / weight
+    return reduced
+
+
+def _reduce(metrics: dict[str, float], group, size: int) -> dict[str, float]:
     names = sorted(metrics)
     if distributed.all_gather_objects(names, group) != [names] * size:
         raise RuntimeError(f"ranks report different metric names; this rank: {names}")
@@ -38,7 +50,7 @@ def reduce_metrics(metrics: dict[str, float], group) -> dict[str, float]:
     maxed = distributed.all_reduce_values([float(metrics[n]) for n in names], "max", group)
     reduced = {}
     for name, total, largest in zip(names, summed, maxed):
-        if name.startswith(_SUMMED):
+        if name.startswith(_SUMMED + (WEIGHT,)) or WEIGHT + name in metrics:  # weighted ones: sums
             reduced[name] = total
         elif name.startswith(_MAXED):
             reduced[name] = largest

@@ -22,6 +22,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+# "weight/<name>": <name> is a mean over that many items, which may differ between data-parallel ranks
+# (``sharding.reduce_metrics`` combines it weighted and leaves it out where no rank had any item; not logged)
+WEIGHT = "weight/"
+
 
 def accuracy_after_draft(refined_solved: Sequence[bool], selected_right: Sequence[bool],
                          group_size: int) -> dict[str, float]:
@@ -102,20 +106,31 @@ def sampled_entropy(logprob_sums: Sequence[float], token_counts: Sequence[int]) 
 def refinement_metrics(samples, group_size: int, has_drafts: bool) -> dict[str, float]:
     """Every metric above for one rollout's ``StageSamples`` (``nemo_igrpo.algorithms.igrpo``: ``texts``,
     ``solved``, ``completions`` per refinement row; ``draft_solved``, ``best_draft_index``, ``best_drafts`` per
-    problem; ``draft_lengths``, ``draft_logprob_sums`` per draft)."""
+    problem; ``draft_lengths``, ``draft_logprob_sums`` per draft).
+
+    Each comes with ``weight/<name>``, the number of items it averages (rows, problems' rows of one kind, tokens),
+    so that data-parallel ranks combine it as the global mean (``sharding.reduce_metrics``, which also leaves out
+    a metric no rank had items for); every rank reports the same names."""
     metrics: dict[str, float] = {}
-    if samples.solved:
-        metrics["reward/accuracy/refinement_mean"] = sum(samples.solved) / len(samples.solved)
-    entropy = sampled_entropy([sum(c.logprobs) for c in samples.completions if len(c.logprobs) == len(c.token_ids)],
-                              [len(c.token_ids) for c in samples.completions if len(c.logprobs) == len(c.token_ids)])
-    if entropy is not None:
-        metrics["rollout/entropy/refinement"] = entropy
+
+    def put(name: str, value: float | None, weight: int) -> None:
+        metrics[name], metrics[WEIGHT + name] = (value, float(weight)) if value is not None and weight else (0.0, 0.0)
+
+    put("reward/accuracy/refinement_mean", sum(samples.solved) / max(len(samples.solved), 1), len(samples.solved))
+    scored = [c for c in samples.completions if len(c.logprobs) == len(c.token_ids)]
+    lengths = [len(c.token_ids) for c in scored]
+    put("rollout/entropy/refinement", sampled_entropy([sum(c.logprobs) for c in scored], lengths), sum(lengths))
     if not has_drafts:
         return metrics
     selected_right = [solved[i] for solved, i in zip(samples.draft_solved, samples.best_draft_index)]
-    metrics.update(accuracy_after_draft(samples.solved, selected_right, group_size))
-    metrics.update(copy_metrics(samples.texts, [d for d in samples.best_drafts for _ in range(group_size)]))
-    entropy = sampled_entropy(samples.draft_logprob_sums, samples.draft_lengths)
-    if entropy is not None:
-        metrics["rollout/entropy/draft"] = entropy
+    after = accuracy_after_draft(samples.solved, selected_right, group_size)
+    for name, right in (("right", True), ("wrong", False)):
+        key = f"reward/accuracy/refined_after_{name}_draft"
+        put(key, after.get(key), group_size * sum(bool(r) == right for r in selected_right))
+    rows = len(samples.texts)
+    copies = copy_metrics(samples.texts, [d for d in samples.best_drafts for _ in range(group_size)]) if rows else {}
+    for key in ("rollout/copy_rate", "rollout/edit_distance_to_draft"):
+        put(key, copies.get(key), rows)
+    put("rollout/entropy/draft", sampled_entropy(samples.draft_logprob_sums, samples.draft_lengths),
+        sum(samples.draft_lengths))
     return metrics

@@ -18,6 +18,7 @@ from nemo_igrpo.algorithms.refinement_metrics import (
     word_edit_distance,
 )
 from nemo_igrpo.data.dataset import Example
+from nemo_igrpo.sharding import reduce_metrics
 from nemo_igrpo.generation.base import Completion
 
 
@@ -94,7 +95,7 @@ def _samples():
 
 
 def test_refinement_metrics_of_a_rollout_by_hand():
-    metrics = refinement_metrics(_samples(), group_size=2, has_drafts=True)
+    metrics = reduce_metrics(refinement_metrics(_samples(), group_size=2, has_drafts=True), None)  # weights dropped
     assert metrics == pytest.approx({
         "reward/accuracy/refinement_mean": 0.75,
         "reward/accuracy/refined_after_right_draft": 1.0,  # rows 0, 1
@@ -104,7 +105,7 @@ def test_refinement_metrics_of_a_rollout_by_hand():
         "rollout/entropy/refinement": (1.0 + 1.0 + 4.0 + 4.0) / 12,
         "rollout/entropy/draft": 5.0 / 10,
     })
-    grpo = refinement_metrics(_samples(), group_size=2, has_drafts=False)
+    grpo = reduce_metrics(refinement_metrics(_samples(), group_size=2, has_drafts=False), None)
     assert set(grpo) == {"reward/accuracy/refinement_mean", "rollout/entropy/refinement"}
 
 
@@ -113,9 +114,35 @@ def test_the_rollout_logs_the_refinement_metrics():
     # scripted texts number samples from 0 in both stages), "#1 \boxed{3}" (wrong, one word of two changed)
     generator = ScriptedGenerator(drafts_then_refinements(["7", "5"], ["7", "3"]))
     _, metrics = run(generator, [Example("Q?", "7")], settings(2, 2))
+    metrics = reduce_metrics(metrics, None)  # as the loop logs them: a metric without items is left out
     assert metrics["reward/accuracy/refined_after_right_draft"] == 0.5
     assert "reward/accuracy/refined_after_wrong_draft" not in metrics
     assert metrics["rollout/copy_rate"] == 0.5
     assert metrics["rollout/edit_distance_to_draft"] == pytest.approx((0 + 1.0) / 2)  # "#1 \boxed{3}" vs "#0 \boxed{7}"
     assert metrics["rollout/entropy/draft"] == pytest.approx(0.5)  # the scripted log-probs are all -0.5
     assert metrics["rollout/entropy/refinement"] == pytest.approx(0.5)
+
+
+def test_ranks_combine_the_refinement_metrics_as_one_global_mean(monkeypatch):
+    """Two data-parallel ranks with different token counts and draft verdicts: the reduced metrics are the global
+    (item-weighted) means, not the mean of the two ranks' means, and a kind of problem only one rank saw is still
+    reported (every rank sends the same names)."""
+    from nemo_igrpo import distributed
+
+    one = {"rollout/entropy/draft": 1.0, "weight/rollout/entropy/draft": 30.0,  # 30 tokens at 1.0 nat
+           "reward/accuracy/refined_after_wrong_draft": 0.0, "weight/reward/accuracy/refined_after_wrong_draft": 0.0,
+           "reward/accuracy/refined_after_right_draft": 0.5, "weight/reward/accuracy/refined_after_right_draft": 4.0}
+    two = {"rollout/entropy/draft": 4.0, "weight/rollout/entropy/draft": 10.0,  # 10 tokens at 4.0 nats
+           "reward/accuracy/refined_after_wrong_draft": 0.25, "weight/reward/accuracy/refined_after_wrong_draft": 4.0,
+           "reward/accuracy/refined_after_right_draft": 0.0, "weight/reward/accuracy/refined_after_right_draft": 0.0}
+    ranks = [one, two]
+    monkeypatch.setattr(distributed, "world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda obj, group=None: [obj, obj])
+    monkeypatch.setattr(distributed, "all_reduce_values", lambda values, op, group=None: [
+        (sum if op == "sum" else max)(column) for column in zip(*[
+            [(r[n] * r.get("weight/" + n, 1.0)) if not n.startswith("weight/") else r[n] for n in sorted(r)]
+            for r in ranks])])
+    reduced = reduce_metrics(one, group="dp")
+    # (30 × 1 + 10 × 4) / 40 = 1.75 (the mean of the rank means would be 2.5); each accuracy from its one rank
+    assert reduced == pytest.approx({"rollout/entropy/draft": 1.75, "reward/accuracy/refined_after_wrong_draft": 0.25,
+                                     "reward/accuracy/refined_after_right_draft": 0.5})
