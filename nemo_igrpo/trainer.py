@@ -79,10 +79,10 @@ def _train(config: Config, console: Console) -> TrainResult:
     if resume_from is not None:
         try:
             state = restore_state(resume_from, policy, producer.sampler)
+            producer.resume_at(state.step)
         except BaseException:  # e.g. a refused prompt stream: no grading workers or engines left behind
             run.close()
             raise
-        producer.resume_at(state.step)
         console.print(f"Resumed from [bold]{resume_from}[/] at step {state.step}")
         generator.update_weights(policy.export_weights())
     if main:  # only now: a start refused above (another run's folder, another prompt stream) leaves the folder as is
