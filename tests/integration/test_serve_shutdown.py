@@ -129,9 +129,11 @@ def test_sigterm_stops_the_server_within_its_timeout_with_a_request_in_flight(tm
         # the --shutdown-timeout of 5 s, i.e. 20 s after the signal. +10 s: the supervisor's 0.5 s polling, the kill
         # and the exit on a loaded machine; the default --shutdown-timeout (30 s) would take 45 s.
         assert elapsed <= SHUTDOWN_TIMEOUT_S + KILL_GRACE_S + 10, elapsed  # measured: 23.7 s
+        # Usually vLLM's HTTP server holds the dead engine's request and `serve` kills it on --shutdown-timeout; on
+        # some runs it lets go by itself first. Either way the bound above holds; a kill must be reported as one.
         kill_message = f"the server did not stop within {SHUTDOWN_TIMEOUT_S + KILL_GRACE_S:.0f} s of the signal"
-        assert kill_message in log_path.read_text(errors="replace")  # the supervisor's kill, on --shutdown-timeout
-        assert process.returncode == 128 + signal.SIGKILL  # serve's status for a child it had to kill
+        killed = kill_message in log_path.read_text(errors="replace")
+        assert (process.returncode == 128 + signal.SIGKILL) == killed, (process.returncode, killed)
         thread.join(timeout=30)
         assert finished.is_set() and "error" in outcome, outcome  # ended by the shutdown, never answered
         for _ in range(20):  # helpers such as multiprocessing's resource tracker exit once their pipes close
