@@ -1,7 +1,7 @@
 """Reading a torch.distributed.checkpoint (Megatron's ``torch_dist`` format) without running code from the files.
 
 The format pickles its ``.metadata`` and the non-tensor entries of the state; torch reads them with ``pickle.load``
-and ``torch.load(weights_only=False)``, so a tampered run folder could execute code on resume (the checkpoint
+and ``torch.load`` with ``weights_only`` off, so a tampered run folder could execute code on resume (the checkpoint
 manifest's SHA-256 detects corruption, not tampering). :func:`no_code_unpickling` swaps both for loaders that only
 rebuild what these files hold: the checkpoint-metadata dataclasses, torch sizes/dtypes and plain containers for
 ``.metadata``; tensors and plain values (``torch.load(weights_only=True)``) for the state's entries.
