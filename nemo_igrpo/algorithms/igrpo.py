@@ -179,7 +179,8 @@ class BatchCollector:
 
 
 def _selection(problems, reward, template, decode, settings: RolloutSettings, samples: StageSamples):
-    """Training's draft selection: the reward (with DAPO's length penalty) and the best-reward draft."""
+    """Training's draft selection: the reward (with DAPO's length penalty), then ``algorithm.draft_selection``
+    (``best``, the paper's argmax; ``random``, the ablation)."""
     def score(texts, answers, drafts):
         return _with_length_penalty(reward(texts, answers), drafts, settings)
 
