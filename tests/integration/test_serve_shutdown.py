@@ -135,7 +135,9 @@ def test_sigterm_stops_the_server_within_its_timeout_with_a_request_in_flight(tm
         killed = kill_message in log_path.read_text(errors="replace")
         assert (process.returncode == 128 + signal.SIGKILL) == killed, (process.returncode, killed)
         thread.join(timeout=30)
-        assert finished.is_set() and "error" in outcome, outcome  # ended by the shutdown, never answered
+        # Ended by the shutdown: cut off (a connection error), or drained whole within --shutdown-timeout (all 32
+        # choices; CI saw vLLM finish it in time), never a partial or failed answer and never still pending.
+        assert finished.is_set() and ("error" in outcome or outcome.get("answer") == (200, 32)), outcome
         for _ in range(20):  # helpers such as multiprocessing's resource tracker exit once their pipes close
             left = [pid for pid in tree if Path(f"/proc/{pid}").exists() and not _zombie(pid)]
             if not left:
