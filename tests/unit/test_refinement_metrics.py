@@ -135,13 +135,14 @@ def test_ranks_combine_the_refinement_metrics_as_one_global_mean(monkeypatch):
     two = {"rollout/entropy/draft": 4.0, "weight/rollout/entropy/draft": 10.0,  # 10 tokens at 4.0 nats
            "reward/accuracy/refined_after_wrong_draft": 0.25, "weight/reward/accuracy/refined_after_wrong_draft": 4.0,
            "reward/accuracy/refined_after_right_draft": 0.0, "weight/reward/accuracy/refined_after_right_draft": 0.0}
-    ranks = [one, two]
     monkeypatch.setattr(distributed, "world_size", lambda group=None: 2)
     monkeypatch.setattr(distributed, "all_gather_objects", lambda obj, group=None: [obj, obj])
+    # What rank two sends, as reduce_metrics prepares it; then rank one's call combines its own values with those.
+    sent: dict[str, list[float]] = {}
+    monkeypatch.setattr(distributed, "all_reduce_values", lambda values, op, group=None: sent.setdefault(op, values))
+    reduce_metrics(two, group="dp")
     monkeypatch.setattr(distributed, "all_reduce_values", lambda values, op, group=None: [
-        (sum if op == "sum" else max)(column) for column in zip(*[
-            [(r[n] * r.get("weight/" + n, 1.0)) if not n.startswith("weight/") else r[n] for n in sorted(r)]
-            for r in ranks])])
+        (sum if op == "sum" else max)(pair) for pair in zip(values, sent[op])])
     reduced = reduce_metrics(one, group="dp")
     # (30 × 1 + 10 × 4) / 40 = 1.75 (the mean of the rank means would be 2.5); each accuracy from its one rank
     assert reduced == pytest.approx({"rollout/entropy/draft": 1.75, "reward/accuracy/refined_after_wrong_draft": 0.25,
