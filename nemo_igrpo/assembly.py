@@ -68,7 +68,7 @@ def build_rollout_settings(config: Config, stop_token_ids: tuple[int, ...]) -> R
         max_sampling_rounds=algorithm.max_sampling_rounds, overlong_buffer=config.reward.overlong_buffer,
         overlong_penalty=config.reward.overlong_penalty, overlong_filter=algorithm.overlong_filter,
         draft_selection=algorithm.draft_selection, draft_loss_weight=algorithm.draft_loss_weight,
-        loss_agg=algorithm.loss_agg,
+        loss_agg=algorithm.loss_agg, skip_solved_by_drafts=algorithm.skip_solved_by_drafts,
         sampling=SamplingParams(temperature=generation.temperature, top_p=generation.top_p,
                                 max_new_tokens=generation.max_new_tokens, stop_token_ids=stop_token_ids))
 

@@ -116,6 +116,7 @@ class AlgorithmConfig:
     tie_break: str = "first"
     draft_selection: str = "best"  # best (the paper) | random (ablation: a uniformly random draft)
     draft_loss_weight: float = ranged(0.0, ge=0, le=1000)  # > 0: + w · GRPO loss on the drafts (beyond the paper)
+    skip_solved_by_drafts: bool = False  # all N drafts right: no Stage 2 for it, a new problem is drawn (beyond it)
     advantage: str = "grpo"
     adv_eps: float = ranged(1e-6, gt=0, le=1)
     policy_loss: str = "ppo"

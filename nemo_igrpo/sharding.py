@@ -23,7 +23,7 @@ from nemo_igrpo.errors import ConfigError
 
 # Rollout and timing metrics are per rank; these say how ranks combine (anything else: mean over ranks, which is
 # the global mean because every rank holds the same number of prompts and samples).
-_SUMMED = ("batch/sequences", "reward/count/", "throughput/")
+_SUMMED = ("batch/sequences", "reward/count/", "throughput/", "rollout/skipped_solved")
 _MAXED = ("time/", "response_length/refinement_max", "sampling_rounds")
 
 

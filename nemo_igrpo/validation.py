@@ -69,6 +69,9 @@ def validate(config: Config) -> None:
     _check_micro_batching(config.policy)
     _check_rollout(config)
     _check_draft_loss(config)
+    if config.algorithm.skip_solved_by_drafts and config.algorithm.num_drafts == 0:
+        raise ConfigError("algorithm.skip_solved_by_drafts: needs Stage-1 drafts, but algorithm.num_drafts is 0 "
+                          "(GRPO); set algorithm.skip_solved_by_drafts=false")
     mix = config.warm_start.draft_mix
     if any(not math.isfinite(v) or v < 0 for v in mix.values()) or not sum(mix.values()) > 0:
         raise ConfigError(f"warm_start.draft_mix: shares must be finite and >= 0 with a positive sum, got {mix}")
@@ -158,11 +161,11 @@ def check_rollout_parallelism(config: Config, model_parallel_size: int, data_par
         raise ConfigError(f"{key}: not supported with tensor/pipeline-parallel peers "
                           "(policy.megatron.*_parallel_size > 1): peers share one generation request through "
                           f"collectives, which cannot run beside the update; turn {key} off")
-    if k > 0 and data_parallel_size > 1 and config.algorithm.dynamic_sampling:
-        raise ConfigError("rollout.max_off_policy_steps > 0 with several data-parallel ranks: not supported with "
-                          "algorithm.dynamic_sampling (ranks would draw different numbers of prompts ahead of "
-                          "the steps that align them); set algorithm.dynamic_sampling=false or "
-                          "rollout.max_off_policy_steps=0")
+    for refill in ("dynamic_sampling", "skip_solved_by_drafts"):
+        if k > 0 and data_parallel_size > 1 and getattr(config.algorithm, refill):
+            raise ConfigError(f"rollout.max_off_policy_steps > 0 with several data-parallel ranks: not supported with "
+                              f"algorithm.{refill} (ranks would draw different numbers of prompts ahead of the steps "
+                              f"that align them); set algorithm.{refill}=false or rollout.max_off_policy_steps=0")
 
 
 def _check_draft_loss(config: Config) -> None:

@@ -35,6 +35,7 @@ from nemo_igrpo.algorithms.samples import (
     drop_zero_variance,
     extend,
     first_groups,
+    select_problems,
     to_batch,
 )
 from nemo_igrpo.algorithms.two_stage import DraftSelection, Problem, PromptTemplate
@@ -65,6 +66,7 @@ class RolloutSettings:
     draft_selection: str = "best"  # which draft Stage 2 sees: best (the paper) | random (selection.py)
     draft_loss_weight: float = 0.0  # > 0: the drafts are trained too, with loss_agg (draft_loss.py; beyond the paper)
     loss_agg: str = "seq-mean-token-mean"
+    skip_solved_by_drafts: bool = False  # no Stage 2 for a problem all of whose drafts are right; draw another
 
 
 @dataclass
@@ -102,20 +104,35 @@ def collect_batch(
     Seconds per phase are added to ``timings`` (``rollout/drafts``, ``rollout/refinements``, ``rollout/reward``,
     ``rollout/generation``). Random tie-breaks draw from torch's global RNG, which checkpoints save and restore.
 
+    With ``skip_solved_by_drafts`` (beyond the paper), a problem whose N drafts are all right with one reward skips
+    Stage 2: its refinement group would almost surely have zero variance. It is decided after Stage 1, before any
+    refinement is sampled, and replacement problems are drawn in further rounds as dynamic sampling does; the last
+    allowed round refines every problem, so the batch is always full. Skips are counted in
+    ``rollout/skipped_solved``; the draft metrics cover the problems that reached Stage 2.
+
     ``drafts`` (from ``draft_stage``): the first round's Stage 1, already done; its problems are not drawn again
     and only their refinements are sampled here. Later dynamic-sampling rounds run both stages as usual.
     """
     timings = {} if timings is None else timings
     kept: list[StageSamples] = []
     seen = StageSamples()
-    kept_groups = 0
-    for round_index in range(settings.max_sampling_rounds if settings.dynamic_sampling else 1):
+    kept_groups = skipped = 0
+    refills = settings.dynamic_sampling or settings.skip_solved_by_drafts
+    for round_index in range(settings.max_sampling_rounds if refills else 1):
         needed = num_problems - kept_groups
-        if round_index == 0 and drafts is not None:
-            samples = _refine_drafts(drafts, generator, reward, decode, settings, timings)
+        skip = settings.skip_solved_by_drafts and round_index < settings.max_sampling_rounds - 1
+        first_group_id = len(set(seen.group_ids))
+        if skip:  # Stage 1 apart, so that a solved problem's Stage 2 is never paid for
+            if round_index > 0 or drafts is None:
+                drafts = draft_stage(problems_source, needed, generator, reward, template, decode, settings)
+            drafts, dropped = _without_solved(drafts, settings.num_drafts)
+            skipped += dropped
+            samples = _refine_drafts(drafts, generator, reward, decode, settings, timings, first_group_id)
+        elif round_index == 0 and drafts is not None:
+            samples = _refine_drafts(drafts, generator, reward, decode, settings, timings, first_group_id)
         else:
             samples = _sample_round(problems_source(needed), generator, reward, template, decode, settings, timings,
-                                    first_group_id=len(set(seen.group_ids)))
+                                    first_group_id)
         extend(seen, samples)
         if settings.dynamic_sampling:
             samples = drop_zero_variance(samples)
@@ -138,6 +155,8 @@ def collect_batch(
     if settings.draft_loss_weight > 0:
         batch = with_draft_rows(batch, batch_samples, settings, pad_token_id)
     metrics = _rollout_metrics(seen, batch_samples, settings, rounds=round_index + 1)
+    if settings.skip_solved_by_drafts:
+        metrics["rollout/skipped_solved"] = float(skipped)
     return batch, metrics
 
 
@@ -188,16 +207,29 @@ def _selection(problems, reward, template, decode, settings: RolloutSettings, sa
                           two_stage.by_reward(settings.draft_selection, settings.tie_break), samples)
 
 
-def _refine_drafts(drafts: Drafts, generator, reward, decode, settings, timings) -> StageSamples:
-    """A first round whose Stage 1 is done: sample and score the refinements of ``drafts``."""
+def _without_solved(drafts: Drafts, num_drafts: int) -> tuple[Drafts, int]:
+    """``skip_solved_by_drafts``: ``drafts`` without the problems whose N drafts are all right and scored alike
+    (the top reward, whatever the reward's scale), and how many were dropped."""
+    s = drafts.samples
+    keep = [i for i, (solved, scores) in enumerate(zip(s.draft_solved, s.draft_rewards))
+            if not (all(solved) and len(set(scores)) == 1)]
+    kept = Drafts([drafts.problems[i] for i in keep], [drafts.refinement_prompts[i] for i in keep],
+                  select_problems(s, keep, num_drafts), drafts.timings)
+    return kept, len(drafts.problems) - len(keep)
+
+
+def _refine_drafts(drafts: Drafts, generator, reward, decode, settings, timings, first_group_id) -> StageSamples:
+    """A round whose Stage 1 is done: sample and score the refinements of ``drafts``."""
     for key, seconds in drafts.timings.items():
         add_seconds(timings, key, seconds)
+    if not drafts.problems:  # every problem was skipped: nothing to generate or score
+        return drafts.samples
     refinements, seconds = two_stage.refine(drafts.refinement_prompts, generator,
                                             replace(settings.sampling, n=settings.num_refinements))
     for key, value in seconds.items():
         add_seconds(timings, key, value)
     return _score_refinements(drafts.samples, drafts.problems, drafts.refinement_prompts, refinements, reward, decode,
-                              settings, timings, first_group_id=0)
+                              settings, timings, first_group_id)
 
 
 def _sample_round(problems, generator, reward, template, decode, settings, timings, first_group_id):

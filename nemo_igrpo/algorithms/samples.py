@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 _KIND = "stage_samples"
 _ROW = "row"  # a list, one entry per refinement row: select_rows keeps the selected rows, extend concatenates
 _ROW_COLUMNS = "row_columns"  # name → list with one entry per row: filtered and concatenated per name
-_PROBLEM = "problem"  # a list per problem (or per draft): select_rows keeps it whole, extend concatenates
+_PROBLEM = "problem"  # a list per problem: select_rows keeps it whole, extend concatenates
+_DRAFT = "draft"  # a flat list, N entries per problem in problem order: as _PROBLEM
 _COUNTERS = "counters"  # name → count: extend sums; a row subset starts without them (metrics read `seen`'s)
 
 
@@ -45,8 +46,8 @@ class StageSamples:
     draft_rewards: list[list[float]] = _field(_PROBLEM)  # [problem][N]
     draft_solved: list[list[bool]] = _field(_PROBLEM)  # [problem][N]: the accuracy verdicts
     best_draft_index: list[int] = _field(_PROBLEM)  # [problem]: the selected draft
-    draft_lengths: list[int] = _field(_PROBLEM)
-    draft_logprob_sums: list[float] = _field(_PROBLEM)  # per draft, NaN without log-probs (refinement_metrics)
+    draft_lengths: list[int] = _field(_DRAFT)
+    draft_logprob_sums: list[float] = _field(_DRAFT)  # per draft, NaN without log-probs (refinement_metrics)
     draft_prompts: list[list[int]] = _field(_PROBLEM)  # [problem], and [problem][N] drafts: for draft_loss.py
     draft_completions: list[list[Completion]] = _field(_PROBLEM)
     best_drafts: list[str] = _field(_PROBLEM)
@@ -87,7 +88,22 @@ def select_rows(samples: StageSamples, keep: list[int]) -> StageSamples:
             values[item.name] = [value[i] for i in keep]
         elif kind == _ROW_COLUMNS:
             values[item.name] = {k: [v[i] for i in keep] for k, v in value.items()}
-        elif kind == _PROBLEM:
+        elif kind in (_PROBLEM, _DRAFT):
+            values[item.name] = value
+    return StageSamples(**values)
+
+
+def select_problems(samples: StageSamples, keep: list[int], num_drafts: int) -> StageSamples:
+    """The problems ``keep`` of a Stage 1 done apart (``draft_stage``, whose callbacks run in problem order, so the
+    per-draft lists are too), before any refinement row exists; counters stay whole."""
+    values = {}
+    for item in fields(StageSamples):
+        kind, value = item.metadata[_KIND], getattr(samples, item.name)
+        if kind == _PROBLEM:
+            values[item.name] = [value[i] for i in keep]
+        elif kind == _DRAFT:
+            values[item.name] = [value[i * num_drafts + j] for i in keep for j in range(num_drafts)]
+        else:
             values[item.name] = value
     return StageSamples(**values)
 
@@ -95,7 +111,7 @@ def select_rows(samples: StageSamples, keep: list[int]) -> StageSamples:
 def extend(into: StageSamples, more: StageSamples) -> None:
     for item in fields(StageSamples):
         kind, mine, theirs = item.metadata[_KIND], getattr(into, item.name), getattr(more, item.name)
-        if kind in (_ROW, _PROBLEM):
+        if kind in (_ROW, _PROBLEM, _DRAFT):
             mine += theirs
         elif kind == _ROW_COLUMNS:
             for key, values in theirs.items():

@@ -225,3 +225,47 @@ def test_random_draft_selection_conditions_stage2_on_any_draft():
         run(generator, [Example("Q?", "7")], settings(4, 2, draft_selection="random"))
         chosen.add(generator.calls[1][0][0].split("Draft:\n#")[1][0])
     assert chosen == {"0", "1", "2", "3"}  # the right draft and the wrong ones (best would always give #0)
+
+
+def test_skip_solved_by_drafts_skips_stage2_for_problems_every_draft_solved():
+    # Problems named "S" are solved by all 4 drafts; the others by drafts 0 and 2 only. Two problems are wanted.
+    def script(text, k):
+        if "Draft:" in text:
+            return f"#{k} \\boxed{{1}}"  # every refinement right: the rows' content is not what is tested
+        return "\\boxed{1}" if "S" in text.split("user\n")[1][:2] or k % 2 == 0 else "\\boxed{2}"
+
+    problems = [Example("S1?", "1"), Example("A1?", "1"), Example("S2?", "1"), Example("S3?", "1"),
+                Example("B1?", "1"), Example("C1?", "1")]
+    generator = ScriptedGenerator(script)
+    batch, metrics = run(generator, problems, settings(4, 2, skip_solved_by_drafts=True, max_sampling_rounds=3),
+                         num=2)
+    stage = [("Draft:" in texts[0], [t.split("user\n")[1][:2] for t in texts]) for texts, _ in generator.calls]
+    # round 1 drafts S1, A1 and refines only A1; round 2 drafts S2 (skipped: no refinement call); round 3 is the
+    # last allowed round, which refines whatever it drew (S3), so the batch is full. B1 and C1 are never drawn.
+    assert stage == [(False, ["S1", "A1"]), (True, ["A1"]), (False, ["S2"]), (False, ["S3"]), (True, ["S3"])]
+    assert metrics["rollout/skipped_solved"] == 2.0
+    assert metrics["sampling_rounds"] == 3.0
+    assert batch.size == 4 and batch.group_ids.tolist() == [0, 0, 1, 1]
+    # the draft metrics cover the problems that reached Stage 2: A1 (2 of 4 right) and S3 (4 of 4)
+    assert metrics["reward/accuracy/draft_mean"] == 0.75
+    assert metrics["response_length/draft_mean"] == len("\\boxed{1}") + 1  # every draft: 9 characters + the end
+
+
+def test_skip_solved_by_drafts_keeps_a_batch_of_unsolved_problems_whole():
+    # Nothing solved by all drafts: one round, exactly as without the option (and the count is logged as 0).
+    generator = ScriptedGenerator(drafts_then_refinements(["5", "7", "5", "7"], ["7", "3"]))
+    batch, metrics = run(generator, [Example("Q?", "7")], settings(4, 2, skip_solved_by_drafts=True))
+    plain_generator = ScriptedGenerator(drafts_then_refinements(["5", "7", "5", "7"], ["7", "3"]))
+    plain, plain_metrics = run(plain_generator, [Example("Q?", "7")], settings(4, 2))
+    assert metrics["rollout/skipped_solved"] == 0.0 and "rollout/skipped_solved" not in plain_metrics
+    assert generator.calls == plain_generator.calls
+    assert torch.equal(batch.input_ids, plain.input_ids) and torch.equal(batch.advantages, plain.advantages)
+
+
+def test_skip_solved_by_drafts_is_off_by_default_and_needs_drafts():
+    from nemo_igrpo.config import load_config
+    from nemo_igrpo.errors import ConfigError
+
+    assert load_config(None).algorithm.skip_solved_by_drafts is False  # the paper's method by default
+    with pytest.raises(ConfigError, match="algorithm.skip_solved_by_drafts: needs Stage-1 drafts"):
+        load_config(None, ["algorithm.preset=grpo", "algorithm.skip_solved_by_drafts=true"])
