@@ -62,9 +62,32 @@ if TYPE_CHECKING:
 # The study's settings on top of conf/quickstart.yaml (whose training settings are used unchanged): no TensorBoard,
 # no progress bar (logs go to a file); add e.g. trainer.eval_every=5 for denser accuracy curves (costs more evals).
 STUDY_OVERRIDES = ["trainer.loggers=[]", "trainer.progress=false", "trainer.resume=auto"]
-ARMS = {"grpo": "GRPO 8", "igrpo": "iGRPO 4+4", "dapo": "DAPO 8", "igrpo_dapo": "iGRPO-DAPO 4+4"}
-PAIRS = [("grpo", "igrpo"), ("dapo", "igrpo_dapo")]  # (baseline, its iGRPO wrapper): same budget, same warm start
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    overrides: tuple[str, ...]  # on top of --config and the study's overrides
+
+
+ARMS = {
+    "grpo": Arm("GRPO 8", ("algorithm.preset=grpo",)),
+    "igrpo": Arm("iGRPO 4+4", ("algorithm.preset=igrpo",)),  # the paper's method
+    "igrpo_random": Arm("iGRPO 4+4, random draft", ("algorithm.preset=igrpo", "algorithm.draft_selection=random")),
+    "igrpo_draft_loss": Arm("iGRPO 4+4 + draft loss 0.5",
+                            ("algorithm.preset=igrpo", "algorithm.draft_loss_weight=0.5")),
+    "igrpo_skip": Arm("iGRPO 4+4, skip solved", ("algorithm.preset=igrpo", "algorithm.skip_solved_by_drafts=true")),
+    "dapo": Arm("DAPO 8", ("algorithm.preset=dapo",)),
+    "igrpo_dapo": Arm("iGRPO-DAPO 4+4", ("algorithm.preset=igrpo_dapo",)),
+}
+# (baseline, the arm compared with it): same rollouts per problem, same warm start per seed
+PAIRS = [("grpo", arm) for arm in ("igrpo", "igrpo_random", "igrpo_draft_loss", "igrpo_skip")] + [("dapo", "igrpo_dapo")]
 TWO_PASS_FILE = "two_pass.json"
+# Gates before any comparison: a study whose baseline does not learn, or whose warm-started model cannot use a
+# draft at step 0, cannot show an iGRPO gain whatever iGRPO does (docs/study_chain.md was both).
+GATE_GRPO_GAIN = 0.05  # GRPO's final held-out accuracy minus the warm start's, mean over seeds
+GATE_TWO_PASS_GAIN = 0.05  # step 0: refined on the oracle-selected draft minus single pass, mean over seeds
+GATE_RIGHT_AFTER_WRONG = 0.15  # step 0: share of refinements right after a wrong selected draft, mean over seeds
 # Two-sided 95% quantiles of Student's t by degrees of freedom (intervals over 2-31 seeds); normal beyond.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
@@ -79,6 +102,7 @@ class RunSpec:
     root: Path
     warm_seed: int | None = None  # whose warm start the run loads; None = its own seed's
     config: Path | None = None  # the study's YAML; None = conf/quickstart.yaml
+    two_pass_problems: int = 0  # two-pass evaluations use the first this many held-out problems; 0 = all
 
     @property
     def directory(self) -> Path:
@@ -90,7 +114,7 @@ class RunSpec:
 
     def command(self, extra: list[str]) -> list[str]:
         config = ["--config", str(self.config)] if self.config is not None else []
-        return [sys.executable, "-m", "nemo_igrpo.cli", "train", *config, f"algorithm.preset={self.arm}",
+        return [sys.executable, "-m", "nemo_igrpo.cli", "train", *config, *ARMS[self.arm].overrides,
                 f"trainer.seed={self.seed}", f"trainer.output_dir={self.directory}",
                 f"model.path={self.warm_directory}", "warm_start.steps=0", *STUDY_OVERRIDES, *extra]
 
@@ -100,9 +124,20 @@ class RunSpec:
         return [sys.executable, os.path.abspath(__file__), "--warm-start-to", str(self.warm_directory), *config,
                 *extra, "--seeds", str(self.seed if self.warm_seed is None else self.warm_seed)]
 
+    def warm_two_pass_command(self, extra: list[str], num_drafts: int) -> list[str]:
+        """Two-pass evaluation of the warm-started model (gate 2: does it refine before RL?)."""
+        config = ["--config", str(self.config)] if self.config is not None else []
+        return [sys.executable, os.path.abspath(__file__), "--two-pass-of-warm", str(self.warm_directory), *config,
+                "--two-pass", str(num_drafts), "--two-pass-problems", str(self.two_pass_problems), *extra,
+                "--seeds", str(self.warm_seed_value)]
+
+    @property
+    def warm_seed_value(self) -> int:
+        return self.seed if self.warm_seed is None else self.warm_seed
+
     def two_pass_command(self, num_drafts: int) -> list[str]:
         return [sys.executable, os.path.abspath(__file__), "--two-pass-of", str(self.directory),
-                "--two-pass", str(num_drafts)]
+                "--two-pass", str(num_drafts), "--two-pass-problems", str(self.two_pass_problems)]
 
 
 def _run_logged(command: list[str], log_path: Path, timeout_s: float, nice: int) -> float:
@@ -119,11 +154,15 @@ def _run_logged(command: list[str], log_path: Path, timeout_s: float, nice: int)
 
 def warm_one(spec: RunSpec, extra: list[str], timeout_s: float, nice: int,
              two_pass: int = 0) -> tuple[RunSpec, float | None]:
-    """The seed's warm-started model, unless already saved; returns wall-clock seconds (None when reused).
-    (``two_pass`` is accepted so that every task takes the same arguments; it concerns runs only.)"""
-    if (spec.warm_directory / "config.json").is_file():
-        return spec, None
-    return spec, _run_logged(spec.warm_command(extra), spec.warm_directory.with_suffix(".log"), timeout_s, nice)
+    """The seed's warm-started model, unless already saved, then (``two_pass`` > 0) its two-pass evaluation for
+    gate 2 unless already written; returns the warm start's wall-clock seconds (None when reused)."""
+    seconds = None
+    if not (spec.warm_directory / "config.json").is_file():
+        seconds = _run_logged(spec.warm_command(extra), spec.warm_directory.with_suffix(".log"), timeout_s, nice)
+    if two_pass and not (spec.warm_directory / TWO_PASS_FILE).is_file():
+        _run_logged(spec.warm_two_pass_command(extra, two_pass), spec.warm_directory.with_suffix(".two_pass.log"),
+                    timeout_s, nice)
+    return spec, seconds
 
 
 def run_one(spec: RunSpec, extra: list[str], timeout_s: float, nice: int,
@@ -154,7 +193,8 @@ def schedule(seeds: list[int], arms: list[str], jobs: int,
 
 
 def train_all(seeds: list[int], arms: list[str], root: Path, jobs: int, call,
-              warm_seed: int | None = None, config: Path | None = None) -> dict[str, float | None]:
+              warm_seed: int | None = None, config: Path | None = None,
+              two_pass_problems: int = 0) -> dict[str, float | None]:
     """Warm starts and runs on a pool of ``jobs`` workers; a run waits for its seed's warm start. ``call(task)``
     runs ``warm_one``/``run_one`` bound to a spec with the remaining arguments."""
     wall: dict[str, float | None] = {}
@@ -162,7 +202,7 @@ def train_all(seeds: list[int], arms: list[str], root: Path, jobs: int, call,
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = []
         for kind, seed, arm in schedule(seeds, arms, jobs, warm_seed):
-            spec = RunSpec(arm or arms[0], seed, root, warm_seed, config)
+            spec = RunSpec(arm or arms[0], seed, root, warm_seed, config, two_pass_problems)
             if kind == "warm":
                 warm_done[spec.warm_directory] = pool.submit(call, lambda *a, spec=spec: warm_one(spec, *a))
                 futures.append((spec.warm_directory.name, warm_done[spec.warm_directory]))
@@ -205,9 +245,25 @@ def save_warm_start(seed: int, directory: Path, overrides: list[str], config_pat
     os.replace(tmp, directory)
 
 
-def save_two_pass(run_dir: Path, num_drafts: int) -> None:
-    """Two-pass evaluation of a finished run's final model on its own held-out problems and evaluation sampling
-    (run_dir/config.yaml, as the trainer wrote it), once per selection rule; written to run_dir/two_pass.json."""
+def save_two_pass(run_dir: Path, num_drafts: int, max_problems: int = 0) -> None:
+    """Two-pass evaluation of a finished run's final model on its own held-out problems (the first
+    ``max_problems``; 0 = all) and evaluation sampling (run_dir/config.yaml, as the trainer wrote it), once per
+    selection rule; written to run_dir/two_pass.json."""
+    _two_pass(run_dir / "final", run_dir / "config.yaml", [], run_dir / TWO_PASS_FILE, num_drafts, max_problems)
+
+
+def save_warm_two_pass(seed: int, warm_dir: Path, overrides: list[str], config_path: Path | None,
+                       num_drafts: int, max_problems: int = 0) -> None:
+    """The same for a warm-started model (gate 2, before any RL), with the study's config and that seed: written
+    to warm_dir/two_pass.json."""
+    from nemo_igrpo.cli import default_config_path
+
+    _two_pass(warm_dir, config_path or default_config_path(), [f"trainer.seed={seed}", *overrides],
+              warm_dir / TWO_PASS_FILE, num_drafts, max_problems)
+
+
+def _two_pass(model_dir: Path, config_path: Path, overrides: list[str], out: Path, num_drafts: int,
+              max_problems: int) -> None:
     import torch
 
     from nemo_igrpo.assembly import (
@@ -223,9 +279,8 @@ def save_two_pass(run_dir: Path, num_drafts: int) -> None:
     from nemo_igrpo.evaluation.two_pass import SELECTIONS, evaluate_two_pass
     from nemo_igrpo.models import load_model, load_tokenizer, stop_token_ids
 
-    final = run_dir / "final"
-    config = load_config(run_dir / "config.yaml", [f"model.path={final}", f"model.tokenizer={final}",
-                                                    "warm_start.steps=0", "trainer.resume=none"])
+    config = load_config(config_path, [*overrides, f"model.path={model_dir}", f"model.tokenizer={model_dir}",
+                                       "warm_start.steps=0", "trainer.resume=none"])
     seed_everything(config.trainer.seed)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, tokenizer)
@@ -235,6 +290,7 @@ def save_two_pass(run_dir: Path, num_drafts: int) -> None:
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     params = build_eval_sampling(config, stop_token_ids(tokenizer, model))
     problems = load_examples(config.data.eval, config.data, "eval")[: config.eval.num_problems or None]
+    problems = problems[: max_problems or None]
     result = {"num_drafts": num_drafts, "refinements": params.n, "temperature": params.temperature,
               "top_p": params.top_p, "problems": len(problems)}
     try:
@@ -248,9 +304,9 @@ def save_two_pass(run_dir: Path, num_drafts: int) -> None:
     finally:
         generator.close()
         reward.close()
-    tmp = run_dir / (TWO_PASS_FILE + ".tmp")
+    tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, run_dir / TWO_PASS_FILE)
+    os.replace(tmp, out)
 
 
 # --------------------------------------------------------------------------------------------------- analysis
@@ -352,6 +408,7 @@ def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict:
     summary = {}
     for arm, by_seed in runs.items():
         before, after, entropy_first, entropy_last, prop, zero_variance, refine_gap = {}, {}, {}, {}, {}, {}, {}
+        no_answer = {}
         for seed, records in sorted(by_seed.items()):
             before[seed], after[seed] = final_accuracy(records)
             entropies = [r["train/entropy"] for r in records if "train/entropy" in r]
@@ -360,18 +417,66 @@ def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict:
             prop[seed] = best_draft_vs_prediction(records)
             zero_variance[seed] = mean_of(records, "zero_variance_fraction")
             refine_gap[seed] = mean_of(records, "reward/refinement_minus_best_draft")
+            no_answer_seen = [r["eval/no_answer"] for r in records if "eval/no_answer" in r]
+            if no_answer_seen:
+                no_answer[seed] = (no_answer_seen[0], no_answer_seen[-1])
         finals = [v for v in after.values() if v is not None]
         starts = [v for v in before.values() if v is not None]
         summary[arm] = {
-            "label": ARMS.get(arm, arm), "seeds": sorted(by_seed), "accuracy_before": before,
+            "label": ARMS[arm].label, "seeds": sorted(by_seed), "accuracy_before": before,
             "accuracy_final": after, "final_mean_std": mean_std(finals), "before_mean_std": mean_std(starts),
             "entropy_first": entropy_first, "entropy_last": entropy_last,
             "entropy_last_mean_std": mean_std(list(entropy_last.values())), "proposition_3_1": prop,
             "last_step": {seed: max(r["step"] for r in records) for seed, records in sorted(by_seed.items())},
             "final_interval95": interval95(finals), "zero_variance_mean": zero_variance,
-            "refinement_minus_best_draft_mean": refine_gap,
+            "refinement_minus_best_draft_mean": refine_gap, "no_answer_first_last": no_answer,
         }
     return summary
+
+
+def gates(summary: dict, warm_two_pass: dict[int, dict | None]) -> list[dict]:
+    """The three gates, each with its value per seed, the mean over seeds, its threshold and whether it passed:
+    GRPO's gain over the warm start (from the grpo runs), and at step 0 (the warm starts' two-pass files) the
+    two-pass gain over single pass and the accuracy of refinements after a wrong draft. A gate without data fails."""
+    grpo = summary.get("grpo", {})
+    gains = {seed: grpo["accuracy_final"][seed] - grpo["accuracy_before"][seed] for seed in grpo.get("seeds", [])
+             if grpo["accuracy_final"][seed] is not None and grpo["accuracy_before"][seed] is not None}
+    results = {seed: r for seed, r in sorted(warm_two_pass.items()) if r}
+    return [
+        _gate("GRPO: final held-out accuracy − the warm start's (points)", gains, GATE_GRPO_GAIN),
+        _gate("step 0: refined on the oracle-selected draft − single pass (points)",
+              {seed: r["oracle"]["refined_accuracy"] - _avg_at_k(r["single_pass"]) for seed, r in results.items()},
+              GATE_TWO_PASS_GAIN),
+        _gate("step 0: refinements right after a wrong draft (%)",
+              {seed: r["oracle"]["refined_given_wrong_draft"] for seed, r in results.items()},
+              GATE_RIGHT_AFTER_WRONG),
+    ]
+
+
+def _avg_at_k(metrics: dict[str, float]) -> float:
+    return next(v for k, v in metrics.items() if k.startswith("avg@"))
+
+
+def _gate(name: str, per_seed: dict[int, float], threshold: float) -> dict:
+    values = [v for v in per_seed.values() if v is not None and math.isfinite(v)]
+    mean = statistics.fmean(values) if values else math.nan
+    return {"gate": name, "per_seed": per_seed, "mean": mean, "threshold": threshold,
+            "passed": bool(values) and mean >= threshold}
+
+
+def gate_table(rows: list[dict], summary: dict) -> str:
+    """The gates as a table, and the share of GRPO's evaluation answers with no extractable answer before and after
+    (a gain that is only this share falling is the format being learnt, not solving)."""
+    lines = ["| gate | per seed | mean | needed | passed |", "|---|---|---|---|---|"]
+    for row in rows:
+        per_seed = ", ".join(f"s{seed}: {_pct(v)}" for seed, v in row["per_seed"].items()) or "no data"
+        lines.append(f"| {row['gate']} | {per_seed} | {_pct(row['mean'])} | ≥ {_pct(row['threshold'])} | "
+                     f"{'yes' if row['passed'] else '**no**'} |")
+    no_answer = summary.get("grpo", {}).get("no_answer_first_last", {})
+    if no_answer:
+        shares = ", ".join(f"s{seed}: {_pct(first)} → {_pct(last)}" for seed, (first, last) in no_answer.items())
+        lines.append(f"\nGRPO's held-out answers with no extractable answer, before → after RL (%): {shares}.")
+    return "\n".join(lines)
 
 
 def paired_differences(summary: dict, arm_a: str, arm_b: str) -> list[float]:
@@ -501,7 +606,7 @@ def load_runs(root: Path, arms: list[str], seeds: list[int], partial: bool = Fal
             directory = RunSpec(arm, seed, root).directory
             finished = (directory / "final").is_dir()
             if finished or (partial and (directory / "metrics.jsonl").is_file()):
-                label = f"{ARMS.get(arm, arm)} s{seed}" + ("" if finished else " (unfinished)")
+                label = f"{ARMS[arm].label} s{seed}" + ("" if finished else " (unfinished)")
                 runs.setdefault(arm, {})[seed] = load_run(directory, label)
             else:
                 print(f"skipping {directory}: not a finished run", file=sys.stderr)
@@ -514,7 +619,7 @@ def write_plots(runs: dict[str, dict[int, Run]], directory: Path) -> list[Path]:
 
     everything = [run for by_seed in runs.values() for run in by_seed.values()]
     written = [f.path for f in plot_runs(everything, directory, prefix="runs_")]
-    groups = {ARMS.get(arm, arm): list(by_seed.values()) for arm, by_seed in runs.items()}
+    groups = {ARMS[arm].label: list(by_seed.values()) for arm, by_seed in runs.items()}
     for key, name, title, ylabel in [
             ("eval/accuracy", "accuracy_vs_rollouts", "Held-out accuracy", "avg@4"),
             ("train/entropy", "entropy_vs_rollouts", "Policy entropy", "nats / token"),
@@ -544,7 +649,7 @@ def plot_accuracy_vs_wall_clock(runs: dict[str, dict[int, Run]], path: Path) -> 
         if steps:
             xs = [statistics.fmean((p["seconds"] or 0.0) / 60 for p in by_step[st]) for st in steps]
             ys = [statistics.fmean(p["accuracy"] for p in by_step[st]) for st in steps]
-            ax.plot(xs, ys, marker="o", markersize=3, label=f"{ARMS.get(arm, arm)} (n={len(by_seed)})")
+            ax.plot(xs, ys, marker="o", markersize=3, label=f"{ARMS[arm].label} (n={len(by_seed)})")
     ax.set_xlabel("training minutes (mean over seeds; CPU shared, not a benchmark)")
     ax.set_ylabel("avg@4")
     ax.set_title("Held-out accuracy vs training wall-clock (mean over seeds)")
@@ -577,26 +682,44 @@ def main() -> None:
                         help="one warm start (with this seed) shared by every run; default: one per seed")
     parser.add_argument("--config", type=Path, default=None,
                         help="the study's YAML (default conf/quickstart.yaml); e.g. conf/study/chain.yaml")
+    parser.add_argument("--ignore-gates", action="store_true",
+                        help="run the comparison even when a gate fails (the report still shows the gates)")
     parser.add_argument("--two-pass", type=int, default=0, metavar="N",
                         help="also evaluate each final model draft → refine with N drafts (0 = off)")
     parser.add_argument("--warm-start-to", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one seed
+    parser.add_argument("--two-pass-problems", type=int, default=0, metavar="P",
+                        help="two-pass evaluations use the first P held-out problems (0 = all of them)")
     parser.add_argument("--two-pass-of", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one run
+    parser.add_argument("--two-pass-of-warm", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one seed
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
     if args.warm_start_to is not None:
         save_warm_start(args.seeds[0], args.warm_start_to, args.overrides, args.config)
         return
     if args.two_pass_of is not None:
-        save_two_pass(args.two_pass_of, args.two_pass)
+        save_two_pass(args.two_pass_of, args.two_pass, args.two_pass_problems)
+        return
+    if args.two_pass_of_warm is not None:
+        save_warm_two_pass(args.seeds[0], args.two_pass_of_warm, args.overrides, args.config, args.two_pass,
+                           args.two_pass_problems)
         return
 
-    wall = {}
+    wall, compared = {}, list(args.arms)
     if not args.report_only:
-        wall = train_all(args.seeds, args.arms, args.root, args.jobs,
-                         lambda task: task(args.overrides, args.timeout, args.nice, args.two_pass),
-                         args.warm_seed, args.config)
+        call = lambda task: task(args.overrides, args.timeout, args.nice, args.two_pass)  # noqa: E731
+        # the gates first (the warm starts, their two-pass files and the GRPO runs), then the other arms
+        wall = train_all(args.seeds, ["grpo"], args.root, args.jobs, call, args.warm_seed, args.config,
+                         args.two_pass_problems)
+        rows = gates(_grpo_summary(args), _warm_two_pass(args))
+        print(gate_table(rows, {}))
+        if not all(row["passed"] for row in rows) and not args.ignore_gates:
+            print("a gate failed: the comparison is not run (--ignore-gates runs it anyway)", flush=True)
+            compared = ["grpo"]
+        elif [arm for arm in args.arms if arm != "grpo"]:
+            wall.update(train_all(args.seeds, [arm for arm in args.arms if arm != "grpo"], args.root, args.jobs, call,
+                                  args.warm_seed, args.config, args.two_pass_problems))
 
-    runs = load_runs(args.root, args.arms, args.seeds, args.partial)
+    runs = load_runs(args.root, sorted(set(compared) | {"grpo"}, key=list(ARMS).index), args.seeds, args.partial)
     if not runs:
         sys.exit(f"no finished runs under {args.root}")
     summary = summarize({arm: {seed: run.records for seed, run in by_seed.items()} for arm, by_seed in runs.items()})
@@ -605,6 +728,8 @@ def main() -> None:
                                   for seed, run in by_seed.items()}
         summary[arm]["two_pass"] = {seed: _read_two_pass(RunSpec(arm, seed, args.root).directory)
                                     for seed in by_seed}
+    gate_rows = gates(summary, _warm_two_pass(args))
+    print(gate_table(gate_rows, summary))
     print(markdown_table(summary))
     print(pair_table(summary))
     print(proposition_table(summary))
@@ -612,7 +737,7 @@ def main() -> None:
 
     written = write_plots(runs, args.plots)
     result = {"machine": machine_info(), "command": shlex.join(sys.argv), "overrides": STUDY_OVERRIDES + args.overrides,
-              "root": str(args.root), "wall_seconds": wall, "summary": summary,
+              "root": str(args.root), "wall_seconds": wall, "summary": summary, "gates": gate_rows,
               "plots": [str(p) for p in written]}
     json_path = args.json or args.root / "study.json"
     json_path.write_text(json.dumps(result, indent=2, default=str))
@@ -621,6 +746,17 @@ def main() -> None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(render_markdown(result, summary, args))
         print(f"wrote {args.markdown}")
+
+
+def _warm_two_pass(args) -> dict[int, dict | None]:
+    """Each seed's warm start's two-pass file (gate 2), None where missing."""
+    warm_seeds = [args.warm_seed] if args.warm_seed is not None else args.seeds
+    return {seed: _read_two_pass(RunSpec("grpo", seed, args.root).warm_directory) for seed in warm_seeds}
+
+
+def _grpo_summary(args) -> dict:
+    runs = load_runs(args.root, ["grpo"], args.seeds)
+    return summarize({arm: {seed: run.records for seed, run in by_seed.items()} for arm, by_seed in runs.items()})
 
 
 def machine_info() -> dict:
@@ -671,13 +807,18 @@ def render_markdown(result: dict, summary: dict, args) -> str:
 Generated by `scripts/study_igrpo_vs_grpo.py`; numbers are re-derived from the runs' `metrics.jsonl` each time.
 
 - Command: `{result['command']}`
-- Settings: `{config}` + `{' '.join(result['overrides'])}`; arms differ only in `algorithm.preset`.
+- Settings: `{config}` + `{' '.join(result['overrides'])}`; arms differ only in their overrides
+  ({', '.join(f"{ARMS[a].label}: `{' '.join(ARMS[a].overrides)}`" for a in summary)}).
   Warm start: {warm_text}.
   Paired arms use 8 rollouts per problem (GRPO/DAPO: 8 samples; iGRPO: 4 drafts + 4 refinements) and the same
   problems per step, so rollouts consumed = step × prompts_per_step × 8 (DAPO's dynamic sampling: an upper bound).
 - Machine: {m['platform']}, {m['cpus']} CPUs ({m['processor']}), Python {m['python']}, torch {m['torch']},
   transformers {m['transformers']}, OMP_NUM_THREADS={m['torch_threads_per_run']} per run, `--jobs {args.jobs}`,
   CPU shared with other work (wall times are not benchmarks).
+
+## Gates (computed before any comparison; a failed gate stops the study before its other arms)
+
+{gate_table(result["gates"], summary)}
 
 ## Final held-out accuracy (held-out problems × eval.samples_per_problem samples, evaluation sampling)
 

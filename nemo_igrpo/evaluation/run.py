@@ -14,7 +14,7 @@ from nemo_igrpo.rewards.answer import extract_final_answer
 
 @dataclass
 class EvalResult:
-    summary: dict[str, float]  # avg@k and pass@k for k = 1, 2, 4, …
+    summary: dict[str, float]  # avg@k and pass@k for k = 1, 2, 4, …, and no_answer (share without a final answer)
     records: list[dict]  # one per problem: completions, extracted answers, verdicts
 
     @property
@@ -41,7 +41,14 @@ def evaluate(
          "completions": group, "extracted": [extract_final_answer(t) for t in group], "correct": verdict}
         for e, group, verdict in zip(examples, texts, correct)
     ]
-    return EvalResult(summary=summarize(correct, None), records=records)
+    return EvalResult(summary={**summarize(correct, None), "no_answer": _no_answer(records)}, records=records)
+
+
+def _no_answer(records: list[dict]) -> float:
+    """The share of completions with no final answer to extract: a gain in accuracy that is only this share falling
+    is the answer format being learnt, not solving."""
+    extracted = [answer for r in records for answer in r["extracted"]]
+    return sum(answer is None for answer in extracted) / max(len(extracted), 1)
 
 
 def sharded_eval(examples: list[Example], generator: GenerationBackend, template, reward, decode,
@@ -52,6 +59,8 @@ def sharded_eval(examples: list[Example], generator: GenerationBackend, template
         return evaluate(examples, generator, template.problem_ids, reward, decode, params)
     mine = examples[distributed.rank(group)::world]
     result = evaluate(mine, generator, template.problem_ids, reward, decode, params) if mine else None
-    correct = [r["correct"] for r in result.records] if result else []
-    everyone = [c for part in distributed.all_gather_objects(correct, group) for c in part]
-    return EvalResult(summary=summarize(everyone, None), records=result.records if result else [])
+    records = result.records if result else []
+    mine_only = [{"correct": r["correct"], "extracted": r["extracted"]} for r in records]
+    everyone = [r for part in distributed.all_gather_objects(mine_only, group) for r in part]
+    summary = {**summarize([r["correct"] for r in everyone], None), "no_answer": _no_answer(everyone)}
+    return EvalResult(summary=summary, records=records)

@@ -244,10 +244,35 @@ def test_study_pair_and_two_pass_tables():
     assert row in table
     spec = study.RunSpec("igrpo", 1, Path("/r"), config=Path("conf/study/chain.yaml"))
     assert spec.command([])[3:6] == ["train", "--config", "conf/study/chain.yaml"]
+    assert spec.command([])[6] == "algorithm.preset=igrpo"
+    ablation = study.RunSpec("igrpo_random", 1, Path("/r")).command([])
+    assert "algorithm.draft_selection=random" in ablation and "algorithm.preset=igrpo" in ablation
     assert "--config" in spec.warm_command([]) and spec.two_pass_command(4)[2:] == [
-        "--two-pass-of", "/r/igrpo-s1", "--two-pass", "4"]
+        "--two-pass-of", "/r/igrpo-s1", "--two-pass", "4", "--two-pass-problems", "0"]
+    warm = spec.warm_two_pass_command(["x=1"], 4)
+    assert warm[2:4] == ["--two-pass-of-warm", "/r/warm-s1"] and warm[-3:] == ["x=1", "--seeds", "1"]
     # overrides before --seeds (nargs="+"), which would otherwise read them as seeds
     assert spec.warm_command(["trainer.eval_every=15"])[-3:] == ["trainer.eval_every=15", "--seeds", "1"]
+
+
+def test_study_gates_from_grpo_runs_and_warm_start_two_pass():
+    summary = {"grpo": {"seeds": [0, 1], "accuracy_before": {0: 0.40, 1: 0.50}, "accuracy_final": {0: 0.47, 1: 0.54},
+                        "no_answer_first_last": {0: (0.2, 0.0), 1: (0.1, 0.0)}}}
+
+    def warm(single, refined, after_wrong):
+        return {"single_pass": {"avg@4": single}, "oracle": {"refined_accuracy": refined,
+                                                             "refined_given_wrong_draft": after_wrong}}
+
+    rows = study.gates(summary, {0: warm(0.40, 0.50, 0.20), 1: warm(0.50, 0.52, 0.12)})
+    # GRPO: +7 and +4 points, mean 5.5 ≥ 5; two-pass: +10 and +2, mean 6 ≥ 5; after a wrong draft: 16% ≥ 15%
+    assert [round(r["mean"], 6) for r in rows] == [0.055, 0.06, 0.16]
+    assert [r["passed"] for r in rows] == [True, True, True]
+    rows = study.gates(summary, {0: warm(0.40, 0.50, 0.10), 1: None})  # one warm start without its file
+    assert [r["passed"] for r in rows] == [True, True, False] and rows[2]["per_seed"] == {0: 0.10}
+    assert [r["passed"] for r in study.gates({}, {})] == [False, False, False]  # no data: every gate fails
+    table = study.gate_table(rows, summary)
+    assert "| s0: 10.0 | 10.0 | ≥ 15.0 | **no** |" in table
+    assert "before → after RL (%): s0: 20.0 → 0.0, s1: 10.0 → 0.0" in table
 
 
 # ------------------------------------------------------------------------------------------ bench_async

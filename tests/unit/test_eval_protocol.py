@@ -148,8 +148,10 @@ def test_eval_command_runs_the_paper_protocol(tiny_model_dir, tmp_path, single_t
     assert report["benchmarks"]["aime24"] == {"source": str(BENCHMARKS / "aime24.jsonl"), "samples_per_problem": 9}
     assert report["benchmarks"]["math500"]["samples_per_problem"] == 8  # below the cap: the protocol's k
     results = report["results"]
-    assert set(results["aime24"]) == {"avg@9", "avg@9_ci95", "pass@1", "pass@2", "pass@4", "pass@8", "problems"}
-    assert set(results["math500"]) == {"avg@8", "avg@8_ci95", "pass@1", "pass@2", "pass@4", "pass@8", "problems"}
+    assert set(results["aime24"]) == {"avg@9", "avg@9_ci95", "pass@1", "pass@2", "pass@4", "pass@8", "problems",
+                                     "no_answer"}
+    assert set(results["math500"]) == {"avg@8", "avg@8_ci95", "pass@1", "pass@2", "pass@4", "pass@8", "problems",
+                                      "no_answer"}
     assert results["math500"]["problems"] == 2
 
     records = [json.loads(line) for line in (out / "aime24.samples.jsonl").read_text().splitlines()]

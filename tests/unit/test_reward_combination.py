@@ -61,3 +61,22 @@ def test_evaluation_counts_only_the_accuracy_component():
     result = evaluate([Example("Q?", "12")], WellFormattedButWrong(), lambda problem: [0], reward,
                       lambda ids: "<think>x</think><answer>13</answer>", SamplingParams(n=2))
     assert result.accuracy == 0.0  # reward 1.0 from format alone is not a solve
+
+
+def test_evaluation_reports_the_share_without_an_answer():
+    from nemo_igrpo.data.dataset import Example
+    from nemo_igrpo.evaluation.run import evaluate
+    from nemo_igrpo.generation.base import Completion, GenerationBackend, SamplingParams
+
+    class Numbered(GenerationBackend):  # sample k of each problem decodes to texts[k]
+        def generate(self, prompts, params):
+            return [[Completion([k], [0.0], "stop") for k in range(params.n)] for _ in prompts]
+
+        def update_weights(self, weights):
+            pass
+
+    texts = ["\\boxed{12}", "twelve", "\\boxed{13}", "no box"]
+    result = evaluate([Example("Q?", "12"), Example("R?", "12")], Numbered(), lambda problem: [0],
+                      BoxedMatchReward("boxed"), lambda ids: texts[ids[0]], SamplingParams(n=4))
+    assert result.accuracy == 0.25  # one right of four, on each problem
+    assert result.summary["no_answer"] == 0.5  # "twelve" and "no box": 2 of 4, on each problem
