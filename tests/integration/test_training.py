@@ -255,3 +255,21 @@ def test_refinement_metrics_logged_with_a_draft_mix_and_random_selection(tmp_pat
         assert record["reward/accuracy/refined_after_wrong_draft"] == 0.5
         assert record["rollout/entropy/draft"] > 0 and record["rollout/entropy/refinement"] > 0
         assert math.isfinite(record["train/loss"]) and record["train/skipped"] == 0.0
+
+
+def test_skip_solved_by_drafts_draws_replacements_from_the_prompt_stream(tmp_path):
+    """algorithm.skip_solved_by_drafts in the trainer: the problems every draft solved (test_alternating_problems
+    marks every other problem's drafts all right) skip Stage 2, replacements come from the same prompt stream, and
+    each step still trains prompts_per_step groups."""
+    run = tmp_path / "run"
+    train(tiny_config(run, "algorithm.skip_solved_by_drafts=true", "reward.components={test_alternating_problems: 1.0}",
+                      "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0"))
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        skipped = record["rollout/skipped_solved"]
+        assert skipped >= 1  # about half of each round's problems have all-right drafts
+        # the stream advanced by the trained problems plus the skipped ones, no more
+        assert record["rollout/sampler_end"] - record["rollout/sampler_start"] == 4 + skipped
+        assert record["batch/sequences"] == 4 * 4  # prompts_per_step groups of G refinements
+        assert 1 < record["sampling_rounds"] <= 4
