@@ -572,6 +572,32 @@ def dynamics_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# Per-step metrics of issue 27, averaged over a run's steps (then over seeds, ± 95% interval): how the refinements
+# relate to their draft, both stages' sampling entropy and the skips.
+REFINEMENT_METRICS = [
+    ("reward/accuracy/refined_after_right_draft", "refined right after a right draft (%)", 100.0, 1),
+    ("reward/accuracy/refined_after_wrong_draft", "… after a wrong draft (%)", 100.0, 1),
+    ("rollout/copy_rate", "copies of the draft (%)", 100.0, 1),
+    ("rollout/edit_distance_to_draft", "edit distance to the draft", 1.0, 3),
+    ("rollout/entropy/draft", "draft entropy (nats/token)", 1.0, 3),
+    ("rollout/entropy/refinement", "refinement / GRPO sample entropy (nats/token)", 1.0, 3),
+    ("rollout/skipped_solved", "problems skipped per step", 1.0, 1),
+]
+
+
+def refinement_table(runs: dict[str, dict[int, list[dict]]]) -> str:
+    """``REFINEMENT_METRICS`` per arm: each run's mean over its steps, then mean ± 95% interval over seeds ("–"
+    where an arm does not log a metric, e.g. GRPO has no draft)."""
+    lines = ["| arm | " + " | ".join(title for _, title, _, _ in REFINEMENT_METRICS) + " |",
+             "|---|" + "---|" * len(REFINEMENT_METRICS)]
+    for arm, by_seed in runs.items():
+        cells = []
+        for key, _, scale, digits in REFINEMENT_METRICS:
+            cells.append(interval_text([mean_of(records, key) for records in by_seed.values()], scale, digits))
+        lines.append(f"| {ARMS[arm].label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def two_pass_table(summary: dict) -> str:
     """Final models evaluated single-pass and draft → refine (RUN/two_pass.json), mean ± 95% interval over seeds."""
     rows = []
@@ -627,7 +653,14 @@ def write_plots(runs: dict[str, dict[int, Run]], directory: Path) -> list[Path]:
              "mean reward"),
             ("zero_variance_fraction", "zero_variance_vs_rollouts", "Zero-variance groups", "fraction of groups"),
             ("reward/refinement_minus_best_draft", "refinement_minus_best_draft_vs_rollouts",
-             "Refinement − best-draft reward (iGRPO arms)", "reward difference")]:
+             "Refinement − best-draft reward (iGRPO arms)", "reward difference"),
+            ("reward/accuracy/refined_after_right_draft", "refined_after_right_draft_vs_rollouts",
+             "Refinements right after a right draft", "accuracy"),
+            ("reward/accuracy/refined_after_wrong_draft", "refined_after_wrong_draft_vs_rollouts",
+             "Refinements right after a wrong draft", "accuracy"),
+            ("rollout/copy_rate", "copy_rate_vs_rollouts", "Refinements that copy their draft", "share"),
+            ("rollout/entropy/draft", "draft_entropy_vs_rollouts", "Draft (Stage-1) sampling entropy",
+             "nats / token")]:
         written.append(plot_mean_std(groups, key, directory / f"{name}.png", title, ylabel).path)
     written.append(plot_accuracy_vs_wall_clock(runs, directory / "accuracy_vs_wall_clock.png"))
     return written
@@ -736,9 +769,12 @@ def main() -> None:
     print(two_pass_table(summary))
 
     written = write_plots(runs, args.plots)
+    refinement = refinement_table({arm: {seed: run.records for seed, run in by_seed.items()}
+                                   for arm, by_seed in runs.items()})
+    print(refinement)
     result = {"machine": machine_info(), "command": shlex.join(sys.argv), "overrides": STUDY_OVERRIDES + args.overrides,
               "root": str(args.root), "wall_seconds": wall, "summary": summary, "gates": gate_rows,
-              "plots": [str(p) for p in written]}
+              "refinement_table": refinement, "plots": [str(p) for p in written]}
     json_path = args.json or args.root / "study.json"
     json_path.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {json_path} and {len(written)} plots under {args.plots}")
@@ -796,6 +832,8 @@ def render_markdown(result: dict, summary: dict, args) -> str:
         ("Held-out accuracy at every evaluation (against rollouts consumed and training wall-clock)", curves),
         ("Training dynamics (means over the steps of each run, then mean ± 95% interval over seeds)",
          dynamics_table(summary)),
+        ("Refinement metrics (each run's mean over its steps, then mean ± 95% interval over seeds)",
+         result.get("refinement_table", "")),
         ("Proposition 3.1: best-draft success vs 1 − (1 − p)^N (averaged over the training steps)",
          proposition_table(summary)),
         ("Two-pass inference: single pass vs draft → refine with the model's own drafts (final models; oracle "

@@ -255,6 +255,17 @@ def test_study_pair_and_two_pass_tables():
     assert spec.warm_command(["trainer.eval_every=15"])[-3:] == ["trainer.eval_every=15", "--seeds", "1"]
 
 
+def test_study_refinement_table_means_over_steps_then_seeds():
+    runs = {"grpo": {0: [{"step": 1, "rollout/entropy/refinement": 0.2}]},
+            "igrpo": {0: [{"step": 1, "rollout/copy_rate": 0.5, "reward/accuracy/refined_after_wrong_draft": 0.1},
+                          {"step": 2, "rollout/copy_rate": 0.25}],  # a step with no wrong draft logs no such key
+                      1: [{"step": 1, "rollout/copy_rate": 0.125, "reward/accuracy/refined_after_wrong_draft": 0.3}]}}
+    table = study.refinement_table(runs).splitlines()
+    assert table[2].startswith("| GRPO 8 | – | – | – | – | – | 0.200 | – |")
+    # copy rate: seed 0 (0.5 + 0.25) / 2 = 0.375, seed 1 0.125: mean 25 ± 12.706 · 17.68 / √2 = 158.8
+    assert table[3] == "| iGRPO 4+4 | – | 20.0 ± 127.1 | 25.0 ± 158.8 | – | – | – | – |"
+
+
 def test_study_gates_from_grpo_runs_and_warm_start_two_pass():
     summary = {"grpo": {"seeds": [0, 1], "accuracy_before": {0: 0.40, 1: 0.50}, "accuracy_final": {0: 0.47, 1: 0.54},
                         "no_answer_first_last": {0: (0.2, 0.0), 1: (0.1, 0.0)}}}
