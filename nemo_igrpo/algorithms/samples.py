@@ -81,31 +81,24 @@ def first_groups(samples: StageSamples, num_groups: int) -> StageSamples:
 
 
 def select_rows(samples: StageSamples, keep: list[int]) -> StageSamples:
-    values = {}
-    for item in fields(StageSamples):
-        kind, value = item.metadata[_KIND], getattr(samples, item.name)
-        if kind == _ROW:
-            values[item.name] = [value[i] for i in keep]
-        elif kind == _ROW_COLUMNS:
-            values[item.name] = {k: [v[i] for i in keep] for k, v in value.items()}
-        elif kind in (_PROBLEM, _DRAFT):
-            values[item.name] = value
-    return StageSamples(**values)
+    """The refinement rows ``keep``; per-problem lists stay whole, counters start empty."""
+    return _select(samples, {_ROW: lambda rows: [rows[i] for i in keep],
+                             _ROW_COLUMNS: lambda columns: {k: [v[i] for i in keep] for k, v in columns.items()},
+                             _COUNTERS: lambda counters: {}})
 
 
 def select_problems(samples: StageSamples, keep: list[int], num_drafts: int) -> StageSamples:
     """The problems ``keep`` of a Stage 1 done apart (``draft_stage``, whose callbacks run in problem order, so the
     per-draft lists are too), before any refinement row exists; counters stay whole."""
-    values = {}
-    for item in fields(StageSamples):
-        kind, value = item.metadata[_KIND], getattr(samples, item.name)
-        if kind == _PROBLEM:
-            values[item.name] = [value[i] for i in keep]
-        elif kind == _DRAFT:
-            values[item.name] = [value[i * num_drafts + j] for i in keep for j in range(num_drafts)]
-        else:
-            values[item.name] = value
-    return StageSamples(**values)
+    return _select(samples, {_PROBLEM: lambda per_problem: [per_problem[i] for i in keep],
+                             _DRAFT: lambda per_draft: [per_draft[i * num_drafts + j] for i in keep
+                                                        for j in range(num_drafts)]})
+
+
+def _select(samples: StageSamples, pick: dict[str, Callable]) -> StageSamples:
+    """A new ``StageSamples`` whose fields of each kind in ``pick`` are ``pick[kind](field)``; the others as they are."""
+    return StageSamples(**{item.name: pick.get(item.metadata[_KIND], lambda value: value)(getattr(samples, item.name))
+                           for item in fields(StageSamples)})
 
 
 def extend(into: StageSamples, more: StageSamples) -> None:
