@@ -1,18 +1,26 @@
 #!/usr/bin/env python
-"""Multi-seed study: GRPO (8 samples) vs iGRPO (4 drafts + 4 refinements), and DAPO vs iGRPO-DAPO, at matched
-rollout budget.
+"""Multi-seed study: GRPO (8 samples) vs iGRPO (4 drafts + 4 refinements) and its ablations, and DAPO vs
+iGRPO-DAPO, at matched rollout budget.
 
-Arms (--arms): grpo (GRPO, 8 samples per problem), igrpo (iGRPO, 4 drafts + 4 refinements), dapo (DAPO, 8 samples,
-dynamic sampling) and igrpo_dapo (the iGRPO wrapper around DAPO, 4 + 4); each is ``algorithm.preset=ARM`` on top of
---config (default conf/quickstart.yaml; conf/study/chain.yaml is the multi-step task). Paired arms (grpo/igrpo,
-dapo/igrpo_dapo) consume the same rollouts per problem (8) and per step (trainer.prompts_per_step × 8; the DAPO arms
-more when dynamic sampling draws extra problems), and for a given seed start from the same warm-started model: the
-config's warm start (warm_start.steps supervised steps with trainer.seed = seed) runs once per seed (or once for all,
---warm-seed) and is saved to ROOT/warm-sSEED, and every arm loads it (model.path=ROOT/warm-sSEED warm_start.steps=0),
-so each seed is a paired comparison. Each run is a plain ``nemo-igrpo train`` in its own output directory under
---root. The script is resumable: finished warm starts and runs (a ``final/`` folder) are reused, an interrupted run
-resumes from its last checkpoint (trainer.resume=auto), and --report-only rebuilds every table and plot from the
-runs' metrics.jsonl (and two_pass.json) without training.
+Arms (--arms, ``ARMS``): grpo (GRPO, 8 samples per problem), igrpo (iGRPO, 4 drafts + 4 refinements, the paper's
+method), igrpo_random (a uniformly random draft instead of the best), igrpo_draft_loss (+ 0.5 × a GRPO loss on the
+drafts), igrpo_skip (no Stage 2 for problems every draft solved), dapo (DAPO, 8 samples, dynamic sampling) and
+igrpo_dapo (the iGRPO wrapper around DAPO, 4 + 4); each is a set of overrides on top of --config (default
+conf/quickstart.yaml; conf/study/refine.yaml is the refinement study, conf/study/chain.yaml the multi-step task).
+Every arm consumes the same rollouts per problem (8) and per step (trainer.prompts_per_step × 8; the DAPO arms
+more when dynamic sampling draws extra problems, igrpo_skip more drafts), and for a given seed starts from the same
+warm-started model: the config's warm start (warm_start.steps supervised steps with trainer.seed = seed) runs once
+per seed (or once for all, --warm-seed) and is saved to ROOT/warm-sSEED, and every arm loads it
+(model.path=ROOT/warm-sSEED warm_start.steps=0), so each seed is a paired comparison with GRPO. Each run is a plain
+``nemo-igrpo train`` in its own output directory under --root. The script is resumable: finished warm starts and
+runs (a ``final/`` folder) are reused, an interrupted run resumes from its last checkpoint (trainer.resume=auto),
+and --report-only rebuilds every table and plot from the runs' metrics.jsonl (and two_pass.json) without training.
+
+Gates come first: the warm starts (with --two-pass, each one's two-pass evaluation) and the GRPO runs; GRPO must
+gain ``GATE_GRPO_GAIN`` over the warm start, and at step 0 refining on the oracle-selected draft must beat single
+pass by ``GATE_TWO_PASS_GAIN`` with ``GATE_RIGHT_AFTER_WRONG`` of the refinements after a wrong draft right (means
+over seeds). A failed gate stops the study before its other arms (--ignore-gates runs them anyway); the report
+opens with the gate table.
 
 With --two-pass N, every finished run's final model is also evaluated draft → refine
 (``nemo_igrpo.evaluation.two_pass``): N drafts per held-out problem at the evaluation sampling settings, the best
@@ -23,8 +31,13 @@ selected by the reward against the gold answer (oracle, an upper bound) or by ma
 The report has, per arm: held-out accuracy before / after RL per seed with mean ± 95% interval (t over seeds); the
 paired difference per seed with its mean ± 95% interval and an exact sign-flip permutation test; accuracy at every
 evaluation against rollouts consumed and training wall-clock; entropy and zero-variance-group fraction over training;
-Proposition 3.1 on the accuracy reward; refinement-minus-best-draft over training; the two-pass table.
+Proposition 3.1 on the accuracy reward; refinement-minus-best-draft over training; the refinement metrics (accuracy
+after a right / wrong draft, copy rate, both stages' entropy, skips); the two-pass table.
 
+    # the refinement study (docs/study_refine.md): gates, then 5 seeds × 4 arms, two parallel runs at 1 thread each
+    python scripts/study_igrpo_vs_grpo.py --config conf/study/refine.yaml --seeds 0 1 2 3 4 \
+        --arms grpo igrpo igrpo_random igrpo_draft_loss --root /tmp/refine_study --jobs 2 --two-pass 4 \
+        --two-pass-problems 500 --markdown docs/study_refine.md --plots docs/study_refine
     # the multi-step study (5 seeds of GRPO vs iGRPO, 3 of DAPO vs iGRPO-DAPO), two parallel runs at 1 thread each
     python scripts/study_igrpo_vs_grpo.py --config conf/study/chain.yaml --seeds 0 1 2 3 4 --arms grpo igrpo \\
         --root /tmp/chain_study --jobs 2 --two-pass 4 --markdown docs/study_chain.md --plots docs/study_chain
@@ -97,7 +110,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 @dataclass
 class RunSpec:
-    arm: str  # an algorithm.preset
+    arm: str  # a key of ARMS
     seed: int
     root: Path
     warm_seed: int | None = None  # whose warm start the run loads; None = its own seed's
@@ -109,8 +122,12 @@ class RunSpec:
         return self.root / f"{self.arm}-s{self.seed}"
 
     @property
+    def warm_seed_value(self) -> int:
+        return self.seed if self.warm_seed is None else self.warm_seed
+
+    @property
     def warm_directory(self) -> Path:
-        return self.root / f"warm-s{self.seed if self.warm_seed is None else self.warm_seed}"
+        return self.root / f"warm-s{self.warm_seed_value}"
 
     def command(self, extra: list[str]) -> list[str]:
         config = ["--config", str(self.config)] if self.config is not None else []
@@ -122,7 +139,7 @@ class RunSpec:
         config = ["--config", str(self.config)] if self.config is not None else []
         # the overrides go before --seeds, which would take every word after it as a seed
         return [sys.executable, os.path.abspath(__file__), "--warm-start-to", str(self.warm_directory), *config,
-                *extra, "--seeds", str(self.seed if self.warm_seed is None else self.warm_seed)]
+                *extra, "--seeds", str(self.warm_seed_value)]
 
     def warm_two_pass_command(self, extra: list[str], num_drafts: int) -> list[str]:
         """Two-pass evaluation of the warm-started model (gate 2: does it refine before RL?)."""
@@ -130,10 +147,6 @@ class RunSpec:
         return [sys.executable, os.path.abspath(__file__), "--two-pass-of-warm", str(self.warm_directory), *config,
                 "--two-pass", str(num_drafts), "--two-pass-problems", str(self.two_pass_problems), *extra,
                 "--seeds", str(self.warm_seed_value)]
-
-    @property
-    def warm_seed_value(self) -> int:
-        return self.seed if self.warm_seed is None else self.warm_seed
 
     def two_pass_command(self, num_drafts: int) -> list[str]:
         return [sys.executable, os.path.abspath(__file__), "--two-pass-of", str(self.directory),
@@ -699,7 +712,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="trainer.seed of the runs (and of their warm starts unless --warm-seed)")
     parser.add_argument("--arms", nargs="+", default=["grpo", "igrpo"], choices=sorted(ARMS),
-                        help="algorithm presets to run: grpo igrpo (the main pair), dapo igrpo_dapo (the DAPO pair)")
+                        help="arms to run (ARMS): grpo and igrpo, its ablations igrpo_random igrpo_draft_loss "
+                             "igrpo_skip, and the DAPO pair dapo igrpo_dapo")
     parser.add_argument("--root", type=Path, default=Path("/tmp/igrpo_study"), help="one output dir per run here")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets OMP_NUM_THREADS=1)")
     parser.add_argument("--nice", type=int, default=5, help="niceness of the training processes")
