@@ -119,8 +119,8 @@ def test_eval_command_writes_reports(tmp_path):
     assert code == 0
     results = json.loads((out / "results.json").read_text())["results"]
     assert set(results) == {"math500", "aime24", "arithmetic"}
-    assert set(results["aime24"]) == {"avg@2", "pass@1", "pass@2", "problems"}
-    assert results["aime24"]["problems"] == 3
+    assert set(results["aime24"]) == {"avg@2", "pass@1", "pass@2", "problems", "no_answer"}
+    assert results["aime24"]["problems"] == 3 and 0.0 <= results["aime24"]["no_answer"] <= 1.0
     samples = [json.loads(line) for line in (out / "math500.samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all(len(s["completions"]) == 2 and len(s["correct"]) == 2 for s in samples)
     assert "| math500 |" in (out / "results.md").read_text()
