@@ -1,11 +1,12 @@
 """``nemo-igrpo serve``: vLLM's OpenAI-compatible server, set up as the iGRPO generation server.
 
 It runs ``python -m vllm.entrypoints.openai.api_server`` as its child, in a process group of its own, plus:
-* ``--worker-extension-cls nemo_igrpo.generation.vllm_worker.WeightSyncExtension`` (weight updates after each step)
-  and ``VLLM_SERVER_DEV_MODE=1`` (the ``/collective_rpc`` and ``/reset_prefix_cache`` endpoints they use);
+* vLLM's RL routes (``VLLM_SERVER_DEV_MODE=1``: ``/pause``, ``/start_weight_update``, ``/weight_checker`` ...) with
+  the weight-transfer engine of ``--weight-sync`` (``--weight-transfer-config``; our ``nemo_igrpo_shm`` engine comes
+  from the package's ``vllm.general_plugins`` entry point), which the trainer drives after each step;
 * a shared token: vLLM's ``--api-key`` (given through ``VLLM_API_KEY``, so it does not show in ``ps``) guards
-  ``/v1``; :func:`require_token`, added as ASGI middleware, guards every other path except ``/health`` — the dev
-  endpoints above included, which vLLM itself leaves open;
+  ``/v1``; :func:`require_token`, added as ASGI middleware, guards every other path except ``/health`` — the RL
+  and dev routes above included, which vLLM itself leaves open;
 * token ids in and out (``--skip-tokenizer-init``), processed (post-temperature) log-probs, no sampling defaults
   from the model folder's generation_config.json, and a bind address that defaults to 127.0.0.1;
 * on CPU, no chunked prefill (the client's seeded requests need it off there, see :func:`vllm_command`).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
+import json
 import os
 import shlex
 import signal
@@ -30,10 +32,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from nemo_igrpo.generation.vllm_worker import TOKEN_ENV
-
+TOKEN_ENV = "VLLM_API_KEY"  # the server's shared token, for vLLM's --api-key and for require_token
 DEFAULT_TOKEN_ENV = "NEMO_IGRPO_SERVER_TOKEN"
-WORKER_EXTENSION = "nemo_igrpo.generation.vllm_worker.WeightSyncExtension"
+WEIGHT_TRANSFER_BACKENDS = {"shm": "nemo_igrpo_shm", "nccl": "nccl"}  # --weight-sync -> vLLM's engine name
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 _OPEN_PATHS = ("/health", "/ping")  # liveness probes carry no token
 _CPU_KV_CACHE_BYTES = 1 << 30
 KILL_GRACE_S = 15.0  # after --shutdown-timeout: vLLM's own engine shutdown and port release take a few seconds
@@ -58,6 +60,10 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
                               "unless VLLM_CPU_KVCACHE_SPACE or --kv-cache-memory-bytes after -- says otherwise)")
     command.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (fast start-up)")
     command.add_argument("--seed", type=int, default=0, help="engine sampling seed")
+    command.add_argument("--weight-sync", choices=("auto", "shm", "nccl", "none"), default="auto",
+                         help="how trainers send weights (the trainer's generation.server.weight_sync must agree): "
+                              "shm (same host), nccl (GPUs, across hosts), none; auto (default): shm when --host is "
+                              "local, else nccl")
     command.add_argument("--shutdown-timeout", type=float, default=30.0,
                          help="on SIGTERM, seconds that in-flight requests may take to finish (vLLM's "
                               f"--shutdown-timeout); the server is killed {KILL_GRACE_S:.0f} s after that at the "
@@ -76,8 +82,13 @@ def vllm_command(args: argparse.Namespace, on_cpu: bool) -> list[str]:
         "--dtype", args.dtype, "--seed", str(args.seed), "--tensor-parallel-size", str(args.tensor_parallel_size),
         "--shutdown-timeout", str(int(args.shutdown_timeout)),
         "--skip-tokenizer-init", "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
-        "--worker-extension-cls", WORKER_EXTENSION, "--middleware", "nemo_igrpo.serve.require_token",
+        "--middleware", "nemo_igrpo.serve.require_token",
     ]
+    sync = getattr(args, "weight_sync", "auto")
+    if sync == "auto":
+        sync = "shm" if args.host in _LOCAL_HOSTS else "nccl"
+    if sync != "none":
+        command += ["--weight-transfer-config", json.dumps({"backend": WEIGHT_TRANSFER_BACKENDS[sync]})]
     if args.max_model_len is not None:
         command += ["--max-model-len", str(args.max_model_len)]
     if args.enforce_eager:
@@ -121,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     env = dict(os.environ)
-    env[TOKEN_ENV] = token  # vLLM's --api-key, our middleware and the worker extension all read it
-    env["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache, used by the weight sync
+    env[TOKEN_ENV] = token  # vLLM's --api-key and our middleware read it
+    env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM's RL routes (weight transfer, pause/resume) and /reset_prefix_cache
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # else the CPU worker is pinned to one core less
     command = vllm_command(args, current_platform.is_cpu())
     sys.stdout.flush()

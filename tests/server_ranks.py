@@ -34,9 +34,12 @@ def worker(rank: int, world: int, port: int, url: str, token: str, weights: str,
         sent: list[int] = []
 
         class Counting(ServerGeneration):
-            def _send_shm(self, bucket):
-                sent.append(len(bucket))
-                super()._send_shm(bucket)
+            def control(self):  # counts the tensors of each bucket the shm engine announces
+                control = super().control()
+                if "update_weights" not in vars(control):
+                    announce = control.update_weights
+                    control.update_weights = lambda info: (sent.append(len(info["names"])), announce(info))
+                return control
 
         client = Counting(url, token, retry_budget_s=30.0, weight_bucket_mb=1)
         state = torch.load(weights)
@@ -44,7 +47,7 @@ def worker(rank: int, world: int, port: int, url: str, token: str, weights: str,
         client.update_weights(state.items())  # every rank calls it, as the trainer does
         result["sent"] = list(sent)
         result["version"] = client._weights_version
-        result["held"] = client._rpc("nemo_igrpo_weights_version")
+        result["held"] = client.control().weight_version()
 
         params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8)
         torch.manual_seed(5)  # the per-call seed comes from torch's global RNG, equal on every rank
@@ -66,8 +69,8 @@ def worker(rank: int, world: int, port: int, url: str, token: str, weights: str,
         result["follow_up_calls"] = sorted(calls)
 
         dist.barrier()
-        if rank == 0:  # what a restarted server's workers report: no weights label
-            client._rpc("nemo_igrpo_set_weights_version", "")
+        if rank == 0:  # what a restarted server reports: vLLM's initial label
+            client.control().set_weight_version("default")
         dist.barrier()
         result["restarted_peers"] = _outcome(lambda: client.generate(shared, params))
         client.set_rollout_peers(None)

@@ -71,5 +71,10 @@ class GenerationBackend(ABC):
         A backend that cannot (the generation server) lets one peer sample and shares the result.
         """
 
+    def rollout_metrics(self) -> dict[str, float]:
+        """What the engine measured since the last call, logged with the step's rollout (the generation server:
+        ``rollout/prefix_cache_hit_rate``). The default measures nothing."""
+        return {}
+
     def close(self) -> None:
         """Release engine resources (processes, memory)."""

@@ -55,12 +55,25 @@ class ServerGeneration(ServerWeightSync, GenerationBackend):
         weight_bucket_mb: int = 512,
         stream_refinements: bool = True,
         max_concurrency: int = 64,
+        inflight_updates: str = "wait",
     ):
         super().__init__(url, token, retry_budget_s=retry_budget_s, request_timeout_s=request_timeout_s,
-                         weight_sync=weight_sync, weight_bucket_mb=weight_bucket_mb)
+                         weight_sync=weight_sync, weight_bucket_mb=weight_bucket_mb,
+                         inflight_updates=inflight_updates)
         self.stream_refinements = stream_refinements
         self.max_concurrency = max_concurrency
         self._peers = None  # ranks sharing this rank's rollouts (Megatron TP/PP peers); None: this rank alone
+        self._cache_counters: tuple[float, float] | None = None  # the server's prefix-cache (hits, queries) last read
+
+    def rollout_metrics(self) -> dict[str, float]:
+        """``rollout/prefix_cache_hit_rate``: the share of prompt tokens the server found in its prefix cache since
+        the last call (all of its clients together), from vLLM's Prometheus counters; nothing if it has none."""
+        counters = self.control().prefix_cache_counters()
+        previous, self._cache_counters = self._cache_counters, counters
+        if counters is None or previous is None:
+            return {}
+        queries = counters[1] - previous[1]  # every rank logs the key from its second call on: ranks reduce alike
+        return {"rollout/prefix_cache_hit_rate": (counters[0] - previous[0]) / queries if queries > 0 else 0.0}
 
     def set_rollout_peers(self, group) -> None:
         self._peers = group if group is not None and distributed.world_size(group) > 1 else None

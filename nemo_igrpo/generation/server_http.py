@@ -57,8 +57,11 @@ class ServerHTTPClient:
         self.request_timeout_s = request_timeout_s
         self._model_name: str | None = None
 
-    def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None):
-        """One JSON request with retries on connection errors and 5xx answers, within the retry budget."""
+    def _request(self, method: str, path: str, body: dict | None = None, timeout: float | None = None,
+                 retry_errors: bool = True, text: bool = False):
+        """One JSON request with retries on connection errors and 5xx answers, within the retry budget. With
+        ``retry_errors=False`` a 5xx answer fails at once (a weight-transfer step that raised would raise again);
+        ``text``: the answer is returned as text (``/metrics``), not parsed."""
         data = None if body is None else json.dumps(body).encode()
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
         deadline = time.monotonic() + self.retry_budget_s
@@ -69,6 +72,8 @@ class ServerHTTPClient:
             try:
                 with _OPENER.open(request, timeout=timeout or self.request_timeout_s) as response:
                     payload = response.read()
+                    if text:
+                        return payload.decode(errors="replace")
                     return json.loads(payload) if payload else None
             except urllib.error.HTTPError as error:
                 detail = error.read().decode(errors="replace")[:500]
@@ -81,7 +86,7 @@ class ServerHTTPClient:
                         f"generation server {self.url}{path}: HTTP {error.code} redirect to "
                         f"{error.headers.get('Location')!r}, not followed (it would carry the token there); set "
                         "generation.server.url to the server's own address") from None
-                if error.code < 500:
+                if error.code < 500 or not retry_errors:
                     raise ServerRequestError(f"generation server {self.url}{path}: HTTP {error.code}: "
                                              f"{detail}") from None
                 last = f"HTTP {error.code}: {detail}"
@@ -107,8 +112,3 @@ class ServerHTTPClient:
     def wait_until_ready(self) -> None:
         """Block until the server serves (within the retry budget)."""
         self.model_name()
-
-    def _rpc(self, method: str, *args: str) -> list:
-        """Call ``method`` of the server workers' extension (``vllm_worker``) through ``/collective_rpc``: one answer
-        per worker. The token goes last: the workers check it themselves."""
-        return self._request("POST", "/collective_rpc", {"method": method, "args": [*args, self.token]})["results"]

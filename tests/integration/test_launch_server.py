@@ -59,8 +59,8 @@ class Server:
         return len(re.findall(rf'"{method} {re.escape(path)} HTTP/1.1" 200', self.log.read_text(errors="replace")))
 
     def counts(self) -> tuple[int, int]:
-        # One POST /reset_prefix_cache per weight push (after its buckets); one /v1/completions per request.
-        return self.count("POST", "/reset_prefix_cache"), self.count("POST", "/v1/completions")
+        # One POST /finish_weight_update per weight push (after its buckets); one /v1/completions per request.
+        return self.count("POST", "/finish_weight_update"), self.count("POST", "/v1/completions")
 
 
 @pytest.fixture(scope="module")

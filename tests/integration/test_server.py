@@ -90,6 +90,9 @@ def start_server(model, folder: Path, request) -> tuple[str, subprocess.Popen]:
     return url, process
 
 
+FRESH_CHECKSUMS: dict[str, dict[str, str]] = {}  # url -> the server's weight checksums before any push
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, request):
     """(url, process, config) of a running server whose model has the tiny training architecture."""
@@ -97,6 +100,7 @@ def server(tmp_path_factory, request):
     tokenizer = load_tokenizer(config.model)
     torch.manual_seed(123)  # a model the trainer never builds: every test syncs the weights it means
     url, process = start_server(load_model(config.model, tokenizer), tmp_path_factory.mktemp("served"), request)
+    FRESH_CHECKSUMS[url] = _client(url).control().weight_checksums()  # a fresh engine on the folder's weights
     return url, process, config
 
 
@@ -145,8 +149,8 @@ def test_a_server_that_no_longer_holds_the_synced_weights_is_refused(server):
     client.update_weights(make_policy(_tiny_model(server, 0)).export_weights())
     params = SamplingParams(n=1, temperature=1.0, max_new_tokens=4)
     assert len(client.generate([[1, 2, 3]], params)[0][0].token_ids) == 4
-    assert client._rpc("nemo_igrpo_weights_version") == [client._weights_version]
-    client._rpc("nemo_igrpo_set_weights_version", "")  # what a restarted worker reports: no label
+    assert client.control().weight_version() == client._weights_version
+    client.control().set_weight_version("default")  # what a restarted server reports: vLLM's initial label
     with pytest.raises(ServerRestartedError, match="restarted and lost the trained weights"):
         client.generate([[1, 2, 3]], params)
     with pytest.raises(ServerRestartedError):  # the streamed path checks too
@@ -175,6 +179,96 @@ def test_streamed_stages_over_http(server):
     assert _max_error(model, rows, [c for r in refinements for c in r]) < TOLERANCE
 
 
+@pytest.mark.slow  # the module's server
+def test_the_weight_checker_shows_the_server_holds_exactly_the_pushed_weights(server):
+    """vLLM's /weight_checker hashes every parameter as the workers hold it: after a push of the model folder's
+    weights the server matches a fresh engine on them byte for byte; other weights do not. On CPU it sees the
+    embeddings, norms and head only: vLLM-CPU repacks each linear layer into its kernel's own buffer and leaves an
+    empty ``weight`` parameter (their hashes never change), so the linear layers are checked by log-probs instead
+    (test_weight_sync_over_shared_memory_then_generation_matches_the_trainer)."""
+    url, _, config = server
+    client, fresh = _client(url), FRESH_CHECKSUMS[url]
+    client.update_weights(make_policy(_tiny_model(server, 0)).export_weights())
+    changed = set(client.control().weight_mismatches(fresh))
+    seen = {name for name in fresh if name.endswith(("embed_tokens.weight", "lm_head.weight"))}  # norms: ones
+    assert changed == seen and any(name.endswith("embed_tokens.weight") for name in seen)
+    client.update_weights(make_policy(_tiny_model(server, 123)).export_weights())  # the folder's weights again
+    assert client.control().weight_mismatches(fresh) == []
+
+
+def _prefix_cache_hits(control, at_least: float = 0.0) -> float:
+    """The server's prefix-cache hits (tokens), once its counter reached ``at_least`` (metrics lag the answers)."""
+    deadline = time.monotonic() + 10
+    while True:
+        hits = control.prefix_cache_counters()[0]
+        if hits >= at_least or time.monotonic() > deadline:
+            return hits
+        time.sleep(0.1)
+
+
+@pytest.mark.slow  # the module's server
+@pytest.mark.parametrize("inflight", ["wait", "keep"])
+def test_no_request_after_a_push_reuses_a_prefix_cached_on_the_old_weights(server, inflight):
+    """A long prompt cached on the old weights is sent again after a push: no cached block is reused, and its
+    completion's log-probs are the new weights' (a stale prompt KV would be off by ≫ TOLERANCE). The same repeat
+    without a push is served from the cache, so the check is not vacuous."""
+    client = _client(server[0], inflight_updates=inflight)
+    control = client.control()
+    old, new = _tiny_model(server, 0), _tiny_model(server, 1)
+    prompt = [3 + (7 * i) % 40 for i in range(300)]  # several KV blocks (ids below the tiny vocabulary's size)
+    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=4)
+    client.update_weights(make_policy(old).export_weights())
+    client.generate([prompt], params)
+    hits = _prefix_cache_hits(control)
+    client.generate([prompt], params)
+    assert _prefix_cache_hits(control, hits + 128) - hits >= 128  # the repeat hit the cache
+    client.update_weights(make_policy(new).export_weights())
+    hits = _prefix_cache_hits(control)
+    completion = client.generate([prompt], params)[0]
+    time.sleep(0.5)
+    assert _prefix_cache_hits(control) == hits
+    assert _max_error(new, [prompt], completion) < TOLERANCE
+
+
+def _generated_tokens(client) -> float:
+    """The server's count of generated tokens (vLLM's Prometheus counter, updated at every engine step)."""
+    text = client._request("GET", "/metrics", text=True)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:generation_tokens_total"))
+
+
+@pytest.mark.slow  # the module's server
+def test_keep_lets_a_request_in_flight_go_on_under_the_new_weights(server):
+    """rollout.inflight_updates=keep: a push pauses the engine with the request in flight instead of waiting for
+    it; the request finishes after the push, as a partial rollout: its first tokens were sampled from the old
+    weights, the rest from the new ones (each token's log-prob is one model's, to TOLERANCE)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = _client(server[0], inflight_updates="keep")
+    old, new = _tiny_model(server, 0), _tiny_model(server, 1)
+    client.update_weights(make_policy(old).export_weights())
+    prompt, length = [1, 2, 3, 4], 400
+    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=length)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        before = _generated_tokens(client)
+        running = pool.submit(client._generate, [prompt], params, [7])
+        while _generated_tokens(client) == before:  # push as soon as the request has sampled a token
+            assert not running.done()
+            time.sleep(0.01)
+        client.update_weights(make_policy(new).export_weights())
+        completion = running.result()[0][0]
+    assert len(completion.token_ids) == length
+    errors = {}
+    for name, model in (("old", old), ("new", new)):
+        policy = make_policy(model, temperature=1.0)
+        ids, attention, mask, gen = pad_sequences([prompt], [completion.token_ids], 0, [completion.logprobs])
+        batch = RolloutBatch(ids, attention, mask, torch.zeros(1), torch.zeros(1, dtype=torch.long), gen)
+        errors[name] = ((policy.compute_logprobs(batch).logprobs - gen).abs())[mask.bool()]
+    switch = int((errors["old"] < TOLERANCE).long().cumprod(0).sum())  # the old weights' tokens come first
+    assert 0 < switch < length
+    assert bool((errors["new"][switch:] < TOLERANCE).all())
+
+
 def _post(url: str, path: str, body: dict, token: str | None) -> int:
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), headers=headers)
@@ -189,9 +283,15 @@ def _post(url: str, path: str, body: dict, token: str | None) -> int:
 def test_every_endpoint_but_health_needs_the_token(server):
     url = server[0]
     completion = {"prompt": [[1, 2]], "max_tokens": 2}
-    rpc = {"method": "nemo_igrpo_load_weights_file", "args": ["/nonexistent", TOKEN]}
     assert _post(url, "/v1/completions", completion, None) == 401
-    assert _post(url, "/collective_rpc", rpc, None) == 401  # vLLM's own --api-key leaves this one open
+    # vLLM's own --api-key leaves its RL routes open; require_token guards them
+    for route, body in (("/init_weight_transfer_engine", {"init_info": {}}), ("/start_weight_update", {}),
+                        ("/update_weights", {"update_info": {"path": "/etc/passwd", "names": []}}),
+                        ("/finish_weight_update", {}), ("/pause", {}), ("/resume", {}),
+                        ("/update_weight_version", {"new_version": "x"}), ("/weight_checker", {"action": "reset"}),
+                        ("/collective_rpc", {"method": "reset_weights"})):
+        assert _post(url, route, body, None) == 401, route
+        assert _post(url, route, body, "wrong") == 401, route
     assert _post(url, "/reset_prefix_cache", {}, "wrong") == 401
     assert _post(url, "/reset_prefix_cache", {}, TOKEN) == 200
     with urllib.request.urlopen(f"{url}/health", timeout=10) as answer:
@@ -251,7 +351,7 @@ def test_two_ranks_share_one_server(server, tmp_path):
 
     assert ranks[0]["sent"] and ranks[1]["sent"] == []  # only rank 0 sends
     assert sum(ranks[0]["sent"]) == len(model.state_dict())
-    assert ranks[0]["version"] == ranks[1]["version"] and ranks[0]["held"] == [ranks[0]["version"]]
+    assert ranks[0]["version"] == ranks[1]["version"] and ranks[0]["held"] == ranks[0]["version"]
     for result in ranks:  # each rank's own shard, sampled from the pushed weights
         prompts, groups = result["own"]
         rows = [p for p, g in zip(prompts, groups) for _ in g]

@@ -322,15 +322,18 @@ def test_sleep_mode_on_cpu_is_a_clear_config_error(tmp_path):
 
 
 @pytest.mark.slow  # imports vLLM (10 s on loaded cores)
-def test_the_silenced_reload_logger_is_the_one_that_warns_in_this_vllm():
-    """update_weights silences the per-bucket "weights were not loaded" warning by logger name, which moved in vLLM
-    0.32: the module that logger names must be the one that emits the warning in the installed vLLM."""
-    import importlib.util
+def test_the_vllm_plugin_entry_point_registers_our_weight_transfer_engines():
+    """vLLM runs every ``vllm.general_plugins`` entry point in each process it starts (the server's workers too):
+    ours is installed with the package and registers both engines with vLLM's factories."""
+    from importlib.metadata import entry_points
 
-    from nemo_igrpo.generation.vllm import reload_warning_logger
+    from vllm.distributed.weight_transfer import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
-    source = Path(importlib.util.find_spec(reload_warning_logger()).origin).read_text()
-    assert "were not loaded" in source and "def reload_weights(" in source
+    (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "nemo_igrpo_weight_transfer"]
+    plugin.load()()
+    plugin.load()()  # vLLM may load it again in the same process: harmless
+    assert {"nemo_igrpo_shm", "nemo_igrpo_local"} <= set(WeightTransferEngineFactory._registry)
+    assert "nemo_igrpo_shm" in WeightTransferTrainerFactory._registry
 
 
 @pytest.mark.slow  # imports vLLM (10 s on loaded cores)

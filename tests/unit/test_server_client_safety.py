@@ -8,10 +8,12 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
+import torch
 
-from nemo_igrpo.generation import server_weights
+from nemo_igrpo.generation import server_weights, weight_buckets
 from nemo_igrpo.generation.server_http import ServerHTTPClient, ServerRequestError
 
 
@@ -59,13 +61,41 @@ def test_the_bearer_token_is_not_forwarded_on_a_redirect():
 
 
 def test_a_weight_bucket_left_in_dev_shm_by_a_killed_trainer_is_removed_by_the_next_client(tmp_path, monkeypatch):
-    monkeypatch.setattr(server_weights, "SHM_DIR", str(tmp_path))
+    monkeypatch.setattr(weight_buckets, "SHM_DIR", str(tmp_path))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f"{server_weights.BUCKET_PREFIX}{dead.pid}-abc.safetensors"
-    live = tmp_path / f"{server_weights.BUCKET_PREFIX}{os.getppid()}-abc.safetensors"
+    stale = tmp_path / f"{weight_buckets.BUCKET_PREFIX}{dead.pid}-abc.safetensors"
+    live = tmp_path / f"{weight_buckets.BUCKET_PREFIX}{os.getppid()}-abc.safetensors"
     unrelated = tmp_path / "someone-elses-file"
     for path in (stale, live, unrelated):
         path.write_bytes(b"x" * 10)
     server_weights.ServerWeightSync("http://127.0.0.1:1", "token", weight_sync="shm")
     assert not stale.exists() and live.exists() and unrelated.exists()
+
+
+def test_the_shm_engine_loads_bucket_files_only(tmp_path, monkeypatch):
+    """The server's shm engine loads the file an /update_weights request names: only a bucket file of ours, in the
+    bucket folder, is accepted (not /etc/passwd, not a look-alike elsewhere, not a ../ escape)."""
+    monkeypatch.setattr(weight_buckets, "SHM_DIR", str(tmp_path))
+    bucket = weight_buckets.write_bucket([("w", torch.ones(2))])
+    assert bucket.parent == tmp_path and weight_buckets.bucket_path(str(bucket)) == bucket.resolve()
+    elsewhere = tmp_path / "sub"
+    elsewhere.mkdir()
+    for path in ("/etc/passwd", str(elsewhere / bucket.name), str(tmp_path / "sub" / ".." / ".." / bucket.name)):
+        with pytest.raises(PermissionError, match="is not a weight bucket file"):
+            weight_buckets.bucket_path(path)
+
+
+def test_a_full_bucket_folder_names_itself_and_the_bucket_size_key(tmp_path, monkeypatch):
+    """/dev/shm full: safetensors says only "File too large"; the error names the folder and the key to lower, and
+    leaves no partial file."""
+    monkeypatch.setattr(weight_buckets, "SHM_DIR", str(tmp_path))
+
+    def full(tensors, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(OSError, match=rf"to {tmp_path} .*File too large.*generation.vllm.weight_bucket_mb"):
+        weight_buckets.write_bucket([("w", torch.ones(2))])
+    assert list(tmp_path.iterdir()) == []
