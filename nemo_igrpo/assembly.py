@@ -250,7 +250,8 @@ def _server_generation(config: Config, model: torch.nn.Module | None, pad_token_
     client = ServerGeneration(server.url, token, retry_budget_s=server.retry_budget_s,
                               request_timeout_s=server.request_timeout_s, weight_sync=server.weight_sync,
                               weight_bucket_mb=config.generation.vllm.weight_bucket_mb,
-                              stream_refinements=config.generation.vllm.stream_refinements)
+                              stream_refinements=config.generation.vllm.stream_refinements,
+                              inflight_updates=config.rollout.inflight_updates)
     client.wait_until_ready()
     if model is not None and client.weight_sync != "none":
         client.update_weights(model.state_dict().items())
@@ -301,6 +302,7 @@ def build_producer(config: Config, collector: BatchCollector, source: ShardedSou
 
     return make_producer(collector, source, draft_ahead=config.rollout.draft_ahead,
                          max_off_policy_steps=config.rollout.max_off_policy_steps,
+                         inflight_updates=config.rollout.inflight_updates,
                          balance_tokens=config.policy.max_tokens_per_micro_batch is not None,
                          max_steps=config.trainer.max_steps)
 

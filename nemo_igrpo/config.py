@@ -172,6 +172,7 @@ class GenerationConfig:
 class RolloutConfig:
     draft_ahead: bool = False  # step t+1's Stage-1 drafts generated during step t's update (rollout_producer)
     max_off_policy_steps: int = ranged(0, ge=0, le=64)  # k > 0: async rollouts up to k versions old (rollout_producer)
+    inflight_updates: str = "wait"  # a sync beside a running job: wait for it, or keep it going on the new weights
 
 
 @dataclass

@@ -18,11 +18,15 @@ Shared rules of the overlapping producers:
 * **Versions.** ``version`` counts the updates in the generator's weights (the step a run resumed at, plus the
   syncs since). A sample generated on version v and trained at step t (whose policy is version t − 1) is
   t − 1 − v versions stale.
-* **In-flight requests at a sync** (issue 13, item 3): a sync never changes the weights under a running job. It
-  waits until the job in flight has finished on the old weights (both of its stages: a group's drafts and
-  refinements always come from one version, and every sample is tagged with it); jobs not started yet run on the
-  new weights. The server therefore never holds requests of two versions, and no sequence mixes two policies.
-  The wait is timed as ``time/sync_wait``.
+* **In-flight requests at a sync** (``rollout.inflight_updates``). ``wait`` (the default): a sync never changes
+  the weights under a running job. It waits until the job in flight has finished on the old weights (both of its
+  stages: a group's drafts and refinements always come from one version); jobs not started yet run on the new
+  weights, so no sequence mixes two policies. The wait is timed as ``time/sync_wait``. ``keep``: the sync does not
+  wait; the server pauses the requests in flight, takes the new weights and lets them go on (partial rollouts:
+  a sequence's first tokens come from one version, its last from a newer one). Every row records the first and
+  the last version its tokens may have come from (``batch.policy_version`` / ``policy_version_last``: a job's
+  version when it started, and when it ended, counting a sync still running then); staleness is measured from the
+  first, and ``rollout/version_span`` is last − first.
 * **Exact resume.** Prompts are drawn from the sampler by the jobs, ahead of the step that trains on them, so
   ``state_dict`` is the sampler state from before the oldest unconsumed job's first draw. A run resumed from it
   draws those prompts again, in the same order, and regenerates them on the checkpointed weights: no prompt is
@@ -63,8 +67,10 @@ class RolloutProducer:
     """The synchronous producer: step t's rollout when the loop asks for it, on the weights of update t − 1."""
 
     def __init__(self, collector: BatchCollector, source: ShardedSource, *, balance_tokens: bool = False,
-                 shared_prefix: bool = False, start_step: int = 0, max_steps: int | None = None) -> None:
+                 shared_prefix: bool = False, start_step: int = 0, max_steps: int | None = None,
+                 inflight_updates: str = "wait") -> None:
         self.collector = collector
+        self.keep_inflight = inflight_updates == "keep"  # a sync lets running jobs go on (overlapping producers)
         self.generator = collector.generator
         self.source = source
         self.sampler = source.sampler
@@ -109,7 +115,9 @@ class RolloutProducer:
     # ------------------------------------------------------------------------------------------ shared pieces
 
     def _collect(self, timings: dict[str, float], drafts: Drafts | None = None):
-        return self.collector.collect(self.source.draw, self.source.per_rank, timings=timings, drafts=drafts)
+        batch, metrics = self.collector.collect(self.source.draw, self.source.per_rank, timings=timings, drafts=drafts)
+        metrics.update(self.generator.rollout_metrics())
+        return batch, metrics
 
     def _balanced(self, batch: RolloutBatch) -> RolloutBatch:
         """Long-tailed lengths under a token budget: equal tokens (not rows) per data-parallel rank."""
@@ -180,8 +188,9 @@ class DraftAheadProducer(RolloutProducer):
         return self._balanced(batch), metrics
 
     def sync_weights(self, weights: Iterable, timer: PhaseTimer) -> None:
-        """Push the updated weights once the draft job is done with the old ones."""
-        if self._ahead is not None:
+        """Push the updated weights once the draft job is done with the old ones (under ``keep``, at once: the
+        drafts still being sampled go on under the new weights)."""
+        if self._ahead is not None and not self.keep_inflight:
             with timer("draft_wait"):
                 self._wait(self._ahead)
         super().sync_weights(weights, timer)
@@ -222,6 +231,7 @@ class _RolloutJob:
     step: int  # the training step that will consume it
     future: Future | None = None  # -> (RolloutBatch, metrics)
     version: int | None = None  # the policy version it ran on, set when it starts
+    last_version: int | None = None  # ... when it ended (newer if a sync ran meanwhile under inflight_updates=keep)
     sampler_before: dict | None = None  # the sampler state before its first draw, set when it starts
     start: int = 0  # the sampler's stream position then
     end: int = 0  # ... and after its last draw
@@ -281,11 +291,13 @@ class AsyncRolloutProducer(RolloutProducer):
             batch, metrics = job.future.result()  # re-raises the job's error in the loop
         timer.seconds.update(job.timings)
         self._handed_out(metrics, job.start, job.end)
-        staleness = self.version - job.version
+        staleness = self.version - job.version  # from the oldest tokens the job may hold
         rows = batch.size
         batch.policy_version = torch.full((rows,), job.version, dtype=torch.long)
+        batch.policy_version_last = torch.full((rows,), job.last_version, dtype=torch.long)
         metrics["rollout/draft_version_lag"] = float(staleness)  # drafts are as old as their refinements here
         metrics["rollout/policy_version"] = float(job.version)
+        metrics["rollout/version_span"] = float(job.last_version - job.version)
         metrics["rollout/staleness"] = float(staleness)
         metrics["rollout/stale_token_fraction"] = 1.0 if staleness > 0 and batch.loss_mask.sum() > 0 else 0.0
         for j in range(self.k + 1):
@@ -293,14 +305,15 @@ class AsyncRolloutProducer(RolloutProducer):
         return self._balanced(batch), metrics
 
     def sync_weights(self, weights: Iterable, timer: PhaseTimer) -> None:
-        """Change the weights between jobs: wait for the job in flight to finish on the old ones, keep the next from
-        starting, push, release. A failed or interrupted sync keeps the gate shut: the generator's weights are then
-        unknown and the run is ending (a job started on a dead server would wait out its whole retry budget first);
-        ``close`` ends the jobs waiting at the gate."""
+        """Change the weights between jobs: wait for the job in flight to finish on the old ones (under ``keep``, do
+        not: it goes on under the new ones), keep the next from starting, push, release. A failed or interrupted
+        sync keeps the gate shut: the generator's weights are then unknown and the run is ending (a job started on a
+        dead server would wait out its whole retry budget first); ``close`` ends the jobs waiting at the gate."""
         with timer("sync_wait"):
             with self._gate:
                 self._sync_pending = True
-                self._gate.wait_for(lambda: not self._generating)
+                if not self.keep_inflight:
+                    self._gate.wait_for(lambda: not self._generating)
         super().sync_weights(weights, timer)
         with self._gate:
             self._sync_pending = False
@@ -341,6 +354,8 @@ class AsyncRolloutProducer(RolloutProducer):
             finally:
                 with self._gate:
                     job.end = self._position()
+                    # a sync under way (keep) may already have changed the weights under the job's last requests
+                    job.last_version = self.version + (1 if self._sync_pending and self.keep_inflight else 0)
                     job.timings["rollout/job"] = time.perf_counter() - began
                     self._generating = False
                     self._gate.notify_all()

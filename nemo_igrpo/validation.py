@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "policy.precision": ("fp32", "bf16"),
     "generation.server.weight_sync": ("auto", "nccl", "shm", "none"),
+    "rollout.inflight_updates": ("wait", "keep"),
     "policy.megatron.recompute": ("none", "selective", "full"),
     "policy.megatron.transformer_impl": ("auto", "transformer_engine", "local"),
     "policy.megatron.fp8": ("none", "hybrid", "e4m3"),
@@ -137,6 +138,10 @@ def _check_rollout(config: Config) -> None:
                           "against the generator's log-probs); it is none")
     key = "rollout.max_off_policy_steps" if k > 0 else "rollout.draft_ahead" if rollout.draft_ahead else None
     if key is None:
+        if rollout.inflight_updates == "keep":
+            raise ConfigError("rollout.inflight_updates=keep: nothing is generating when the weights change unless "
+                              "rollouts overlap the update (rollout.draft_ahead=true or rollout.max_off_policy_steps "
+                              "> 0); set rollout.inflight_updates=wait")
         return
     off = "rollout.max_off_policy_steps=0" if k > 0 else "rollout.draft_ahead=false"
     if not GENERATION_BACKENDS[config.generation.backend].overlaps_training:

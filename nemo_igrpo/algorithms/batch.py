@@ -23,7 +23,8 @@ class RolloutBatch:
     gen_logprobs: torch.Tensor  # [B, L] float: sampling log-probs reported by the generator (0 off-mask)
     old_logprobs: torch.Tensor | None = None  # [B, L] π_old; None ⇒ on-policy, use detached current log-probs
     ref_logprobs: torch.Tensor | None = None  # [B, L] reference policy, only when the KL coefficient > 0
-    policy_version: torch.Tensor | None = None  # [B] long: the generator version that sampled the row (async only)
+    policy_version: torch.Tensor | None = None  # [B] long: the generator version its first token came from (async)
+    policy_version_last: torch.Tensor | None = None  # [B] long: ... and its last (later under inflight_updates=keep)
 
     @property
     def size(self) -> int:

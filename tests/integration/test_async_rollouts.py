@@ -18,10 +18,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_draft_ahead import PROBLEMS, REPO, RandomAnswers, collector, decode, settings, shard
+from test_draft_ahead import END, PROBLEMS, REPO, TOKENIZER, RandomAnswers, collector, decode, settings, shard
 
 from nemo_igrpo.config import ConfigError, load_config
 from nemo_igrpo.data.dataset import PromptSampler
+from nemo_igrpo.generation.base import Completion
 from nemo_igrpo.progress import PhaseTimer
 from nemo_igrpo.rollout_producer import AsyncRolloutProducer, make_producer
 from nemo_igrpo.validation import check_rollout_parallelism
@@ -77,6 +78,52 @@ def test_one_step_off_rollouts_run_during_the_update_on_the_previous_weights():
         (0, 4), (4, 8), (8, 12), (12, 16)]
     # after steps 1-3 the next step's prompts were already drawn: the checkpoint goes back to the step boundary
     assert [s["checkpoint"]["position"] for s in steps] == [4, 8, 12, 16] and sampler.state_dict()["position"] == 16
+
+
+class KeptAnswers(RandomAnswers):
+    """A server under ``rollout.inflight_updates=keep``: weights may change while a request is in flight, and each
+    call records the versions it started and ended under."""
+
+    def generate(self, prompts, params):
+        started = self.version
+        time.sleep(self.delay)
+        stage = "refine" if "Draft:" in decode(prompts[0]) else "draft"
+        self.calls.append((stage, started, self.version))
+        ids = TOKENIZER.encode("\\boxed{1}", add_special_tokens=False) + [END]
+        return [[Completion(ids, [-0.25] * len(ids), "stop") for _ in range(params.n)] for _ in prompts]
+
+    def update_weights(self, weights):
+        self.version += 1
+
+
+def test_keep_syncs_beside_the_running_job_and_tags_each_row_with_its_first_and_last_version():
+    """inflight_updates=keep, k = 1, rollouts (2 × 0.3 s) slower than updates (0.05 s): the sync does not wait for
+    the job in flight (time/sync_wait ≈ 0, where wait mode waits ≈ the rest of the job), so a job's requests span
+    two versions; every row carries the version its job started on and the one it ended on, and staleness counts
+    from the first."""
+    generator = KeptAnswers(delay=0.3)
+    producer = AsyncRolloutProducer(collector(generator, settings()), shard(PromptSampler(PROBLEMS)),
+                                    max_off_policy_steps=1, max_steps=4, inflight_updates="keep")
+    steps = []
+    for _ in range(4):
+        timer = PhaseTimer()
+        batch, metrics = producer.next_batch(timer)
+        time.sleep(0.05)
+        producer.sync_weights([], timer)
+        steps.append((batch.policy_version.unique().tolist(), batch.policy_version_last.unique().tolist(), metrics,
+                      timer.seconds["sync_wait"]))
+    producer.close()
+    assert all(wait < 0.1 for *_, wait in steps[:3])  # a 0.6 s job was running at each of the first three syncs
+    # step 1's job is waited for before any sync; each later job starts as the previous one ends, at the step's
+    # batch, and is running at the sync 0.05 s later
+    spans = [(first[0], last[0]) for first, last, *_ in steps]
+    assert spans == [(0, 0), (0, 1), (1, 2), (2, 3)]
+    assert [metrics["rollout/staleness"] for _, _, metrics, _ in steps] == [0.0, 1.0, 1.0, 1.0]  # from the first
+    for (first, last), (_, _, metrics, _) in zip(spans, steps):
+        assert metrics["rollout/version_span"] == last - first and metrics["rollout/policy_version"] == first
+    # the recorded span covers what the generator saw: each job's two requests ran within it
+    for job, (first, last) in enumerate(spans):
+        assert all(first <= v <= last for _, *versions in generator.calls[2 * job:2 * job + 2] for v in versions)
 
 
 # A job is two requests of rollout_s. For staleness k from step k + 1 on, the jobs of steps 2 … k + 1 must all start
