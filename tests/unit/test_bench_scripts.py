@@ -293,7 +293,7 @@ def test_bench_async_summary_and_table():
     sync = [{"time/step": 10.0, "time/rollout/generation": 6.0, "time/update": 3.0, "time/weight_sync": 1.0},
             {"time/step": 12.0, "time/rollout/generation": 8.0, "time/update": 3.0, "time/weight_sync": 1.0}]
     k1 = [{"time/step": 6.0, "time/rollout/generation": 6.0, "time/update": 4.0, "time/weight_sync": 1.0,
-           "rollout/staleness": 1.0, "time/rollout/job": 7.0}]
+           "rollout/staleness": 1.0, "time/rollout/job": 7.0, "time/sync_wait": 0.5, "rollout/version_span": 1.0}]
     # sync: 11 s/step → 327 steps/h; generating 7 of 11 s → 36% idle; computing 4 of 11 → 64% idle
     got = bench_async.summarize(sync)
     assert got["s_per_step"] == 11.0 and got["steps_per_hour"] == pytest.approx(3600 / 11)
@@ -302,8 +302,8 @@ def test_bench_async_summary_and_table():
     fast = bench_async.summarize(k1)  # generation as long as the step: never idle; trainer works 5 of 6 s
     assert fast["generator_idle"] == 0.0 and fast["trainer_idle"] == pytest.approx(1 / 6)
     table = bench_async.render_table({"sync": got, "k=1": fast}, "t")
-    assert "| sync | 11.00 | 327 | 1.00× | 36% | 64% | 0.00 |" in table
-    assert "| k=1 | 6.00 | 600 | 1.83× | 0% | 17% | 1.00 |" in table
+    assert "| sync | 11.00 | 327 | 1.00× | 36% | 64% | 0.00 | 0.00 | 0.00 |" in table
+    assert "| k=1 | 6.00 | 600 | 1.83× | 0% | 17% | 1.00 | 0.50 | 1.00 |" in table
     assert bench_async.pinned(1, ["x"]) == ["taskset", "-c", "1", "x"] and bench_async.pinned(None, ["x"]) == ["x"]
     with pytest.raises(ValueError, match="no measured steps"):
         bench_async.summarize([])
