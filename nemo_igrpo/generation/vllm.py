@@ -33,9 +33,12 @@ in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
+import shlex
 import shutil
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -523,6 +526,47 @@ def _bucketed_nccl_trainer():
 
 
 # ---------------------------------------------------------------------------------------------- the server's routes
+
+
+def api_server_command(args) -> list[str]:
+    """The command line of vLLM's api_server for ``nemo-igrpo serve`` (its parsed arguments; the token travels in the
+    environment)."""
+    from vllm.platforms import current_platform
+
+    from nemo_igrpo.generation.server_weights import resolve_weight_sync
+
+    on_cpu = current_platform.is_cpu()
+    extra = shlex.split(args.vllm_args or "")
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(args.model), "--host", args.host, "--port", str(args.port),
+        "--dtype", args.dtype, "--seed", str(args.seed), "--tensor-parallel-size", str(args.tensor_parallel_size),
+        "--shutdown-timeout", str(int(args.shutdown_timeout)),
+        "--skip-tokenizer-init", "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm",
+        "--middleware", "nemo_igrpo.serve.require_token",
+    ]
+    sync = resolve_weight_sync(args.weight_sync, args.host)
+    if sync != "none":
+        backend = SHM_BACKEND if sync == "shm" else "nccl"
+        command += ["--weight-transfer-config", json.dumps({"backend": backend})]
+    if args.max_model_len is not None:
+        command += ["--max-model-len", str(args.max_model_len)]
+    if args.enforce_eager:
+        command.append("--enforce-eager")
+    if on_cpu:
+        # On CPU vLLM reads --gpu-memory-utilization as a share of host memory to reserve; a fixed KV cache is safer.
+        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and not any(a.startswith("--kv-cache-memory") for a in extra):
+            command += ["--kv-cache-memory-bytes", str(_CPU_KV_CACHE_BYTES)]
+        # The client seeds every request (per-prompt sampling keys). vllm-cpu 0.32.0 crashes on a seeded request whose
+        # prefill is split into chunks (v1/worker/gpu_model_runner.py rewinds the request's torch.Generator offset,
+        # which CPU generators do not have); unchunked, a prompt is prefilled in one step.
+        if not any("chunked-prefill" in a for a in extra):
+            command.append("--no-enable-chunked-prefill")
+    else:
+        command += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    return command + extra
+
+
 
 
 class ServerControl:

@@ -334,6 +334,26 @@ def test_serve_refuses_an_unsupported_vllm_naming_the_range(tmp_path, monkeypatc
     assert f"vLLM 0.33.0 is not supported: nemo-igrpo needs vllm{SUPPORTED_VLLM}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("host, sync, backend", [("127.0.0.1", "auto", "nemo_igrpo_shm"),
+                                                ("0.0.0.0", "auto", "nccl"), ("127.0.0.1", "nccl", "nccl"),
+                                                ("0.0.0.0", "none", None)])
+def test_serve_starts_the_weight_transfer_engine_the_trainer_will_use(host, sync, backend):
+    """`serve --weight-sync` picks vLLM's engine by the rule the trainer's generation.server.weight_sync=auto uses
+    (shm for a local server, else nccl); none starts no engine."""
+    import argparse
+
+    from nemo_igrpo.generation.server_weights import resolve_weight_sync
+    from nemo_igrpo.generation.vllm import api_server_command
+    from nemo_igrpo.serve import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    command = api_server_command(parser.parse_args(["model", "--host", host, "--weight-sync", sync]))
+    flags = [command[i + 1] for i, arg in enumerate(command) if arg == "--weight-transfer-config"]
+    assert flags == ([] if backend is None else [json.dumps({"backend": backend})])
+    assert resolve_weight_sync(sync, host) == {"nemo_igrpo_shm": "shm", "nccl": "nccl", None: "none"}[backend]
+
+
 @pytest.mark.slow
 def test_two_ranks_share_one_server(server, tmp_path):
     """Two gloo ranks, one server: one push per sync (rank 0), the same weights label on both ranks, a prompt's
