@@ -28,8 +28,6 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from nemo_igrpo import distributed
 from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
 from nemo_igrpo.generation.keys import call_seed, derived_key, prompt_keys

@@ -33,16 +33,10 @@ import torch
 from nemo_igrpo import distributed
 from nemo_igrpo.generation.rank_outcome import failure, unpack
 from nemo_igrpo.generation.server_http import ServerHTTPClient, ServerRestartedError
+from nemo_igrpo.generation.vllm import ServerControl, resolve_weight_sync
 from nemo_igrpo.generation.weight_buckets import remove_stale_buckets
 
-_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 INFLIGHT_MODES = ("wait", "keep")
-
-
-def resolve_weight_sync(setting: str, host: str) -> str:
-    """The transport ``auto`` stands for (``shm`` for a server on this host, else ``nccl``): the same rule on both
-    sides, the trainer's ``generation.server.weight_sync`` (the URL's host) and ``serve --weight-sync`` (--host)."""
-    return ("shm" if host in _LOCAL_HOSTS else "nccl") if setting == "auto" else setting
 
 
 class ServerWeightSync(ServerHTTPClient):
@@ -71,8 +65,6 @@ class ServerWeightSync(ServerHTTPClient):
     def control(self):
         """The server's RL routes (vLLM's API, in ``generation.vllm``)."""
         if self._control is None:
-            from nemo_igrpo.generation.vllm import ServerControl
-
             self._control = ServerControl(self, transport=self.weight_sync, bucket_bytes=self.bucket_bytes)
         return self._control
 

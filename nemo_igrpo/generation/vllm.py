@@ -51,6 +51,7 @@ from nemo_igrpo.errors import ConfigError
 from nemo_igrpo.generation.base import Completion, FollowUp, GenerationBackend, SamplingParams
 from nemo_igrpo.generation.keys import call_seed, derived_key, prompt_keys
 from nemo_igrpo.generation.model_folder import write_model_folder
+from nemo_igrpo.generation.server_http import ServerRequestError
 from nemo_igrpo.generation.weight_buckets import bucket_path, weight_buckets, write_bucket
 
 # write_model_folder and weight_buckets are re-exported: this module was their home before they moved out.
@@ -528,12 +529,19 @@ def _bucketed_nccl_trainer():
 # ---------------------------------------------------------------------------------------------- the server's routes
 
 
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def resolve_weight_sync(setting: str, host: str) -> str:
+    """The transport ``auto`` stands for (``shm`` for a server on this host, else ``nccl``): the same rule on both
+    sides, the trainer's ``generation.server.weight_sync`` (the URL's host) and ``serve --weight-sync`` (--host)."""
+    return ("shm" if host in _LOCAL_HOSTS else "nccl") if setting == "auto" else setting
+
+
 def api_server_command(args) -> list[str]:
     """The command line of vLLM's api_server for ``nemo-igrpo serve`` (its parsed arguments; the token travels in the
     environment)."""
     from vllm.platforms import current_platform
-
-    from nemo_igrpo.generation.server_weights import resolve_weight_sync
 
     on_cpu = current_platform.is_cpu()
     extra = shlex.split(args.vllm_args or "")
@@ -567,8 +575,6 @@ def api_server_command(args) -> list[str]:
     return command + extra
 
 
-
-
 class ServerControl:
     """The generation server's RL routes (vLLM's, under ``VLLM_SERVER_DEV_MODE``), over the trainer's HTTP transport:
     the shared token on every request, retries while the server is unreachable; an error answer from a weight route
@@ -599,8 +605,6 @@ class ServerControl:
         self._post("/init_weight_transfer_engine", {"init_info": init_info})
 
     def start_weight_update(self) -> None:
-        from nemo_igrpo.generation.server_http import ServerRequestError
-
         try:
             self._post("/start_weight_update")
         except ServerRequestError:
@@ -647,8 +651,6 @@ class ServerControl:
 
     def prefix_cache_counters(self) -> tuple[float, float] | None:
         """(hits, queries) of the prefix cache, in tokens, since the server started; None if it does not say."""
-        from nemo_igrpo.generation.server_http import ServerRequestError
-
         try:
             text = self.http._request("GET", "/metrics", text=True)
         except ServerRequestError:  # no /metrics (another server, or vLLM's stats turned off)
@@ -675,8 +677,6 @@ class ServerControl:
             self.resume()
 
     def _connect(self):
-        from nemo_igrpo.generation.server_http import ServerRequestError
-
         try:
             if self.transport == "shm":
                 info = _engines().ShmTrainerInitInfo(rank=0, bucket_bytes=self.bucket_bytes)

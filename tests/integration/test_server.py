@@ -342,7 +342,7 @@ def test_serve_starts_the_weight_transfer_engine_the_trainer_will_use(host, sync
     (shm for a local server, else nccl); none starts no engine."""
     import argparse
 
-    from nemo_igrpo.generation.server_weights import resolve_weight_sync
+    from nemo_igrpo.generation.vllm import resolve_weight_sync
     from nemo_igrpo.generation.vllm import api_server_command
     from nemo_igrpo.serve import add_arguments
 
