@@ -74,6 +74,7 @@ def write_bucket(bucket: list[tuple[str, torch.Tensor]]) -> Path:
     try:
         # contiguous CPU copies; tied tensors (embed_tokens / lm_head) must not share storage in one file
         save_file({name: t.detach().to("cpu").contiguous().clone() for name, t in bucket}, str(path))
+        os.chmod(path, 0o600)  # save_file may recreate the file with the umask's mode
     except Exception as error:  # safetensors reports a full /dev/shm as "File too large" (EFBIG), naming nothing
         path.unlink(missing_ok=True)
         size = sum(t.numel() * t.element_size() for _, t in bucket) / 2**20

@@ -79,6 +79,7 @@ def test_the_shm_engine_loads_bucket_files_only(tmp_path, monkeypatch):
     monkeypatch.setattr(weight_buckets, "SHM_DIR", str(tmp_path))
     bucket = weight_buckets.write_bucket([("w", torch.ones(2))])
     assert bucket.parent == tmp_path and weight_buckets.bucket_path(str(bucket)) == bucket.resolve()
+    assert bucket.stat().st_mode & 0o777 == 0o600  # weights readable by their owner only
     elsewhere = tmp_path / "sub"
     elsewhere.mkdir()
     for path in ("/etc/passwd", str(elsewhere / bucket.name), str(tmp_path / "sub" / ".." / ".." / bucket.name)):
