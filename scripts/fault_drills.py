@@ -20,6 +20,7 @@ after it.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -1050,6 +1051,7 @@ def _phase_log(run_dir: Path, everything: bool = False):
 
 # Where a kill in each phase lands: (label, injection point, seconds of a random timer started there or 0 for at
 # once). One is drawn per trial. The points are declared in nemo_igrpo/faults.py (see docs/reliability.md).
+TERM_POINTS = ("rollout.reward", "rollout.rewarded", "loss.computed", "policy.gradients", "train.updated")
 KILL_POINTS = {
     "generation": [("during", "rollout.generate", 0.3)],
     "reward": [("before", "rollout.reward", 0), ("after", "rollout.rewarded", 0)],
@@ -1094,19 +1096,23 @@ def child(fault: dict, overrides: list[str]) -> int:
         timer = threading.Timer(rng.uniform(0, within_s), kill_now, args=(where,))
         timer.daemon = True
         timer.start()
+        # a run that would end before the timer waits for it at exit: the kill then lands while exiting, not never
+        atexit.register(timer.join)
 
     def step_begins(value, context) -> None:
         step["n"] = context["step"]
         mark(f"step{step['n']}")
-        if kind == "term" and step["n"] == fault["step"]:
-            threading.Timer(rng.uniform(0, 0.3), _send_term, args=(mark,)).start()
 
     faults.arm("train.step", step_begins, times=None)
     at_step = {"step": fault.get("step")}  # the checkpoint points carry their step; the others see the current one
     if "rank" in fault:  # under torchrun: only that rank is killed ($RANK is in every point's context)
         at_step["rank"] = fault["rank"]
 
-    if kind == "kill":
+    if kind == "term":
+        # inside the step, at a point drawn at random (a timer started at the step's beginning could land in a later
+        # step, or after the last one, when steps take less than its delay)
+        faults.arm(rng.choice(TERM_POINTS), lambda value, context: _send_term(mark), when=at_step)
+    elif kind == "kill":
         def track(value, context) -> None:  # armed before the kill, so it runs first at a shared point
             passed["point"] = f"{context['point']}@step{context.get('step', step['n'])}"
 
