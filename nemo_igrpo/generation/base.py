@@ -2,7 +2,7 @@
 
 Only token ids cross this boundary, so the trainer scores exactly the tokens the generator sampled.
 Three backends implement it, picked by ``generation.backend``: ``hf`` (``model.generate`` on a copy of the policy,
-``hf.py``), ``vllm`` (an in-process vLLM engine, ``vllm.py``) and ``server`` (a client of a vLLM server started with
+``hf.py``), ``vllm`` (an in-process vLLM engine, ``vllm/``) and ``server`` (a client of a vLLM server started with
 ``nemo-igrpo serve``, ``server.py``).
 """
 

@@ -47,7 +47,7 @@ def test_launch_cell(name, tmp_path, finished):
 
 @pytest.mark.slow
 def test_two_ranks_of_vllm_sample_what_one_rank_samples(tmp_path, finished):
-    # Per-prompt seeds (generation/vllm.py): rank r's engine samples for its prompts exactly what one engine samples
+    # Per-prompt seeds (generation/vllm/colocated.py): rank r's engine samples for its prompts exactly what one engine samples
     # for them inside the whole batch, so every reward and length of the 2-rank run is the 1-rank run's.
     nproc, overrides = CELLS["hf-dp2-vllm"]
     for name in ("one", "two"):
